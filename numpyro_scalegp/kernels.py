@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Kernel", "Isotropy", "RBF", "Exponential", "Matern32", "Matern52"]
+__all__ = ["Kernel", "Isotropy", "RBF", "Exponential", "Matern32", "Matern52", "Periodic", "Linear", "Product"]
 
 
 def _safe_sqrt(r2):
@@ -86,6 +86,8 @@ class Isotropy(Kernel):
         X2 = (Xs**2).sum(-1)[..., :, None]
         Z2 = (Zs**2).sum(-1)[..., None, :]
         r2 = X2 - 2.0 * jnp.einsum("...nd,...md->...nm", Xs, Zs) + Z2
+        if Z is None:  # exact zeros on the diagonal (the expansion leaves ~1e-16, whose sqrt is ~1e-8)
+            r2 = jnp.where(jnp.eye(r2.shape[-1], dtype=bool), 0.0, r2)
         return jnp.clip(r2, 0.0)
 
     def profile(self, r2):
@@ -131,3 +133,124 @@ class Matern52(Isotropy):
     def profile(self, r2):
         s = jnp.sqrt(5.0) * _safe_sqrt(r2)
         return (1.0 + s + s**2 / 3.0) * jnp.exp(-s)
+
+
+def _columns(X, active_dims):
+    X = jnp.asarray(X)
+    if X.ndim == 1:
+        return X[:, None]
+    if active_dims == tuple(range(X.shape[-1])):
+        return X
+    return X[..., jnp.array(active_dims)]
+
+
+def _check_active_dims(input_dim, active_dims):
+    active_dims = tuple(range(input_dim)) if active_dims is None else tuple(active_dims)
+    if len(active_dims) != input_dim:
+        raise ValueError(f"active_dims: expected {input_dim} columns, got {len(active_dims)}")
+    return active_dims
+
+
+@jax.tree_util.register_pytree_node_class
+class Periodic(Kernel):
+    """Periodic (exp-sine-squared) kernel, as ``pyro.contrib.gp.kernels.Periodic``:
+
+    .. math::
+
+        k(x, z) = \\sigma^2 \\exp\\Big(-2 \\sum_j
+            \\frac{\\sin^2(\\pi (x_j - z_j) / p)}{\\ell_j^2}\\Big).
+
+    :param input_dim: number of input columns the kernel reads.
+    :param variance: ``sigma^2`` (positive).
+    :param lengthscale: scalar or ``(input_dim,)`` lengthscales ``ell`` (positive).
+    :param period: the period ``p`` (positive).
+    :param active_dims: the input columns used (default ``range(input_dim)``).
+
+    .. note:: Cost: ``O(N M d)`` time and memory for an ``N x M`` block.
+    """
+
+    def __init__(self, input_dim: int, variance=1.0, lengthscale=1.0, period=1.0, active_dims=None):
+        self.input_dim = int(input_dim)
+        self.variance, self.lengthscale, self.period = variance, lengthscale, period
+        self.active_dims = _check_active_dims(self.input_dim, active_dims)
+
+    def tree_flatten(self):
+        return (self.variance, self.lengthscale, self.period), (self.input_dim, self.active_dims)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.variance, obj.lengthscale, obj.period = children
+        obj.input_dim, obj.active_dims = aux
+        return obj
+
+    def __call__(self, X, Z=None, diag=False):
+        X = _columns(X, self.active_dims)
+        if diag:
+            return jnp.broadcast_to(jnp.asarray(self.variance, X.dtype), X.shape[:-1])
+        Z = X if Z is None else _columns(Z, self.active_dims)
+        d = X[..., :, None, :] - Z[..., None, :, :]
+        s = jnp.sin(jnp.pi * d / self.period) / self.lengthscale
+        return self.variance * jnp.exp(-2.0 * (s**2).sum(-1))
+
+
+@jax.tree_util.register_pytree_node_class
+class Linear(Kernel):
+    """Homogeneous linear kernel, as ``pyro.contrib.gp.kernels.Linear``:
+    :math:`k(x, z) = \\sigma^2 x^\\top z`.
+
+    :param input_dim: number of input columns the kernel reads.
+    :param variance: ``sigma^2`` (positive).
+    :param active_dims: the input columns used (default ``range(input_dim)``).
+
+    .. note:: Cost: ``O(N M d)`` time and ``O(N M)`` memory for an ``N x M`` block.
+    """
+
+    def __init__(self, input_dim: int, variance=1.0, active_dims=None):
+        self.input_dim = int(input_dim)
+        self.variance = variance
+        self.active_dims = _check_active_dims(self.input_dim, active_dims)
+
+    def tree_flatten(self):
+        return (self.variance,), (self.input_dim, self.active_dims)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        (obj.variance,) = children
+        obj.input_dim, obj.active_dims = aux
+        return obj
+
+    def __call__(self, X, Z=None, diag=False):
+        X = _columns(X, self.active_dims)
+        if diag:
+            return self.variance * (X**2).sum(-1)
+        Z = X if Z is None else _columns(Z, self.active_dims)
+        return self.variance * jnp.einsum("...nd,...md->...nm", X, Z)
+
+
+@jax.tree_util.register_pytree_node_class
+class Product(Kernel):
+    """Product of two kernels, as ``pyro.contrib.gp.kernels.Product``:
+    :math:`k(x, z) = k_0(x, z)\\, k_1(x, z)`; each factor reads its own ``active_dims``.
+
+    .. note:: Cost: the sum of the factors' costs.
+    """
+
+    def __init__(self, kern0: Kernel, kern1: Kernel):
+        for name, k in (("kern0", kern0), ("kern1", kern1)):
+            if not isinstance(k, Kernel):
+                raise ValueError(f"{name}: expected a Kernel, got {type(k).__name__}")
+        self.kern0, self.kern1 = kern0, kern1
+
+    def tree_flatten(self):
+        return (self.kern0, self.kern1), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.kern0, obj.kern1 = children
+        return obj
+
+    def __call__(self, X, Z=None, diag=False):
+        return self.kern0(X, Z, diag=diag) * self.kern1(X, Z, diag=diag)

@@ -16,8 +16,8 @@ With duplication ``c`` every point is placed in ``c`` distinct experts (the
 "shared data" of section 3.1, which smooths the block-diagonal approximation).
 When ``c * N`` does not divide into equal experts, the shortfall of each expert
 is filled with further points drawn (without repetition inside that expert)
-from the others, so no point is ever dropped; a few points then appear
-``c + 1`` times.
+from the others, so no point is ever dropped; the filled-in points appear
+more than ``c`` times.
 
 .. note:: Cost: ``O(c N log N)`` time (the KD-tree's median splits) and
    ``O(c N)`` memory for the index array.

@@ -1,0 +1,158 @@
+"""Moving ball (paper 004, section 4.1): latent trajectory error of SVGP-VAE against the number of
+inducing points, beside the exact GP-VAE (Pearce 2020) and a plain VAE, in one run.
+
+Each video (30 frames of 32 x 32, a ball of radius 3 on a 2-D GP trajectory with an SE kernel
+of lengthscale 2, from :func:`scalegp.vae_data.moving_ball`) is one GP data set: auxiliary input
+the frame time, ``b = N = 30`` (no minibatching within a video, as in the paper); the networks,
+kernel and inducing points are shared across videos and trained by Pyro ``SVI`` with
+``Trace_ELBO`` on one video per step. Metric: on held-out videos, the posterior mean latents
+(every frame of a video encoded, :meth:`condition`, then :meth:`latent` at the frame times; the
+encoder mean for the VAE) are mapped to the true trajectories by one least-squares affine map
+over all test frames; reported is the RMSE of the mapped latents in pixels, and the learned
+kernel lengthscale (the generating one is 2). All models: same encoder / decoder architecture,
+same initialization, same number of steps, Bernoulli likelihood, latent dimension 2.
+
+Run: ``python -m benchmarks.svgp_vae_ball`` (``--quick`` or ``CI`` for a smoke test).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pyro.contrib.gp as gp
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from pyro_scalegp.svgp_vae import SVGPVAE, ExactGPVAE
+from scalegp.vae_data import moving_ball
+
+from .common import Timer, parser, quick_mode, set_threads, write_results
+
+LATENT = 2
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self, pixels: int, hidden: int):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(pixels, hidden), torch.nn.Tanh())
+        self.loc = torch.nn.Linear(hidden, LATENT)
+        self.scale = torch.nn.Linear(hidden, LATENT)
+
+    def forward(self, y):
+        h = self.body(y.reshape(y.shape[0], -1))
+        return self.loc(h), torch.nn.functional.softplus(self.scale(h)) + 1e-3
+
+
+class Decoder(torch.nn.Module):
+    def __init__(self, size: int, hidden: int):
+        super().__init__()
+        self.size = size
+        self.net = torch.nn.Sequential(torch.nn.Linear(LATENT, hidden), torch.nn.Tanh(),
+                                       torch.nn.Linear(hidden, size * size))
+
+    def forward(self, z):
+        return self.net(z).reshape(z.shape[0], self.size, self.size)
+
+
+def affine_rmse(latents: np.ndarray, truth: np.ndarray) -> float:
+    """RMSE (pixels) of the least-squares affine map from latents ``(n, 2)`` to truth ``(n, 2)``."""
+    A = np.concatenate([latents, np.ones((len(latents), 1))], 1)
+    coef, *_ = np.linalg.lstsq(A, truth, rcond=None)
+    return float(np.sqrt(((A @ coef - truth) ** 2).sum(1).mean()))
+
+
+def nets(size, hidden, seed):
+    torch.manual_seed(seed)
+    return Encoder(size * size, hidden), Decoder(size, hidden)
+
+
+def train(model, guide, batches, steps, lr):
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+    with Timer() as t:
+        losses = [svi.step(*batches[i % len(batches)]) for i in range(steps)]
+    return float(np.mean(losses[-len(batches):])), t.seconds
+
+
+def run_gpvae(kind, M, train_set, test_set, t, args, size):
+    pyro.clear_param_store()
+    enc, dec = nets(size, args.hidden, args.seed)
+    kern = gp.kernels.RBF(1, variance=torch.tensor(1.0), lengthscale=torch.tensor(args.init_lengthscale))
+    if kind == "exact":
+        vae = ExactGPVAE(enc, dec, kern, latent_dim=LATENT)
+        guide = vae.guide
+    else:
+        Z = torch.linspace(0.0, float(t[-1]), M).unsqueeze(-1)
+        vae = SVGPVAE(enc, dec, kern, Z, num_data=len(t), latent_dim=LATENT)
+        guide = vae.guide
+    batches = [(t, torch.as_tensor(v)) for v in train_set.videos]
+    loss, secs = train(vae.model, guide, batches, args.steps, args.lr)
+    latents = []
+    with torch.no_grad():
+        for v in test_set.videos:
+            latents.append(vae.condition(t, torch.as_tensor(v)).latent(t).mean.numpy())
+        ls = float(pyro.param("guide.kernel.lengthscale" if kind != "exact" else "kernel.lengthscale"))
+    rmse = affine_rmse(np.concatenate(latents), test_set.trajectories.reshape(-1, 2))
+    return {"model": "exact GP-VAE" if kind == "exact" else "SVGP-VAE", "M": M if kind != "exact" else len(t),
+            "rmse_px": rmse, "lengthscale": ls, "final_loss": loss, "train_s": secs,
+            "s_per_epoch": secs / args.steps * len(batches)}
+
+
+def run_vae(train_set, test_set, args, size):
+    pyro.clear_param_store()
+    enc, dec = nets(size, args.hidden, args.seed)
+
+    def model(Y):
+        pyro.module("decoder", dec)
+        with pyro.plate("data", Y.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(Y.shape[0], LATENT), 1.0).to_event(1))
+            pyro.sample("y", dist.Bernoulli(logits=dec(z)).to_event(2), obs=Y)
+
+    def guide(Y):
+        pyro.module("encoder", enc)
+        loc, scale = enc(Y)
+        with pyro.plate("data", Y.shape[0]):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    batches = [(torch.as_tensor(v),) for v in train_set.videos]
+    loss, secs = train(model, guide, batches, args.steps, args.lr)
+    with torch.no_grad():
+        latents = np.concatenate([enc(torch.as_tensor(v))[0].numpy() for v in test_set.videos])
+    rmse = affine_rmse(latents, test_set.trajectories.reshape(-1, 2))
+    return {"model": "VAE", "M": None, "rmse_px": rmse, "lengthscale": None, "final_loss": loss,
+            "train_s": secs, "s_per_epoch": secs / args.steps * len(batches)}
+
+
+def main(argv=None):
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--videos", type=int, default=35, help="training videos (as many test videos)")
+    p.add_argument("--steps", type=int, default=6000, help="SVI steps (one video each)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--init-lengthscale", type=float, default=1.0)
+    p.add_argument("--inducing", type=int, nargs="+", default=[5, 10, 15, 20, 30])
+    args = p.parse_args(argv)
+    if quick_mode(args):
+        args.videos, args.steps, args.hidden, args.inducing = 4, 20, 32, [5, 15]
+    set_threads(args.threads)
+    torch.set_default_dtype(torch.float64)
+    data = moving_ball(2 * args.videos, seed=args.seed)
+    train_set = type(data)(data.videos[:args.videos], data.trajectories[:args.videos],
+                           data.paths[:args.videos], data.times)
+    test_set = type(data)(data.videos[args.videos:], data.trajectories[args.videos:],
+                          data.paths[args.videos:], data.times)
+    t = torch.as_tensor(data.times).unsqueeze(-1)
+    size = data.videos.shape[-1]
+    rows = [run_gpvae("svgp", M, train_set, test_set, t, args, size) for M in args.inducing]
+    rows.append(run_gpvae("exact", None, train_set, test_set, t, args, size))
+    rows.append(run_vae(train_set, test_set, args, size))
+    for r in rows:
+        print(r, flush=True)
+    notes = (f"{args.videos} training and {args.videos} test videos, {args.steps} SVI steps (one video "
+             f"each), Adam lr {args.lr}, hidden {args.hidden}, initial lengthscale {args.init_lengthscale}; "
+             "rmse_px: RMSE in pixels of the test posterior mean latents after one least-squares affine map "
+             "to the true trajectories.")
+    write_results("svgp_vae_ball", rows, out=args.out, meta=vars(args), notes=notes)
+
+
+if __name__ == "__main__":
+    main()

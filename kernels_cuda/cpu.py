@@ -1,0 +1,182 @@
+"""ctypes front of the CPU build: build a permutohedral lattice once, filter many columns with it.
+
+.. note:: Cost: building is ``O(N d^2)`` for the embedding plus ``O(N d^2)`` hash work and
+   ``O(M d^2 r)`` for the neighbour table (``M <= N (d+1)`` vertices, ``r`` the stencil order);
+   each product is ``O(N d c + M d r c)`` for ``c`` columns. Memory: see
+   :func:`scalegp.lattice.memory_estimate`.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import numpy as np
+
+from .build import cpu_library_path
+
+__all__ = ["CpuLattice", "load_library"]
+
+_LIB = None
+_LOCK = threading.Lock()
+
+_MAX_LOCAL_CAP = 1 << 24  # per-thread scratch slots of the exact-diagonal pass
+_i32p = ctypes.POINTER(ctypes.c_int32)
+_i64 = ctypes.c_int64
+_int = ctypes.c_int
+
+
+def _sigs():
+    sig = {}
+    for suffix, ct in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+        tp = ctypes.POINTER(ct)
+        sig[f"sgp_embed_{suffix}"] = (None, [tp, _i64, _int, tp, tp, _i32p, _i32p, _i32p])
+        sig[f"sgp_filter_{suffix}"] = (
+            None, [tp, tp, _i64, _int, _int, _i32p, tp, ctypes.c_int32, _i32p, _int, tp, tp, tp])
+        sig[f"sgp_splat_blur_{suffix}"] = (
+            None, [tp, _i64, _int, _int, _i32p, tp, ctypes.c_int32, _i32p, _int, tp, tp, tp])
+        sig[f"sgp_local_gram_{suffix}"] = (
+            _i64, [ctypes.POINTER(_i64), _i64, _int, _i32p, _i32p, _int, tp, ctypes.c_int32, tp, _i32p])
+    sig["sgp_build_table"] = (ctypes.c_int32, [_i32p, _i64, _int, _i32p, _i64, _i32p, _i32p, _i32p, _i32p])
+    sig["sgp_build_neighbours"] = (None, [ctypes.c_int32, _int, _i32p, _i32p, _i32p, _i64, _i32p, _int, _i32p])
+    sig["sgp_max_d"] = (_int, [])
+    return sig
+
+
+def load_library() -> ctypes.CDLL:
+    """The compiled CPU library (compiled and cached on first use), with its C signatures declared."""
+    global _LIB
+    with _LOCK:
+        if _LIB is None:
+            lib = ctypes.CDLL(str(cpu_library_path()))
+            for name, (res, args) in _sigs().items():
+                fn = getattr(lib, name)
+                fn.restype = res
+                fn.argtypes = args
+            _LIB = lib
+    return _LIB
+
+
+def _ptr(a: np.ndarray):
+    ct = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double,
+          np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64}[a.dtype]
+    return a.ctypes.data_as(ctypes.POINTER(ct))
+
+
+def table_capacity(n_pv: int) -> int:
+    """Hash-table slots: the power of two at least twice the point-vertex count (load <= 1/2)."""
+    return 1 << max(4, int(2 * n_pv - 1).bit_length())
+
+
+class CpuLattice:
+    """The lattice of ``N`` scaled points ``z`` (``N x d``), built once.
+
+    :param z: inputs divided by the lengthscales, float32 or float64.
+    :param scale: per-axis elevation scales (``d``), same dtype.
+    :param order: stencil order ``r`` (neighbours at steps ``1..r`` per side and direction).
+
+    Attributes (numpy): ``bary``, ``rank``, ``greedy``, ``vid`` (``N x (d+1)``), ``m`` (vertices),
+    ``nbr`` (``m x (d+1) x 2r``).
+    """
+
+    def __init__(self, z: np.ndarray, scale: np.ndarray, order: int):
+        lib = load_library()
+        z = np.ascontiguousarray(z)
+        if z.dtype not in (np.float32, np.float64):
+            raise ValueError(f"z: dtype must be float32 or float64, got {z.dtype}")
+        n, d = z.shape
+        if d > lib.sgp_max_d():
+            raise ValueError(f"z: at most {lib.sgp_max_d()} input dimensions, got {d}")
+        if n * (d + 1) >= 2**31:
+            raise ValueError(f"z: N (d+1) = {n * (d + 1)} point-vertices exceed the 32-bit vertex ids")
+        self.dtype = z.dtype
+        self.suffix = "f32" if z.dtype == np.float32 else "f64"
+        self.n, self.d, self.order = n, d, int(order)
+        scale = np.ascontiguousarray(scale, dtype=z.dtype)
+        dp1 = d + 1
+        n_pv = n * dp1
+        self.bary = np.empty((n, dp1), z.dtype)
+        self.rank = np.empty((n, dp1), np.int32)
+        self.greedy = np.empty((n, dp1), np.int32)
+        pv_keys = np.empty((n_pv, d), np.int32)
+        getattr(lib, f"sgp_embed_{self.suffix}")(
+            _ptr(z), n, d, _ptr(scale), _ptr(self.bary), _ptr(self.rank), _ptr(self.greedy), _ptr(pv_keys))
+        cap = table_capacity(n_pv)
+        table = np.empty(cap, np.int32)
+        rep = np.empty(n_pv, np.int32)
+        owner_vid = np.empty(n_pv, np.int32)
+        vertex_owner = np.empty(n_pv, np.int32)
+        self.vid = np.empty((n, dp1), np.int32)
+        m = lib.sgp_build_table(_ptr(pv_keys), n_pv, d, _ptr(table), cap - 1, _ptr(rep), _ptr(owner_vid),
+                                _ptr(vertex_owner), _ptr(self.vid))
+        if m < 0:
+            raise RuntimeError("kernels_cuda: lattice hash table overflowed (internal error)")
+        self.m = int(m)
+        self.capacity = cap
+        self.nbr = np.empty((self.m, dp1, 2 * self.order), np.int32)
+        lib.sgp_build_neighbours(self.m, d, _ptr(vertex_owner), _ptr(pv_keys), _ptr(table), cap - 1,
+                                 _ptr(owner_vid), self.order, _ptr(self.nbr))
+
+    def _cols(self, v: np.ndarray, coef: np.ndarray, bary=None):
+        v = np.asarray(v)
+        if v.dtype != self.dtype:
+            raise ValueError(f"v: dtype {v.dtype} differs from the lattice's {self.dtype}")
+        if v.shape[0] != self.n:
+            raise ValueError(f"v: expected {self.n} rows, got {v.shape[0]}")
+        v2 = np.ascontiguousarray(v.reshape(self.n, -1))
+        coef = np.ascontiguousarray(coef, dtype=self.dtype)
+        if coef.shape != (self.order + 1,):
+            raise ValueError(f"coef: expected shape ({self.order + 1},), got {coef.shape}")
+        if bary is None:
+            return v2, coef, self.bary
+        bary = np.ascontiguousarray(bary, dtype=self.dtype)
+        if bary.shape != self.bary.shape:
+            raise ValueError(f"bary: expected shape {self.bary.shape}, got {bary.shape}")
+        return v2, coef, bary
+
+    def splat_blur(self, v: np.ndarray, coef: np.ndarray, bary=None) -> np.ndarray:
+        """Vertex values ``C^T C W v`` (``m x c``) for ``v`` of ``N`` rows; ``bary`` replaces the
+        lattice's own weights (the frontends pass their differentiable copy)."""
+        v2, coef, bary = self._cols(v, coef, bary)
+        nc = v2.shape[1]
+        vals = np.empty((self.m, nc), self.dtype)
+        buf = np.empty((self.m, nc), self.dtype)
+        getattr(load_library(), f"sgp_splat_blur_{self.suffix}")(
+            _ptr(v2), self.n, nc, self.d, _ptr(self.vid), _ptr(bary), self.m, _ptr(self.nbr), self.order,
+            _ptr(coef), _ptr(vals), _ptr(buf))
+        return vals
+
+    def filter(self, v: np.ndarray, coef: np.ndarray, bary=None) -> np.ndarray:
+        """``W^T C^T C W v``, same shape as ``v`` (``N`` or ``N x c``)."""
+        v2, coef, bary = self._cols(v, coef, bary)
+        nc = v2.shape[1]
+        out = np.empty_like(v2)
+        buf0 = np.empty((self.m, nc), self.dtype)
+        buf1 = np.empty((self.m, nc), self.dtype)
+        getattr(load_library(), f"sgp_filter_{self.suffix}")(
+            _ptr(v2), _ptr(out), self.n, nc, self.d, _ptr(self.vid), _ptr(bary), self.m, _ptr(self.nbr),
+            self.order, _ptr(coef), _ptr(buf0), _ptr(buf1))
+        return out.reshape(np.shape(v))
+
+    def local_gram(self, coef: np.ndarray, *, cap: int = 1024) -> np.ndarray:
+        """Exact local Gram matrices ``N x (d+1) x (d+1)`` of the one-pass blur ``C`` between each
+        point's simplex vertices, so that ``diag(W^T C^T C W)_i = w_i^T G_i w_i``. ``G_i`` depends
+        only on the simplex, so it is computed once per distinct simplex (dense data share many);
+        simplices whose blur support outgrows the scratch are redone with a 4x larger one."""
+        _, coef, _ = self._cols(np.zeros((self.n, 1), self.dtype), coef)
+        dp1 = self.d + 1
+        gram = np.empty((self.n, dp1, dp1), self.dtype)
+        _, first, inverse = np.unique(self.vid, axis=0, return_index=True, return_inverse=True)
+        idx = first.astype(np.int64)
+        todo = idx
+        fn = getattr(load_library(), f"sgp_local_gram_{self.suffix}")
+        while todo.size:
+            status = np.empty(todo.size, np.int32)
+            fn(_ptr(todo), todo.size, self.d, _ptr(self.vid), _ptr(self.nbr), self.order, _ptr(coef), cap,
+               _ptr(gram), _ptr(status))
+            todo = todo[status != 0]
+            cap *= 4
+            if todo.size and cap > _MAX_LOCAL_CAP:
+                raise MemoryError(
+                    f"lattice: the blur support of {todo.size} simplices exceeds {_MAX_LOCAL_CAP // 2} vertices "
+                    "(a very dense lattice: lower the order or the lengthscale-to-spread ratio)")
+        return gram[idx[inverse.reshape(-1)]]

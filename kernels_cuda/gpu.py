@@ -1,0 +1,146 @@
+"""CuPy (NVRTC) dispatch of the CUDA build: the same lattice as :class:`kernels_cuda.cpu.CpuLattice`,
+on device arrays (torch or JAX buffers arrive through DLPack, without copies).
+
+The kernels of ``sgp_lattice.cu`` are compiled at run time by CuPy's ``RawModule`` and launched in
+the order of the CPU build. No machine this project is tested on has a GPU: CI compiles
+``sgp_lattice.cu`` with nvcc and tests this dispatch with CuPy mocked; the CUDA path itself is
+compiled, not run.
+
+.. note:: Cost: as the CPU build, with one thread per point, point-vertex or vertex.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import numpy as np
+
+from .build import SOURCE_DIR
+
+__all__ = ["GpuLattice", "KERNEL_NAMES", "module"]
+
+KERNEL_NAMES = (
+    "sgp_embed_f32", "sgp_embed_f64", "sgp_fill_i32", "sgp_insert_all", "sgp_number_owners", "sgp_resolve_vids",
+    "sgp_build_neighbours", "sgp_zero_f32", "sgp_zero_f64", "sgp_splat_f32", "sgp_splat_f64", "sgp_blur_f32",
+    "sgp_blur_f64", "sgp_slice_f32", "sgp_slice_f64", "sgp_local_gram_f32", "sgp_local_gram_f64",
+)
+_THREADS = 256
+
+
+def _cupy():
+    try:
+        return importlib.import_module("cupy")
+    except ImportError as err:
+        raise RuntimeError("kernels_cuda: the GPU backend needs CuPy (pip install 'scalegp[cuda]')") from err
+
+
+@functools.lru_cache(maxsize=None)
+def module():
+    """The RawModule of ``sgp_lattice.cu`` (compiled by NVRTC once per process)."""
+    cp = _cupy()
+    code = (SOURCE_DIR / "sgp_lattice.cu").read_text()
+    return cp.RawModule(code=code, options=("-std=c++17", f"-I{SOURCE_DIR}"), name_expressions=None)
+
+
+def _launch(name, n, *args):
+    blocks = max(1, min((int(n) + _THREADS - 1) // _THREADS, 65535))
+    module().get_function(name)((blocks,), (_THREADS,), args)
+
+
+class GpuLattice:
+    """Device twin of :class:`~kernels_cuda.cpu.CpuLattice` (same attributes, CuPy arrays)."""
+
+    def __init__(self, z, scale, order: int):
+        cp = _cupy()
+        z = cp.ascontiguousarray(z)
+        if z.dtype not in (np.float32, np.float64):
+            raise ValueError(f"z: dtype must be float32 or float64, got {z.dtype}")
+        n, d = z.shape
+        self.dtype, self.suffix = z.dtype, ("f32" if z.dtype == np.float32 else "f64")
+        self.n, self.d, self.order = n, d, int(order)
+        dp1, n_pv = d + 1, n * (d + 1)
+        scale = cp.asarray(scale, dtype=z.dtype)
+        self.bary = cp.empty((n, dp1), z.dtype)
+        self.rank = cp.empty((n, dp1), np.int32)
+        self.greedy = cp.empty((n, dp1), np.int32)
+        pv_keys = cp.empty((n_pv, d), np.int32)
+        _launch(f"sgp_embed_{self.suffix}", n, z, np.int64(n), np.int32(d), scale, self.bary, self.rank,
+                self.greedy, pv_keys)
+        cap = 1 << max(4, int(2 * n_pv - 1).bit_length())
+        mask = np.int64(cap - 1)
+        table = cp.empty(cap, np.int32)
+        _launch("sgp_fill_i32", cap, table, np.int64(cap), np.int32(-1))
+        rep = cp.empty(n_pv, np.int32)
+        failed = cp.zeros(1, np.int32)
+        _launch("sgp_insert_all", n_pv, pv_keys, np.int64(n_pv), np.int32(d), table, mask, rep, failed)
+        owner_vid = cp.empty(n_pv, np.int32)
+        vertex_owner = cp.empty(n_pv, np.int32)
+        counter = cp.zeros(1, np.int32)
+        _launch("sgp_number_owners", n_pv, rep, np.int64(n_pv), owner_vid, vertex_owner, counter)
+        self.vid = cp.empty((n, dp1), np.int32)
+        _launch("sgp_resolve_vids", n_pv, rep, np.int64(n_pv), owner_vid, self.vid)
+        if int(failed[0]) != 0:
+            raise RuntimeError("kernels_cuda: lattice hash table overflowed (internal error)")
+        self.m = int(counter[0])
+        self.capacity = cap
+        self.nbr = cp.empty((self.m, dp1, 2 * self.order), np.int32)
+        _launch("sgp_build_neighbours", self.m * dp1, np.int32(self.m), np.int32(d), vertex_owner, pv_keys, table,
+                mask, owner_vid, np.int32(self.order), self.nbr)
+
+    def _cols(self, v, coef, bary):
+        cp = _cupy()
+        v2 = cp.ascontiguousarray(v.reshape(self.n, -1))
+        if v2.dtype != self.dtype:
+            raise ValueError(f"v: dtype {v2.dtype} differs from the lattice's {self.dtype}")
+        bary = self.bary if bary is None else cp.ascontiguousarray(bary, dtype=self.dtype)
+        return v2, cp.asarray(coef, dtype=self.dtype), bary
+
+    def splat_blur(self, v, coef, bary=None):
+        """Vertex values ``C^T C W v`` (``m x c``)."""
+        cp = _cupy()
+        v2, coef, bary = self._cols(v, coef, bary)
+        nc = v2.shape[1]
+        vals = cp.empty((self.m, nc), self.dtype)
+        buf = cp.empty((self.m, nc), self.dtype)
+        _launch(f"sgp_zero_{self.suffix}", self.m * nc, vals, np.int64(self.m * nc))
+        _launch(f"sgp_splat_{self.suffix}", self.n, v2, np.int64(self.n), np.int32(nc), np.int32(self.d), self.vid,
+                bary, vals)
+        src, dst = vals, buf
+        for p in range(2 * (self.d + 1)):
+            axis = p if p <= self.d else 2 * self.d + 1 - p
+            _launch(f"sgp_blur_{self.suffix}", self.m, np.int32(self.m), np.int32(axis), src, dst, np.int32(nc),
+                    np.int32(self.d), self.nbr, np.int32(self.order), coef)
+            src, dst = dst, src
+        return src
+
+    def filter(self, v, coef, bary=None):
+        """``W^T C^T C W v``, same shape as ``v``."""
+        cp = _cupy()
+        v2, coef_, bary_ = self._cols(v, coef, bary)
+        vals = self.splat_blur(v2, coef_, bary_)
+        out = cp.empty_like(v2)
+        _launch(f"sgp_slice_{self.suffix}", self.n, vals, out, np.int64(self.n), np.int32(v2.shape[1]),
+                np.int32(self.d), self.vid, bary_)
+        return out.reshape(v.shape)
+
+    def local_gram(self, coef, *, cap: int = 1024, threads: int = 1 << 14):
+        """Exact local Gram matrices ``N x (d+1) x (d+1)`` (see the CPU twin), with per-thread scratch."""
+        cp = _cupy()
+        dp1 = self.d + 1
+        coef = cp.asarray(coef, dtype=self.dtype)
+        gram = cp.empty((self.n, dp1, dp1), self.dtype)
+        idx = cp.arange(self.n, dtype=np.int64)
+        while idx.size:
+            nthreads = min(threads, (idx.size + _THREADS - 1) // _THREADS * _THREADS)
+            slots = cp.full(nthreads * 2 * cap, -1, np.int32)
+            vertex = cp.empty(nthreads * 2 * cap, np.int32)
+            slot = cp.empty(nthreads * 2 * cap, np.int32)
+            vals = cp.empty(nthreads * 2 * cap * dp1, self.dtype)
+            status = cp.empty(idx.size, np.int32)
+            module().get_function(f"sgp_local_gram_{self.suffix}")(
+                (nthreads // _THREADS,), (_THREADS,),
+                (idx, np.int64(idx.size), np.int32(self.d), self.vid, self.nbr, np.int32(self.order), coef,
+                 np.int32(cap), slots, vertex, slot, vals, gram, status))
+            idx = idx[status != 0]
+            cap *= 4
+        return gram

@@ -1,0 +1,101 @@
+// CUDA build of the lattice kernels: thin __global__ launchers over the per-element functions of
+// sgp_lattice.h (the same functions the OpenMP loops of sgp_lattice_cpu.cpp run). Kernels are
+// extern "C" so CuPy's RawModule (NVRTC) finds them by name; kernels_cuda/gpu.py launches them in
+// the same order as the CPU build: embed, clear/insert/number/resolve, neighbours, then per product
+// zero + splat + 2(d+1) blurs + slice. One thread per element; grid-stride loops.
+#include "sgp_lattice.h"
+
+#define SGP_LOOP(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
+                            i += (int64_t)blockDim.x * gridDim.x)
+
+extern "C" {
+
+__global__ void sgp_embed_f32(const float* z, int64_t n, int d, const float* scale, float* bary, int32_t* rank,
+                              int32_t* greedy, int32_t* pv_keys) {
+    SGP_LOOP(i, n) sgp_embed_point<float>(i, z, d, scale, bary, rank, greedy, pv_keys);
+}
+__global__ void sgp_embed_f64(const double* z, int64_t n, int d, const double* scale, double* bary,
+                              int32_t* rank, int32_t* greedy, int32_t* pv_keys) {
+    SGP_LOOP(i, n) sgp_embed_point<double>(i, z, d, scale, bary, rank, greedy, pv_keys);
+}
+
+__global__ void sgp_fill_i32(int32_t* a, int64_t n, int32_t value) {
+    SGP_LOOP(i, n) a[i] = value;
+}
+
+// failed is set to 1 if some key found no slot (impossible at load factor <= 1/2)
+__global__ void sgp_insert_all(const int32_t* pv_keys, int64_t n_pv, int d, int32_t* table, int64_t mask,
+                               int32_t* rep, int32_t* failed) {
+    SGP_LOOP(j, n_pv) {
+        rep[j] = sgp_insert((int32_t)j, pv_keys, d, table, mask);
+        if (rep[j] < 0) *failed = 1;
+    }
+}
+
+__global__ void sgp_number_owners(const int32_t* rep, int64_t n_pv, int32_t* owner_vid, int32_t* vertex_owner,
+                                  int32_t* counter) {
+    SGP_LOOP(j, n_pv) sgp_number_owner((int32_t)j, rep, owner_vid, vertex_owner, counter);
+}
+
+__global__ void sgp_resolve_vids(const int32_t* rep, int64_t n_pv, const int32_t* owner_vid, int32_t* vid) {
+    SGP_LOOP(j, n_pv) sgp_resolve_vid((int32_t)j, rep, owner_vid, vid);
+}
+
+__global__ void sgp_build_neighbours(int32_t m, int d, const int32_t* vertex_owner, const int32_t* pv_keys,
+                                     const int32_t* table, int64_t mask, const int32_t* owner_vid, int r,
+                                     int32_t* nbr) {
+    SGP_LOOP(e, (int64_t)m * (d + 1))
+        sgp_neighbours((int32_t)(e / (d + 1)), (int)(e % (d + 1)), vertex_owner, pv_keys, d, table, mask,
+                       owner_vid, r, nbr);
+}
+
+__global__ void sgp_zero_f32(float* a, int64_t n) { SGP_LOOP(i, n) a[i] = 0.0f; }
+__global__ void sgp_zero_f64(double* a, int64_t n) { SGP_LOOP(i, n) a[i] = 0.0; }
+
+__global__ void sgp_splat_f32(const float* v, int64_t n, int nc, int d, const int32_t* vid, const float* bary,
+                              float* vals) {
+    SGP_LOOP(i, n) sgp_splat_point<float>(i, v, nc, d, vid, bary, vals);
+}
+__global__ void sgp_splat_f64(const double* v, int64_t n, int nc, int d, const int32_t* vid, const double* bary,
+                              double* vals) {
+    SGP_LOOP(i, n) sgp_splat_point<double>(i, v, nc, d, vid, bary, vals);
+}
+
+__global__ void sgp_blur_f32(int32_t m, int axis, const float* in, float* out, int nc, int d, const int32_t* nbr,
+                             int r, const float* coef) {
+    SGP_LOOP(a, m) sgp_blur_vertex<float>((int32_t)a, axis, in, out, nc, d, nbr, r, coef);
+}
+__global__ void sgp_blur_f64(int32_t m, int axis, const double* in, double* out, int nc, int d,
+                             const int32_t* nbr, int r, const double* coef) {
+    SGP_LOOP(a, m) sgp_blur_vertex<double>((int32_t)a, axis, in, out, nc, d, nbr, r, coef);
+}
+
+__global__ void sgp_slice_f32(const float* vals, float* out, int64_t n, int nc, int d, const int32_t* vid,
+                              const float* bary) {
+    SGP_LOOP(i, n) sgp_slice_point<float>(i, vals, out, nc, d, vid, bary);
+}
+__global__ void sgp_slice_f64(const double* vals, double* out, int64_t n, int nc, int d, const int32_t* vid,
+                              const double* bary) {
+    SGP_LOOP(i, n) sgp_slice_point<double>(i, vals, out, nc, d, vid, bary);
+}
+
+// One thread per point index, each with its own slice of the scratch (2 cap slots / entries and
+// 2 cap (d+1) values); launch with exactly n_threads = gridDim.x * blockDim.x threads.
+__global__ void sgp_local_gram_f32(const int64_t* idx, int64_t n_idx, int d, const int32_t* vid,
+                                   const int32_t* nbr, int r, const float* coef, int32_t cap, int32_t* slots,
+                                   int32_t* vertex, int32_t* slot, float* vals, float* gram, int32_t* status) {
+    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    SgpLocalScratch sc{slots + tid * 2 * cap, vertex + tid * 2 * cap, slot + tid * 2 * cap};
+    SGP_LOOP(j, n_idx)
+        status[j] = sgp_local_gram_point<float>(idx[j], d, vid, nbr, r, coef, cap, sc, vals + tid * 2 * cap * (d + 1), gram);
+}
+__global__ void sgp_local_gram_f64(const int64_t* idx, int64_t n_idx, int d, const int32_t* vid,
+                                   const int32_t* nbr, int r, const double* coef, int32_t cap, int32_t* slots,
+                                   int32_t* vertex, int32_t* slot, double* vals, double* gram, int32_t* status) {
+    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    SgpLocalScratch sc{slots + tid * 2 * cap, vertex + tid * 2 * cap, slot + tid * 2 * cap};
+    SGP_LOOP(j, n_idx)
+        status[j] = sgp_local_gram_point<double>(idx[j], d, vid, nbr, r, coef, cap, sc, vals + tid * 2 * cap * (d + 1), gram);
+}
+
+}  // extern "C"

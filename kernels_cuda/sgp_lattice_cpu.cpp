@@ -1,0 +1,152 @@
+// CPU build of the lattice kernels: OpenMP loops over the per-element functions of sgp_lattice.h.
+// C ABI only (plain pointers and integers); the Python side (kernels_cuda/cpu.py) loads it with ctypes.
+#include <cmath>
+#include <vector>
+#include <stdint.h>
+
+#include "sgp_lattice.h"
+
+namespace {
+
+// Below about a millisecond of work (this many element-operations) a loop runs on one thread: on a
+// loaded machine OpenMP's spinning barriers cost more than the loop (measured on 2 shared cores:
+// 25 ms with 2 threads vs 1.2 ms on one for a 300-point product). OMP_WAIT_POLICY=PASSIVE helps
+// further, but libgomp reads it once per process (torch loads its copy first).
+constexpr int64_t kParallelMin = 1 << 20;
+
+template <typename T>
+void embed(const T* z, int64_t n, int d, const T* scale, T* bary, int32_t* rank, int32_t* greedy,
+           int32_t* pv_keys) {
+#pragma omp parallel for schedule(static) if (n * d * d >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) sgp_embed_point<T>(i, z, d, scale, bary, rank, greedy, pv_keys);
+}
+
+// vals (m x nc) = C^T C W v. 2(d+1) is even, so after ping-ponging the result is back in vals.
+template <typename T>
+void splat_blur(const T* v, int64_t n, int nc, int d, const int32_t* vid, const T* bary, int32_t m,
+                const int32_t* nbr, int r, const T* coef, T* vals, T* buf) {
+    const int64_t mv = (int64_t)m * nc;
+#pragma omp parallel for schedule(static) if (mv >= kParallelMin)
+    for (int64_t a = 0; a < mv; ++a) vals[a] = 0;
+#pragma omp parallel for schedule(static) if (n * nc * (d + 1) >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) sgp_splat_point<T>(i, v, nc, d, vid, bary, vals);
+    // B = C^T C: half-variance blurs along axes 0..d, then d..0
+    T* src = vals;
+    T* dst = buf;
+    for (int pass = 0; pass < 2 * (d + 1); ++pass) {
+        const int axis = pass <= d ? pass : 2 * d + 1 - pass;
+#pragma omp parallel for schedule(static) if ((int64_t)m * nc * (2 * r + 1) >= kParallelMin)
+        for (int32_t a = 0; a < m; ++a) sgp_blur_vertex<T>(a, axis, src, dst, nc, d, nbr, r, coef);
+        T* t = src;
+        src = dst;
+        dst = t;
+    }
+}
+
+template <typename T>
+void filter(const T* v, T* out, int64_t n, int nc, int d, const int32_t* vid, const T* bary, int32_t m,
+            const int32_t* nbr, int r, const T* coef, T* buf0, T* buf1) {
+    splat_blur<T>(v, n, nc, d, vid, bary, m, nbr, r, coef, buf0, buf1);
+#pragma omp parallel for schedule(static) if (n * nc * (d + 1) >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) sgp_slice_point<T>(i, buf0, out, nc, d, vid, bary);
+}
+
+template <typename T>
+int64_t local_gram(const int64_t* idx, int64_t n_idx, int d, const int32_t* vid, const int32_t* nbr, int r,
+                   const T* coef, int32_t cap, T* gram, int32_t* status) {
+    const int dp1 = d + 1;
+    int64_t failed = 0;
+#pragma omp parallel reduction(+ : failed) if (n_idx * (d + 1) * (d + 1) >= kParallelMin)
+    {
+        std::vector<int32_t> slots(2 * (size_t)cap, -1), vertex(2 * (size_t)cap), slot(2 * (size_t)cap);
+        std::vector<T> vals(2 * (size_t)cap * dp1);
+        SgpLocalScratch sc{slots.data(), vertex.data(), slot.data()};
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t j = 0; j < n_idx; ++j) {
+            status[j] = sgp_local_gram_point<T>(idx[j], d, vid, nbr, r, coef, cap, sc, vals.data(), gram);
+            failed += status[j];
+        }
+    }
+    return failed;
+}
+
+}  // namespace
+
+extern "C" {
+
+int sgp_max_d() { return SGP_MAX_D; }
+
+void sgp_embed_f32(const float* z, int64_t n, int d, const float* scale, float* bary, int32_t* rank,
+                   int32_t* greedy, int32_t* pv_keys) {
+    embed<float>(z, n, d, scale, bary, rank, greedy, pv_keys);
+}
+void sgp_embed_f64(const double* z, int64_t n, int d, const double* scale, double* bary, int32_t* rank,
+                   int32_t* greedy, int32_t* pv_keys) {
+    embed<double>(z, n, d, scale, bary, rank, greedy, pv_keys);
+}
+
+// Hash the n_pv point-vertex keys into `table` (cap = mask + 1 slots, filled with -1 here), number
+// the distinct keys 0..M-1 and write each point-vertex's vertex id. Returns M, or -1 if the table
+// overflowed (cannot happen for cap >= 2 n_pv). owner_vid and rep are scratch of n_pv entries;
+// vertex_owner (n_pv entries) maps a vertex id to the point-vertex holding its key.
+int32_t sgp_build_table(const int32_t* pv_keys, int64_t n_pv, int d, int32_t* table, int64_t mask, int32_t* rep,
+                        int32_t* owner_vid, int32_t* vertex_owner, int32_t* vid) {
+#pragma omp parallel for schedule(static) if (mask >= kParallelMin)
+    for (int64_t s = 0; s <= mask; ++s) table[s] = -1;
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed) if (n_pv * d >= kParallelMin)
+    for (int64_t j = 0; j < n_pv; ++j) {
+        rep[j] = sgp_insert((int32_t)j, pv_keys, d, table, mask);
+        failed |= rep[j] < 0;
+    }
+    if (failed) return -1;
+    int32_t counter = 0;
+#pragma omp parallel for schedule(static) if (n_pv >= kParallelMin)
+    for (int64_t j = 0; j < n_pv; ++j) sgp_number_owner((int32_t)j, rep, owner_vid, vertex_owner, &counter);
+#pragma omp parallel for schedule(static) if (n_pv >= kParallelMin)
+    for (int64_t j = 0; j < n_pv; ++j) sgp_resolve_vid((int32_t)j, rep, owner_vid, vid);
+    return counter;
+}
+
+void sgp_build_neighbours(int32_t m, int d, const int32_t* vertex_owner, const int32_t* pv_keys,
+                          const int32_t* table, int64_t mask, const int32_t* owner_vid, int r, int32_t* nbr) {
+#pragma omp parallel for schedule(static) if ((int64_t)m * (d + 1) * d * r >= kParallelMin)
+    for (int64_t e = 0; e < (int64_t)m * (d + 1); ++e)
+        sgp_neighbours((int32_t)(e / (d + 1)), (int)(e % (d + 1)), vertex_owner, pv_keys, d, table, mask,
+                       owner_vid, r, nbr);
+}
+
+// out (n x nc) = W^T C^T C W v for v (n x nc); buf0, buf1 are scratch of m x nc.
+void sgp_filter_f32(const float* v, float* out, int64_t n, int nc, int d, const int32_t* vid, const float* bary,
+                    int32_t m, const int32_t* nbr, int r, const float* coef, float* buf0, float* buf1) {
+    filter<float>(v, out, n, nc, d, vid, bary, m, nbr, r, coef, buf0, buf1);
+}
+void sgp_filter_f64(const double* v, double* out, int64_t n, int nc, int d, const int32_t* vid,
+                    const double* bary, int32_t m, const int32_t* nbr, int r, const double* coef, double* buf0,
+                    double* buf1) {
+    filter<double>(v, out, n, nc, d, vid, bary, m, nbr, r, coef, buf0, buf1);
+}
+
+// B W v only (the vertex values before slicing, m x nc), for the gradient with respect to the
+// barycentric weights; vals and buf are m x nc, the result is in vals.
+void sgp_splat_blur_f32(const float* v, int64_t n, int nc, int d, const int32_t* vid, const float* bary, int32_t m,
+                        const int32_t* nbr, int r, const float* coef, float* vals, float* buf) {
+    splat_blur<float>(v, n, nc, d, vid, bary, m, nbr, r, coef, vals, buf);
+}
+void sgp_splat_blur_f64(const double* v, int64_t n, int nc, int d, const int32_t* vid, const double* bary,
+                        int32_t m, const int32_t* nbr, int r, const double* coef, double* vals, double* buf) {
+    splat_blur<double>(v, n, nc, d, vid, bary, m, nbr, r, coef, vals, buf);
+}
+
+// Exact local Gram matrices (see sgp_local_gram_point) of the points idx[0..n_idx), into gram
+// (N x (d+1) x (d+1)). status[j] = 1 where the support outgrew cap/2; returns how many did.
+int64_t sgp_local_gram_f32(const int64_t* idx, int64_t n_idx, int d, const int32_t* vid, const int32_t* nbr, int r,
+                           const float* coef, int32_t cap, float* gram, int32_t* status) {
+    return local_gram<float>(idx, n_idx, d, vid, nbr, r, coef, cap, gram, status);
+}
+int64_t sgp_local_gram_f64(const int64_t* idx, int64_t n_idx, int d, const int32_t* vid, const int32_t* nbr, int r,
+                           const double* coef, int32_t cap, double* gram, int32_t* status) {
+    return local_gram<double>(idx, n_idx, d, vid, nbr, r, coef, cap, gram, status);
+}
+
+}  // extern "C"

@@ -1,0 +1,275 @@
+"""Batched evaluation of ``pyro.contrib.gp.kernels`` objects over many experts.
+
+Pyro's kernels take 2-D inputs. The HGP needs the kernel on a batch of expert
+inputs ``X`` of shape ``(E, n, d)``: :func:`gram` gives ``(E, n, n)``,
+:func:`cross` the ``(E, n, T)`` blocks against shared points ``Z`` of shape
+``(T, d)``, and :func:`diag` the prior variances.
+
+For :class:`~pyro.contrib.gp.kernels.RBF`, :class:`~pyro.contrib.gp.kernels.Matern32`,
+:class:`~pyro.contrib.gp.kernels.Matern52` and :class:`~pyro.contrib.gp.kernels.Exponential`
+a batched fast path evaluates the same formulas as their ``forward`` (including
+Pyro's ``sqrt(r^2 + 1e-12)``), with
+
+.. math::
+
+    r^2 = \\Big\\|\\frac{x - z}{\\ell}\\Big\\|^2, \\quad
+    k_{\\mathrm{RBF}} = \\sigma^2 e^{-r^2/2}, \\quad
+    k_{\\mathrm{Exp}} = \\sigma^2 e^{-r}, \\quad
+    k_{3/2} = \\sigma^2 (1 + \\sqrt3 r) e^{-\\sqrt3 r}, \\quad
+    k_{5/2} = \\sigma^2 (1 + \\sqrt5 r + \\tfrac53 r^2) e^{-\\sqrt5 r}.
+
+Any other kernel with ``forward(X, Z, diag)`` is evaluated expert by expert and
+stacked.
+
+Hyperparameters are read once, when the kernel is *bound* (:func:`bind`): a
+:class:`BoundKernel` reads ``variance`` and ``lengthscale`` inside the kernel's
+Pyro context, so ``PyroParam`` values register their ``pyro.param`` sites and
+``PyroSample`` priors their ``pyro.sample`` sites exactly once, in the model
+that builds the distribution; later evaluations (for instance when a trace
+computes ``log_prob`` after the model has run) reuse those values. For generic
+kernels every ``PyroSample`` attribute of the module tree is sampled at binding
+and replayed from the module's context cache at evaluation.
+
+.. note:: Cost: ``O(E n m d)`` time and ``O(E n m)`` memory for ``E`` blocks of
+   ``n x m``; the generic path adds a Python loop over experts.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from pyro.contrib.gp import kernels as gp_kernels
+
+__all__ = [
+    "BoundKernel", "bind", "gram", "cross", "diag",
+    "check_finite", "check_positive", "check_shape",
+]
+
+_FAST = {
+    gp_kernels.RBF: "rbf",
+    gp_kernels.Exponential: "exponential",
+    gp_kernels.Matern32: "matern32",
+    gp_kernels.Matern52: "matern52",
+}
+_EPS = 1e-12  # pyro.contrib.gp.kernels.isotropic._torch_sqrt
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless every entry of ``value`` is finite."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+
+
+def check_positive(name: str, value: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless every entry is finite and positive."""
+    check_finite(name, value)
+    if not bool((value > 0).all()):
+        raise ValueError(f"{name}: must be positive, got {value.detach().flatten()[:5].tolist()}")
+
+
+def check_shape(name: str, value: torch.Tensor, shape: tuple) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value.shape`` matches ``shape``
+    (``None`` entries match any size)."""
+    ok = value.dim() == len(shape) and all(s is None or s == v for s, v in zip(shape, value.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(value.shape)}")
+
+
+def _square_scaled_dist(X, Z, lengthscale):
+    # the operations of pyro's Isotropy._square_scaled_dist, batched over leading axes
+    scaled_X = X / lengthscale
+    scaled_Z = scaled_X if Z is None else Z / lengthscale
+    X2 = (scaled_X**2).sum(-1, keepdim=True)
+    Z2 = X2 if Z is None else (scaled_Z**2).sum(-1, keepdim=True)
+    XZ = scaled_X.matmul(scaled_Z.transpose(-1, -2))
+    r2 = X2 - 2 * XZ + Z2.transpose(-1, -2)
+    return r2.clamp(min=0)
+
+
+def _stationary(kind: str, variance, lengthscale, X, Z):
+    r2 = _square_scaled_dist(X, Z, lengthscale)
+    if kind == "rbf":
+        return variance * torch.exp(-0.5 * r2)
+    if kind == "exponential":
+        return variance * torch.exp(-(r2 + _EPS).sqrt())
+    if kind == "matern32":
+        sqrt3_r = 3**0.5 * (r2 + _EPS).sqrt()
+        return variance * (1 + sqrt3_r) * torch.exp(-sqrt3_r)
+    sqrt5_r = 5**0.5 * (r2 + _EPS).sqrt()  # matern52
+    return variance * (1 + sqrt5_r + (5 / 3) * r2) * torch.exp(-sqrt5_r)
+
+
+def stationary_forward(kind: str, variance, lengthscale, Xs):
+    """In-place, allocation-lean ``k(Xs, Xs)`` for the fast kernels (no autograd), returning
+    ``(K, aux)``: ``aux`` holds what :func:`stationary_scale_by_derivative` needs.
+
+    ``Xs`` are the expert inputs already sliced to the active dimensions, ``(E, n, d)``.
+    """
+    sX = Xs / lengthscale
+    sq = (sX * sX).sum(-1)
+    r2 = torch.baddbmm(sq[:, :, None] + sq[:, None, :], sX, sX.transpose(-1, -2), alpha=-2).clamp_(min=0)
+    if kind == "rbf":
+        return r2.mul_(-0.5).exp_().mul_(variance), sX
+    s = torch.add(r2, _EPS).sqrt_()
+    if kind == "exponential":
+        return torch.neg(s).exp_().mul_(variance), (sX, s)
+    if kind == "matern32":
+        e = torch.mul(s, -(3**0.5)).exp_()
+        return s.mul_(3**0.5).add_(1).mul_(e).mul_(variance), (sX, e)
+    e = torch.mul(s, -(5**0.5)).exp_()  # matern52
+    K = torch.mul(s, 5**0.5).add_(1).add_(r2, alpha=5 / 3).mul_(e).mul_(variance)
+    return K, (sX, r2, s, e)
+
+
+def stationary_vjp(kind: str, variance, lengthscale, K, aux, G):
+    r"""Gradients of ``sum(G * K)`` for :func:`stationary_forward`'s output: with respect to the
+    variance, the lengthscale and the sliced inputs ``Xs``. ``G`` (symmetric) is overwritten.
+
+    With :math:`W = G \circ \partial K / \partial r^2` and scaled inputs
+    :math:`\tilde x = x / \ell`:
+    :math:`\partial/\partial \tilde x_i = 4 (\sum_j W_{ij} \tilde x_i - (W \tilde x)_i)`.
+    """
+    sX = aux if kind == "rbf" else aux[0]
+    grad_var = torch.dot(G.reshape(-1), K.reshape(-1)) / variance
+    if kind == "rbf":
+        W = G.mul_(K).mul_(-0.5)
+    elif kind == "exponential":
+        W = G.mul_(K).div_(aux[1]).mul_(-0.5)
+    elif kind == "matern32":
+        W = G.mul_(aux[1]).mul_(-1.5 * variance)
+    else:
+        _, r2, s, e = aux
+        W = G.mul_(e).mul_(variance).mul_(r2.div_(s).mul_(5 * 5**0.5 / 6).add_(5 / 6)).neg_()
+    grad_sX = torch.bmm(W, sX).mul_(-4).addcmul_(W.sum(-1, keepdim=True), sX, value=4)
+    grad_ls = -(grad_sX * sX).sum((0, 1)) / torch.as_tensor(lengthscale).expand(sX.shape[-1])
+    grad_X = grad_sX / lengthscale
+    return grad_var.reshape(torch.as_tensor(variance).shape), \
+        grad_ls.sum_to_size(torch.as_tensor(lengthscale).shape), grad_X
+
+
+class BoundKernel:
+    """A kernel whose hyperparameters have been read once.
+
+    :param kernel: a ``pyro.contrib.gp.kernels.Kernel`` (or any module with
+        ``forward(X, Z=None, diag=False)`` on 2-D inputs).
+
+    Attributes: ``kernel`` (the wrapped object), ``kind`` (``"rbf"``,
+    ``"exponential"``, ``"matern32"``, ``"matern52"`` for the fast path, else
+    ``None``) and ``params`` (``(variance, lengthscale)`` on the fast path,
+    ``()`` otherwise). The evaluation methods take optional replacement
+    ``params`` so that callers can differentiate with respect to copies.
+    """
+
+    def __init__(self, kernel):
+        if isinstance(kernel, BoundKernel):
+            kernel = kernel.kernel
+        if not callable(getattr(kernel, "forward", None)):
+            raise ValueError(f"kernel: expected an object with forward(X, Z, diag), got {type(kernel).__name__}")
+        self.kernel = kernel
+        self.kind = _FAST.get(type(kernel))
+        self._context = getattr(kernel, "_pyro_context", None)
+        self._cache: dict = {}
+        with self._context if self._context is not None else contextlib.nullcontext():
+            if self.kind is not None:
+                self.params = (kernel.variance, kernel.lengthscale)
+                self.active_dims = list(kernel.active_dims)
+            else:
+                self.params = ()
+                if self._context is not None:
+                    for module in kernel.modules():
+                        for name in module.__dict__.get("_pyro_samples", {}):
+                            getattr(module, name)
+                        for name in module.__dict__.get("_pyro_params", {}):
+                            getattr(module, name)
+                    self._cache = dict(self._context.cache)
+
+    def __repr__(self):
+        return f"BoundKernel({self.kernel!r})"
+
+    @contextlib.contextmanager
+    def _replay(self):
+        """Evaluate the generic kernel with the ``PyroSample`` values drawn at binding."""
+        if self._context is None:
+            yield
+            return
+        with self._context:
+            self._context.cache.update(self._cache)
+            yield
+
+    def _slice(self, X):
+        if self.active_dims == list(range(X.shape[-1])):
+            return X
+        return X[..., self.active_dims]
+
+    def gram(self, X, params=None):
+        """``(..., n, n)`` kernel matrices of ``X`` of shape ``(..., n, d)``."""
+        if self.kind is not None:
+            variance, lengthscale = self.params if params is None else params
+            return _stationary(self.kind, variance, lengthscale, self._slice(X), None)
+        with self._replay():
+            flat = X.reshape(-1, *X.shape[-2:])
+            return torch.stack([self.kernel(x) for x in flat]).reshape(*X.shape[:-1], X.shape[-2])
+
+    def cross(self, X, Z, params=None):
+        """``(..., n, T)`` cross-covariances of ``X (..., n, d)`` with ``Z (T, d)``."""
+        if self.kind is not None:
+            variance, lengthscale = self.params if params is None else params
+            return _stationary(self.kind, variance, lengthscale, self._slice(X), self._slice(Z))
+        with self._replay():
+            flat = X.reshape(-1, *X.shape[-2:])
+            return torch.stack([self.kernel(x, Z) for x in flat]).reshape(*X.shape[:-1], Z.shape[-2])
+
+    def diag(self, X, params=None):
+        """Prior variances ``k(x, x)`` of ``X (..., n, d)``, shape ``(..., n)``."""
+        if self.kind is not None:
+            variance = (self.params if params is None else params)[0]
+            return variance.expand(X.shape[:-1])
+        with self._replay():
+            return self.kernel(X.reshape(-1, X.shape[-1]), diag=True).reshape(X.shape[:-1])
+
+
+def bind(kernel) -> BoundKernel:
+    """``kernel`` as a :class:`BoundKernel` (returned unchanged if it is one)."""
+    return kernel if isinstance(kernel, BoundKernel) else BoundKernel(kernel)
+
+
+def _inputs(name: str, X) -> torch.Tensor:
+    if not torch.is_tensor(X):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(X).__name__}")
+    check_finite(name, X)
+    return X
+
+
+def gram(kernel, X: torch.Tensor) -> torch.Tensor:
+    """Kernel matrices of a batch of expert inputs.
+
+    :param kernel: a Pyro kernel or :class:`BoundKernel`.
+    :param X: ``(E, n, d)`` inputs.
+    :returns: ``(E, n, n)``.
+    """
+    X = _inputs("X", X)
+    check_shape("X", X, (None, None, None))
+    return bind(kernel).gram(X)
+
+
+def cross(kernel, X: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+    """Cross-covariances ``k(X_e, Z)`` for every expert.
+
+    :param X: ``(E, n, d)`` expert inputs.
+    :param Z: ``(T, d)`` shared points.
+    :returns: ``(E, n, T)``.
+    """
+    X, Z = _inputs("X", X), _inputs("Z", Z)
+    check_shape("X", X, (None, None, None))
+    check_shape("Z", Z, (None, X.shape[-1]))
+    return bind(kernel).cross(X, Z)
+
+
+def diag(kernel, X: torch.Tensor) -> torch.Tensor:
+    """Prior variances ``k(x, x)`` for inputs ``X`` of shape ``(..., d)``; returns ``X.shape[:-1]``."""
+    X = _inputs("X", X)
+    if X.dim() < 2:
+        raise ValueError(f"X: expected shape (..., d), got {tuple(X.shape)}")
+    return bind(kernel).diag(X)
+

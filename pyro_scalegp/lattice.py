@@ -1,0 +1,352 @@
+r"""Simplex-GP kernel operator on the permutohedral lattice, for torch / Pyro (paper 002 [1]).
+
+:class:`LatticeKernelOperator` is the kernel matrix of a stationary ``pyro.contrib.gp`` kernel
+(RBF, Exponential = Matern 1/2, Matern32, Matern52) as a :class:`linear_operator.LinearOperator`:
+
+.. math::
+
+    K \approx \sigma^2 D^{-1/2} W^\top C^\top C W D^{-1/2},
+
+exactly symmetric and positive semi-definite, with diagonal :math:`\sigma^2` (see
+:mod:`scalegp.lattice`). The lattice is built once per ``(X, lengthscale)`` by the CPU build of
+``kernels_cuda`` (or its CUDA twin for CUDA tensors) and reused by every product, every column and
+the backward pass. Gradients with respect to the vector, ``X``, the lengthscales and the variance
+are the exact derivatives of this forward map on the fixed lattice: the barycentric weights are
+recomputed differentiably in torch (linear in the elevated inputs within a simplex), and the filter's
+backward is
+
+.. math::
+
+    \frac{\partial\, g^\top W^\top B W u}{\partial w_{ik}} = g_i^\top (B W u)_{a_{ik}} + u_i^\top (B W g)_{a_{ik}},
+    \qquad \frac{\partial}{\partial u} = W^\top B W g .
+
+References: [1] Kapoor, Finzi, Wang, Wilson, ICML 2021.
+
+.. note:: Cost: building ``O(N d^2 + M d r)`` plus the exact diagonal ``O(N d S r)`` for a blur
+   support of ``S`` vertices; each product ``O((N d + M d r) c)`` for ``c`` columns; memory
+   ``O(N d^2 + M d r + M c)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import pyro.distributions as dist
+import torch
+from linear_operator import LinearOperator, settings
+from linear_operator.utils import linear_cg
+from pyro.contrib.gp import kernels as gp_kernels
+from pyro.distributions import TorchDistribution
+from torch.distributions import constraints
+
+from kernels_cuda.dispatch import build_lattice
+from scalegp import lattice as sl
+
+__all__ = ["LatticeKernelOperator", "SimplexGPMarginal", "kernel_name"]
+
+_NAMES = ((gp_kernels.RBF, "rbf"), (gp_kernels.Exponential, "exponential"), (gp_kernels.Matern32, "matern32"),
+          (gp_kernels.Matern52, "matern52"))
+
+
+def kernel_name(kernel) -> str:
+    """The lattice name of a supported ``pyro.contrib.gp`` kernel; ``ValueError`` otherwise."""
+    for cls, name in _NAMES:
+        if isinstance(kernel, cls):
+            return name
+    raise ValueError(
+        f"kernel: {type(kernel).__name__} is not supported by the lattice; use RBF, Exponential, Matern32 or Matern52"
+    )
+
+
+def _to_backend(t: torch.Tensor, backend: str):
+    if backend == "cuda":
+        import cupy
+
+        return cupy.from_dlpack(t.detach().contiguous())
+    return t.detach().cpu().contiguous().numpy()
+
+
+def _from_backend(a, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a).to(like.device)
+    return torch.from_dlpack(a)
+
+
+class _Lattice:
+    """The lattice of one ``(X, lengthscale)`` plus the constants of the differentiable weights."""
+
+    def __init__(self, X: torch.Tensor, lengthscale: torch.Tensor, name: str, order: int, backend: str):
+        Xn, elln = sl.validate_inputs(X.detach().cpu().numpy(), lengthscale.detach().cpu().numpy(), 1.0, name, order)
+        n, d = Xn.shape
+        sl.check_memory(n, d, order, 1, X.element_size())
+        self.st = sl.stencil(name, order)
+        self.backend = backend
+        scale = sl.elevation_scale(d, self.st)
+        self.proj = torch.as_tensor(sl.elevation_matrix(d) * scale[None, :], dtype=X.dtype, device=X.device)
+        z = X.detach() / lengthscale.detach()
+        self.impl = build_lattice(_to_backend(z, backend), scale.astype(Xn.dtype), order, backend=backend)
+        self.coef = np.asarray(self.st.coef, dtype=self.impl.dtype)
+        self.vid = _from_backend(self.impl.vid, X).long()
+        self.rank = _from_backend(self.impl.rank, X).long()
+        self.greedy = _from_backend(self.impl.greedy, X).to(X.dtype)
+        self.gram = _from_backend(self.impl.local_gram(self.coef), X)
+        self.n, self.d = n, d
+
+    def weights(self, X: torch.Tensor, lengthscale: torch.Tensor) -> torch.Tensor:
+        """Barycentric weights, differentiable in ``X`` and ``lengthscale`` (simplices held fixed)."""
+        d = self.d
+        el = (X / lengthscale) @ self.proj.T
+        delta = (el - self.greedy) / (d + 1)
+        b = torch.zeros(X.shape[0], d + 2, dtype=X.dtype, device=X.device)
+        b = b.scatter_add(1, d - self.rank, delta).scatter_add(1, d + 1 - self.rank, -delta)
+        return b[:, : d + 1] + torch.nn.functional.pad((1 + b[:, d + 1 :]), (0, d))
+
+    def filter(self, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _from_backend(self.impl.filter(_to_backend(u, self.backend), self.coef, _to_backend(w, self.backend)), u)
+
+    def splat_blur(self, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return _from_backend(self.impl.splat_blur(_to_backend(u, self.backend), self.coef,
+                                                  _to_backend(w, self.backend)), u)
+
+
+class _Filter(torch.autograd.Function):
+    """``W^T C^T C W u`` for weights ``w`` (``N x (d+1)``) and columns ``u`` (``N x c``)."""
+
+    @staticmethod
+    def forward(ctx, w, u, lat):
+        ctx.save_for_backward(w, u)
+        ctx.lat = lat
+        return lat.filter(u, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        w, u = ctx.saved_tensors
+        lat = ctx.lat
+        g = g.contiguous()
+        grad_w = grad_u = None
+        if ctx.needs_input_grad[1]:
+            grad_u = lat.filter(g, w)
+        if ctx.needs_input_grad[0]:
+            q = lat.splat_blur(u, w)[lat.vid]  # N x (d+1) x c
+            p = lat.splat_blur(g, w)[lat.vid]
+            grad_w = (g[:, None, :] * q).sum(-1) + (u[:, None, :] * p).sum(-1)
+        return grad_w, grad_u, None
+
+
+class LatticeKernelOperator(LinearOperator):
+    r"""The kernel matrix :math:`K_{XX}` of ``kernel`` as a lattice operator.
+
+    :param X: inputs ``(N, d)`` (float32 or float64; CPU, or CUDA with CuPy installed).
+    :param kernel: a ``pyro.contrib.gp.kernels`` RBF, Exponential, Matern32 or Matern52 (its
+        ``variance`` and ARD ``lengthscale`` are read, and stay differentiable).
+    :param order: stencil order ``r`` (``2r+1`` taps per lattice direction).
+    :param backend: ``"auto"`` (the device of ``X``), ``"cpu"`` or ``"cuda"``.
+
+    ``op @ v`` / ``op.matmul(v)`` take ``(N,)`` or ``(N, c)``; with ``linear_operator`` functions
+    (``inv_quad_logdet``, CG solves) it behaves as any operator. Cross-covariances:
+    :meth:`cross_matmul`.
+
+    .. note:: Cost: see the module note; the lattice is built once here and reused by all products.
+    """
+
+    def __init__(self, X: torch.Tensor, kernel=None, *, order: int = 1, backend: str = "auto",
+                 lengthscale: torch.Tensor | None = None, variance: torch.Tensor | None = None,
+                 kernel_name_: str | None = None, lattice: _Lattice | None = None):
+        if kernel is not None:
+            kernel_name_ = kernel_name(kernel)
+            X = kernel._slice_input(X) if X.dim() == 2 else X
+            lengthscale, variance = kernel.lengthscale, kernel.variance
+        if not torch.is_tensor(X) or X.dim() != 2:
+            raise ValueError(f"X: expected a 2-D (N, d) tensor, got {type(X).__name__} of shape {getattr(X, 'shape', None)}")
+        if backend not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"backend: must be 'auto', 'cpu' or 'cuda', got {backend!r}")
+        lengthscale = torch.as_tensor(lengthscale, dtype=X.dtype, device=X.device).reshape(-1)
+        variance = torch.as_tensor(variance, dtype=X.dtype, device=X.device).reshape(())
+        if lattice is None:
+            sl.validate_inputs(X.detach().cpu().numpy(), lengthscale.detach().cpu().numpy(),
+                               variance.detach().cpu().numpy(), kernel_name_, order)
+            lengthscale = lengthscale.expand(X.shape[1]) if lengthscale.numel() == 1 else lengthscale
+            use = ("cuda" if X.is_cuda else "cpu") if backend == "auto" else backend
+            lattice = _Lattice(X, lengthscale, kernel_name_, order, use)
+        super().__init__(X, lengthscale=lengthscale, variance=variance, order=order, backend=backend,
+                         kernel_name_=kernel_name_, lattice=lattice)
+        self.X, self.lengthscale, self.variance = X, lengthscale, variance
+        self.order, self.kernel_name, self.lattice, self.backend = order, kernel_name_, lattice, backend
+
+    def _scaled_weights(self):
+        w = self.lattice.weights(self.X, self.lengthscale)
+        diag = torch.einsum("nk,nkl,nl->n", w, self.lattice.gram, w)
+        return w, diag.rsqrt()
+
+    def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
+        n = self.X.shape[0]
+        vec = rhs.dim() == 1
+        r = rhs.unsqueeze(-1) if vec else rhs
+        if r.shape[-2] != n:
+            raise ValueError(f"rhs: expected {n} rows, got {r.shape[-2]}")
+        batch = r.shape[:-2]
+        flat = r.movedim(-2, 0).reshape(n, -1)
+        w, s = self._scaled_weights()
+        out = self.variance * s[:, None] * _Filter.apply(w, (s[:, None] * flat).contiguous(), self.lattice)
+        out = out.reshape((n,) + batch + r.shape[-1:]).movedim(0, -2)
+        return out.squeeze(-1) if vec else out
+
+    def _size(self) -> torch.Size:
+        n = self.X.shape[0]
+        return torch.Size((n, n))
+
+    def _transpose_nonbatch(self) -> LinearOperator:
+        return self
+
+    def _diagonal(self) -> torch.Tensor:
+        return self.variance * torch.ones(self.X.shape[0], dtype=self.X.dtype, device=self.X.device)
+
+    def _get_indices(self, row_index, col_index, *batch_indices):
+        # entries K[i, j] from one product per distinct row (used by pivoted-Cholesky preconditioners)
+        shape = torch.broadcast_shapes(row_index.shape, col_index.shape)
+        rows, inv = torch.unique(row_index.expand(shape).reshape(-1), return_inverse=True)
+        onehot = torch.zeros(self.X.shape[0], rows.numel(), dtype=self.X.dtype, device=self.X.device)
+        onehot[rows, torch.arange(rows.numel(), device=rows.device)] = 1
+        block = self._matmul(onehot)  # column r is K[:, rows[r]] = K[rows[r], :]
+        return block[col_index.expand(shape).reshape(-1), inv].reshape(shape)
+
+    def cross_matmul(self, X_new: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+        """``K(X_new, X) @ rhs`` from the joint lattice of ``[X; X_new]`` (its calibration and
+        symmetry hold for the joint matrix; the ``X``-block of the joint operator can differ slightly
+        from ``self``, whose lattice holds only ``X``).
+
+        .. note:: Cost: one joint lattice build and one product of ``rhs.shape[-1]`` columns.
+        """
+        joint = self.joint(X_new)
+        n = self.X.shape[0]
+        r = rhs.unsqueeze(-1) if rhs.dim() == 1 else rhs
+        pad = torch.cat([r, torch.zeros(X_new.shape[0], r.shape[-1], dtype=r.dtype, device=r.device)], 0)
+        out = (joint @ pad)[n:]
+        return out.squeeze(-1) if rhs.dim() == 1 else out
+
+    def joint(self, X_new: torch.Tensor) -> "LatticeKernelOperator":
+        """The operator of the same kernel on ``[X; X_new]`` (a new lattice)."""
+        if not torch.is_tensor(X_new) or X_new.dim() != 2 or X_new.shape[1] != self.X.shape[1]:
+            raise ValueError(f"X_new: expected a (T, {self.X.shape[1]}) tensor, got shape {getattr(X_new, 'shape', None)}")
+        return LatticeKernelOperator(torch.cat([self.X, X_new.to(self.X)], 0), lengthscale=self.lengthscale,
+                                     variance=self.variance, kernel_name_=self.kernel_name, order=self.order,
+                                     backend=self.backend)
+
+
+class SimplexGPMarginal(TorchDistribution):
+    r"""Marginal distribution of the targets under a GP whose kernel matrix is the lattice operator:
+    :math:`y \sim \mathcal N(m, K_{\text{lattice}} + \sigma_n^2 I)`.
+
+    ``log_prob(y)`` runs preconditioned CG for :math:`(K + \sigma_n^2 I)^{-1} y` and stochastic
+    Lanczos quadrature with ``num_probes`` Rademacher probes for the log-determinant (through
+    ``linear_operator.inv_quad_logdet``; pivoted-Cholesky preconditioner of rank ``precond_rank``),
+    and is differentiable in the kernel hyperparameters, ``X``, the noise and the mean. The value
+    and its gradient are stochastic estimates (unbiased for the log-determinant's gradient).
+    Use it as ``pyro.sample("y", SimplexGPMarginal(kernel, X, noise), obs=y)``.
+
+    :param kernel: ``pyro.contrib.gp.kernels`` RBF, Exponential, Matern32 or Matern52.
+    :param X: ``(N, d)`` training inputs.
+    :param noise: positive scalar noise variance.
+    :param order: stencil order of the lattice.
+    :param mean: ``None`` (zero), a scalar or an ``(N,)`` tensor (held as ``loc``).
+    :param cg_tol: CG residual tolerance; :param max_cg_iter: CG iteration cap;
+    :param num_probes: SLQ probe vectors; :param precond_rank: preconditioner rank (0: none).
+
+    .. note:: Cost: one lattice build, then ``O(I (N d + M d r)(1 + p))`` per ``log_prob`` for
+       ``I`` CG/Lanczos iterations and ``p`` probes; memory ``O((N + M)(1 + p))``.
+    """
+
+    arg_constraints = {"noise": constraints.positive, "loc": constraints.real}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, kernel, X, noise, *, order: int = 1, mean=None, cg_tol: float = 1e-3,
+                 max_cg_iter: int = 1000, num_probes: int = 16, precond_rank: int = 15, backend: str = "auto",
+                 validate_args=None):
+        if not torch.is_tensor(X):
+            raise ValueError(f"X: expected a torch.Tensor, got {type(X).__name__}")
+        X = X.unsqueeze(-1) if X.dim() == 1 else X
+        for name, val, lo in (("cg_tol", cg_tol, 0), ("max_cg_iter", max_cg_iter, 0), ("num_probes", num_probes, 0)):
+            if not val > lo:
+                raise ValueError(f"{name}: must be positive, got {val!r}")
+        if precond_rank < 0:
+            raise ValueError(f"precond_rank: must be >= 0, got {precond_rank!r}")
+        self.op = LatticeKernelOperator(X, kernel, order=order, backend=backend)
+        self.X = self.op.X
+        self.noise = torch.as_tensor(noise, dtype=X.dtype, device=X.device)
+        self.loc = torch.zeros((), dtype=X.dtype, device=X.device) if mean is None else torch.as_tensor(mean, dtype=X.dtype)
+        self.cg_tol, self.max_cg_iter, self.num_probes = float(cg_tol), int(max_cg_iter), int(num_probes)
+        self.precond_rank = int(precond_rank)
+        super().__init__(torch.Size(), torch.Size((X.shape[0],)), validate_args=validate_args)
+
+    def _settings(self):
+        return (settings.cg_tolerance(self.cg_tol), settings.max_cg_iterations(self.max_cg_iter),
+                settings.num_trace_samples(self.num_probes), settings.max_cholesky_size(0),
+                settings.max_preconditioner_size(self.precond_rank), settings.max_lanczos_quadrature_iterations(
+                    min(self.max_cg_iter, 100)))
+
+    def log_prob(self, y):
+        y = torch.as_tensor(y, dtype=self.X.dtype)
+        if y.shape != self.event_shape:
+            raise ValueError(f"y: expected shape {tuple(self.event_shape)}, got {tuple(y.shape)}")
+        r = (y - self.loc)[:, None]
+        with contextlib.ExitStack() as stack:
+            for ctx in self._settings():
+                stack.enter_context(ctx)
+            inv_quad, logdet = self.op.add_diagonal(self.noise).inv_quad_logdet(r, logdet=True)
+        n = self.X.shape[0]
+        return -0.5 * (inv_quad + logdet + n * math.log(2 * math.pi))
+
+    def sample(self, sample_shape=torch.Size()):
+        raise NotImplementedError("SimplexGPMarginal: sampling is not implemented; use predict() for predictions")
+
+    @torch.no_grad()
+    def predict(self, y, X_new, *, noiseless: bool = False, chunk: int = 256):
+        r"""Predictive distribution at ``X_new`` given ``y``, from one lattice on ``[X; X_new]``:
+        with :math:`A = K_{XX} + \sigma_n^2 I` (blocks of the joint operator, so the joint prior is
+        PSD and variances are non-negative), mean :math:`m + K_{*X} A^{-1}(y - m)` and variance
+        :math:`\sigma^2 - \operatorname{diag}(K_{*X} A^{-1} K_{X*})` (plus the noise unless
+        ``noiseless``), by CG with ``chunk`` test columns at a time.
+
+        :returns: ``pyro.distributions.Normal(mean, scale).to_event(1)`` over ``(T,)``.
+
+        .. note:: Cost: a joint build and ``O(T / chunk)`` CG solves of ``chunk`` columns.
+        """
+        y = torch.as_tensor(y, dtype=self.X.dtype)
+        if y.shape != self.event_shape:
+            raise ValueError(f"y: expected shape {tuple(self.event_shape)}, got {tuple(y.shape)}")
+        X_new = X_new.unsqueeze(-1) if torch.is_tensor(X_new) and X_new.dim() == 1 else X_new
+        joint = self.op.joint(X_new)
+        n, t = self.X.shape[0], X_new.shape[0]
+
+        def block(v, rows, cols):  # K_joint[rows, cols] @ v
+            full = torch.zeros(n + t, v.shape[-1], dtype=v.dtype)
+            full[cols] = v
+            return (joint @ full)[rows]
+
+        train, test = slice(0, n), slice(n, n + t)
+
+        def solve(rhs):
+            return linear_cg(lambda v: block(v, train, train) + self.noise * v, rhs, tolerance=self.cg_tol,
+                             max_iter=self.max_cg_iter)
+
+        alpha = solve((y - self.loc)[:, None])
+        mean = self.loc + block(alpha, test, train)[:, 0]
+        var = torch.empty(t, dtype=self.X.dtype)
+        for s in range(0, t, chunk):
+            e = min(t, s + chunk)
+            onehot = torch.zeros(t, e - s, dtype=self.X.dtype)
+            onehot[torch.arange(s, e), torch.arange(e - s)] = 1
+            kx = block(onehot, train, test)  # N x chunk: K_{X, *}
+            var[s:e] = self.op.variance - (kx * solve(kx)).sum(0)
+        var = var.clamp_min(0) if noiseless else var.clamp_min(0) + self.noise
+        return dist.Normal(mean, var.sqrt()).to_event(1)
+
+    @property
+    def mean(self):
+        return self.loc.expand(self.event_shape)
+
+    @property
+    def variance(self):
+        return self.op.variance + self.noise.expand(self.event_shape)

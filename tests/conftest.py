@@ -1,0 +1,23 @@
+"""Shared pytest fixtures. Each restores the global state it changes."""
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture
+def float64():
+    """torch's default dtype set to float64 for one test, restored afterwards."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def pyro_clean():
+    """An empty Pyro parameter store before and after the test (kernels' PyroParams live there)."""
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()

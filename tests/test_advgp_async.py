@@ -1,0 +1,139 @@
+"""AsyncProximalSVI (issue 4, part 3): synchronous equivalence, worker faults, resume, delays."""
+from __future__ import annotations
+
+import numpy as np
+import pyro
+import pyro.contrib.gp as gp
+import pytest
+import torch
+
+from pyro_scalegp.advgp import ADVGP
+from pyro_scalegp.async_svi import AsyncProximalSVI, StalledWorkerWarning
+from pyro_scalegp.optim import ProximalAdadeltaOptimizer
+
+OPTIM = {"lr": 2.0, "rho": 0.9}
+
+
+@pytest.fixture(autouse=True)
+def float64_and_clean_store():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+    torch.set_default_dtype(old)
+
+
+def data(N=40, M=5, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-2, 2, size=(N, 2))
+    y = np.sin(2 * X[:, 0]) * np.cos(X[:, 1]) + 0.3 * rng.normal(size=N)
+    return torch.tensor(X), torch.tensor(y), torch.tensor(X[:M] + 0.05)
+
+
+def new_model(Z):
+    kernel = gp.kernels.RBF(2, variance=torch.tensor(1.3), lengthscale=torch.tensor([0.7, 1.2]))
+    return ADVGP(kernel, Z, 0.2)
+
+
+def proximal_gd(Z, X, y, num_steps):
+    """Synchronous proximal ADADELTA on the full-data gradient, in this process:
+    the parameter vectors after each step."""
+    model = new_model(Z)
+    named = dict(model.named_parameters())
+    opt = ProximalAdadeltaOptimizer([
+        {"params": [named["guide.loc_unconstrained"]], "prox": "loc"},
+        {"params": [named["guide.scale_tril_unconstrained"]], "prox": "scale_tril"},
+        {"params": [p for n, p in named.items() if not n.startswith("guide.")]}], **OPTIM)
+    history = []
+    for _ in range(num_steps):
+        opt.zero_grad()
+        model.loss_terms(X, y)[0].sum().backward()
+        opt.step()
+        history.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return history
+
+
+def assert_params_equal(model, expected, rtol):
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(p.detach().numpy(), expected[name].numpy(), rtol=rtol, atol=1e-13,
+                                   err_msg=name)
+
+
+def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
+    X, y, Z = data()
+    expected = proximal_gd(Z, X, y, 4)
+    model = new_model(Z)
+    with AsyncProximalSVI(model, X, y, num_workers=1, max_delay=0, optim=OPTIM) as svi:
+        losses = []
+        for t in range(4):
+            losses.append(svi.step())
+            assert svi.version == t + 1
+            assert_params_equal(model, expected[t], rtol=1e-12)
+        assert svi.staleness == [0, 0, 0, 0]
+    # the reported loss is the exact negative ELBO before each update, and it decreases
+    first = new_model(Z).loss(X, y).item()
+    assert losses[0] == pytest.approx(first, rel=1e-12)
+    assert losses[-1] < losses[0]
+
+
+def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run():
+    X, y, Z = data()
+    expected = proximal_gd(Z, X, y, 6)
+    model = new_model(Z)
+    shards = [np.arange(0, 13), np.arange(13, 40)]
+    with AsyncProximalSVI(model, X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=shards) as svi:
+        svi.run(2, progress_bar=False)
+        victim = svi.workers[0]
+        victim.kill()
+        victim.join()
+        with pytest.warns(RuntimeWarning, match="worker 0 .* died"):
+            svi.run(2, progress_bar=False)
+        assert svi.restarts == [(0, 2)]
+        assert svi.workers[0].pid != victim.pid and svi.workers[0].is_alive()
+        assert_params_equal(model, expected[3], rtol=1e-10)
+        state = svi.state_dict()
+    # a fresh run (fresh model at the initial values) resumed from the checkpoint
+    pyro.clear_param_store()
+    resumed = new_model(Z)
+    with AsyncProximalSVI(resumed, X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=shards) as svi2:
+        svi2.load_state_dict(state)
+        assert svi2.version == 4
+        svi2.run(2, progress_bar=False)
+        assert svi2.version == 6
+    assert_params_equal(resumed, expected[5], rtol=1e-10)
+
+
+def test_bounded_delay_with_a_straggler_and_stall_report():
+    X, y, Z = data()
+    model = new_model(Z)
+    start = model.loss(X, y).item()
+    with pytest.warns(StalledWorkerWarning, match="worker 1"):
+        with AsyncProximalSVI(model, X, y, num_workers=2, max_delay=3, optim=OPTIM,
+                              worker_sleep=[0.0, 1.5], stall_timeout=1.0) as svi:
+            svi.run(12, progress_bar=False)
+            assert max(svi.staleness) <= 3
+            assert max(svi.staleness) >= 1  # the fast worker really ran ahead
+            assert any(k == 1 for k, _, _ in svi.stalls)
+    end = model.loss(X, y).item()
+    assert np.isfinite(end) and end < start
+    assert (model.guide.scale_tril.diagonal() > 0).all()
+
+
+def test_bad_arguments_raise_before_spawning():
+    X, y, Z = data()
+    model = new_model(Z)
+    with pytest.raises(ValueError, match="num_workers"):
+        AsyncProximalSVI(model, X, y, num_workers=0)
+    with pytest.raises(ValueError, match="max_delay"):
+        AsyncProximalSVI(model, X, y, max_delay=-1)
+    with pytest.raises(ValueError, match="shards"):
+        AsyncProximalSVI(model, X, y, num_workers=2, shards=[np.arange(10), np.arange(10, 30)])
+    with pytest.raises(ValueError, match="shards"):
+        AsyncProximalSVI(model, X, y, num_workers=3, shards=[np.arange(20), np.arange(20, 40)])
+    with pytest.raises(ValueError, match="optim"):
+        AsyncProximalSVI(model, X, y, optim={"momentum": 0.9})
+    with pytest.raises(ValueError, match="y"):
+        AsyncProximalSVI(model, X, y[:-1])
+    with pytest.raises(ValueError, match="worker_sleep"):
+        AsyncProximalSVI(model, X, y, worker_sleep=-1.0)

@@ -1,0 +1,102 @@
+"""AsyncProximalSVI, NumPyro side (issue 4, part 3): the same protocol with jitted gradients."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from numpyro_scalegp import kernels as nk
+from numpyro_scalegp.advgp import ADVGP
+from numpyro_scalegp.async_svi import AsyncProximalSVI
+from numpyro_scalegp.optim import proximal_adadelta
+
+OPTIM = {"learning_rate": 2.0, "rho": 0.9}
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", old)
+
+
+def data(N=40, M=5, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-2, 2, size=(N, 2))
+    y = np.sin(2 * X[:, 0]) * np.cos(X[:, 1]) + 0.3 * rng.normal(size=N)
+    return X, y, X[:M] + 0.05
+
+
+def new_model(Z):
+    return ADVGP(nk.RBF(2, 1.3, jnp.asarray([0.7, 1.2])), jnp.asarray(Z), 0.2)
+
+
+def proximal_gd(model, X, y, num_steps):
+    tx = proximal_adadelta(**OPTIM)
+    params = model.init_params()
+    state = tx.init(params)
+    grad_g = jax.jit(jax.grad(lambda p: model.data_term(X, y, params=p)))
+    history = []
+    for _ in range(num_steps):
+        updates, state = tx.update(grad_g(params), state, params)
+        params = optax.apply_updates(params, updates)
+        history.append(params)
+    return history
+
+
+def assert_params_equal(params, expected, rtol):
+    for name in expected:
+        np.testing.assert_allclose(np.asarray(params[name]), np.asarray(expected[name]), rtol=rtol, atol=1e-13,
+                                   err_msg=name)
+
+
+def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
+    X, y, Z = data()
+    model = new_model(Z)
+    expected = proximal_gd(model, X, y, 4)
+    with AsyncProximalSVI(model, X, y, num_workers=1, max_delay=0, optim=OPTIM) as svi:
+        losses = []
+        for t in range(4):
+            losses.append(svi.step())
+            assert_params_equal(svi.params, expected[t], rtol=1e-10)
+        assert svi.staleness == [0, 0, 0, 0]
+    assert losses[0] == pytest.approx(float(model.loss(X, y)), rel=1e-10)
+    assert losses[-1] < losses[0]
+
+
+def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run():
+    X, y, Z = data()
+    model = new_model(Z)
+    expected = proximal_gd(model, X, y, 6)
+    shards = [np.arange(0, 13), np.arange(13, 40)]
+    with AsyncProximalSVI(model, X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=shards) as svi:
+        svi.run(2, progress_bar=False)
+        victim = svi.workers[1]
+        victim.kill()
+        victim.join()
+        with pytest.warns(RuntimeWarning, match="worker 1 .* died"):
+            svi.run(2, progress_bar=False)
+        assert svi.restarts == [(1, 2)]
+        assert_params_equal(svi.params, expected[3], rtol=1e-10)
+        state = svi.state_dict()
+    with AsyncProximalSVI(new_model(Z), X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=shards) as svi2:
+        svi2.load_state_dict(state)
+        svi2.run(2, progress_bar=False)
+        assert svi2.version == 6
+        assert_params_equal(svi2.params, expected[5], rtol=1e-10)
+
+
+def test_bad_arguments_raise_before_spawning():
+    X, y, Z = data()
+    model = new_model(Z)
+    with pytest.raises(ValueError, match="num_workers"):
+        AsyncProximalSVI(model, X, y, num_workers=0)
+    with pytest.raises(ValueError, match="max_delay"):
+        AsyncProximalSVI(model, X, y, max_delay=-2)
+    with pytest.raises(ValueError, match="shards"):
+        AsyncProximalSVI(model, X, y, num_workers=2, shards=[np.arange(10), np.arange(10, 30)])
+    with pytest.raises(ValueError, match="optim"):
+        AsyncProximalSVI(model, X, y, optim={"lr": 1.0})

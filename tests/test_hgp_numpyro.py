@@ -1,0 +1,406 @@
+"""numpyro_scalegp.HGPMarginal against the dense float64 reference (tests/reference.py)."""
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scalegp import Experts, gp_draws, partition
+from tests import reference as ref
+
+KERNEL_NAMES = {"rbf": "RBF", "matern32": "Matern32", "matern52": "Matern52", "exponential": "Exponential"}
+VARIANCE, LENGTHSCALE, NOISE, MEAN = 1.3, np.array([0.7, 1.1]), 0.1, 0.2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-2, 2, (60, 2))
+    y = np.sin(X).sum(1) + 0.3 * rng.standard_normal(60)
+    Xs = rng.uniform(-2.5, 2.5, (7, 2))
+    return X, y, Xs
+
+
+def make_kernel(name, variance=VARIANCE, lengthscale=LENGTHSCALE):
+    from numpyro_scalegp import kernels
+    return getattr(kernels, KERNEL_NAMES[name])(2, variance, jnp.asarray(lengthscale))
+
+
+def hgp(name, X, experts, **kw):
+    from numpyro_scalegp import HGPMarginal
+    kw.setdefault("mean", MEAN)
+    return HGPMarginal(make_kernel(name), X, kw.pop("noise", NOISE), experts=experts, **kw)
+
+
+# ------------------------------------------------------------------ values against the reference
+
+@pytest.mark.parametrize("name", list(KERNEL_NAMES))
+def test_one_expert_equals_exact_gp(data, name):
+    X, y, Xs = data
+    d = hgp(name, X, np.arange(60)[None])
+    expected = ref.gp_log_marginal(name, X, y, VARIANCE, LENGTHSCALE, NOISE, MEAN)
+    np.testing.assert_allclose(float(d.log_prob(y)), expected, rtol=1e-8)
+    for noiseless in (True, False):
+        mu, var = ref.gp_predict(name, X, y, Xs, VARIANCE, LENGTHSCALE, NOISE, MEAN, noiseless=noiseless)
+        for rule in ("poe", "gpoe", "bcm"):  # one expert: these rules give the exact GP (rBCM does not)
+            p = d.predict(y, Xs, combine=rule, noiseless=noiseless)
+            assert p.event_shape == (7,)
+            np.testing.assert_allclose(np.asarray(p.mean), mu, rtol=1e-8)
+            np.testing.assert_allclose(np.asarray(p.variance), var, rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", list(KERNEL_NAMES))
+def test_many_experts_equal_reference(data, name):
+    X, y, _ = data
+    experts = partition(X, expert_size=15, duplication=2, method="kdtree", seed=1)
+    d = hgp(name, X, experts)
+    expected = ref.hgp_log_marginal(name, X, y, experts.index, VARIANCE, LENGTHSCALE, NOISE, MEAN)
+    np.testing.assert_allclose(float(d.log_prob(y)), expected, rtol=1e-10)
+    # a per-point mean vector, and several target vectors at once
+    mean = np.linspace(-1, 1, 60)
+    dv = hgp(name, X, experts, mean=mean)
+    Y = np.stack([y, -y, 2 * y])
+    expected = [ref.hgp_log_marginal(name, X, t, experts.index, VARIANCE, LENGTHSCALE, NOISE, 0.0)
+                for t in Y - mean]
+    np.testing.assert_allclose(np.asarray(dv.log_prob(Y)), expected, rtol=1e-10)
+
+
+def test_gaussian_log_likelihood_and_its_vjp():
+    from numpyro_scalegp import gaussian_log_likelihood
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((3, 5, 5))
+    K = A @ A.transpose(0, 2, 1) + 5 * np.eye(5)
+    r = rng.standard_normal((3, 5, 2))
+    expected = [[ref.log_marginal(K[k], r[k, :, b], 0.0) for b in range(2)] for k in range(3)]
+    np.testing.assert_allclose(np.asarray(gaussian_log_likelihood(K, r)), expected, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(gaussian_log_likelihood(K, r[..., 0])), np.asarray(expected)[:, 0])
+    w = rng.standard_normal((3, 2))
+
+    @jax.jit
+    def f(K, r):
+        return jnp.sum(w * gaussian_log_likelihood(K, r))
+
+    gK, gr = jax.grad(f, argnums=(0, 1))(jnp.asarray(K), jnp.asarray(r))
+    # directional central differences along symmetric directions (the function reads K as symmetric)
+    for _ in range(3):
+        B = rng.standard_normal(K.shape)
+        dK, dr = B + B.transpose(0, 2, 1), rng.standard_normal(r.shape)
+        h = 1e-5
+        fd = (f(K + h * dK, r + h * dr) - f(K - h * dK, r - h * dr)) / (2 * h)
+        np.testing.assert_allclose(float(jnp.sum(gK * dK) + jnp.sum(gr * dr)), float(fd), rtol=1e-7)
+
+
+# ------------------------------------------------------------------ combination rules
+
+def _expert_reference(name, X, y, index, Xs):
+    preds = [ref.gp_predict(name, X[i], y[i], Xs, VARIANCE, LENGTHSCALE, NOISE, MEAN) for i in index]
+    return [m - MEAN for m, _ in preds], [v for _, v in preds]
+
+
+@pytest.mark.parametrize("rule", ["poe", "gpoe", "bcm", "rbcm", "grbcm"])
+def test_combination_rules_equal_reference(data, rule):
+    X, y, Xs = data
+    if rule == "grbcm":
+        experts = partition(X, expert_size=20, communication=8, method="random", seed=2)
+    else:
+        experts = partition(X, expert_size=20, method="kdtree", seed=2)
+    d = hgp("matern52", X, experts)
+    means, variances = _expert_reference("matern52", X, y, experts.index, Xs)
+    if rule == "grbcm":
+        pm, pv = ref.gp_predict("matern52", X[experts.communication], y[experts.communication], Xs,
+                                VARIANCE, LENGTHSCALE, NOISE, MEAN)
+        pm = pm - MEAN
+    else:
+        pm, pv = np.zeros(len(Xs)), np.full(len(Xs), VARIANCE)
+    mu, var = ref.combine_reference(rule, means, variances, pm, pv)
+    latent = d.predict(y, Xs, combine=rule, noiseless=True)
+    np.testing.assert_allclose(np.asarray(latent.mean), mu + MEAN, rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(latent.variance), var, rtol=1e-9)
+    noisy = d.predict(y, Xs, combine=rule)
+    np.testing.assert_allclose(np.asarray(noisy.variance), var + NOISE, rtol=1e-9)
+
+
+# ------------------------------------------------------------------ gradients
+
+@pytest.mark.parametrize("name", list(KERNEL_NAMES))
+def test_gradients_match_finite_differences(data, name):
+    from numpyro_scalegp import HGPMarginal
+    X, y, _ = data
+    experts = partition(X, expert_size=15, duplication=2, method="random", seed=4)
+
+    def f(p):
+        k = make_kernel(name, p["variance"], p["lengthscale"])
+        return HGPMarginal(k, X, p["noise"], experts=experts, mean=p["mean"], chunk_size=2).log_prob(y)
+
+    p0 = {"variance": VARIANCE, "lengthscale": LENGTHSCALE, "noise": NOISE, "mean": MEAN}
+    grads = jax.jit(jax.grad(f))({k: jnp.asarray(v) for k, v in p0.items()})
+
+    def ref_f(p):
+        return ref.hgp_log_marginal(name, X, y, experts.index, p["variance"], p["lengthscale"], p["noise"],
+                                    p["mean"])
+
+    h = 1e-6
+    for key in p0:
+        for i in range(np.size(p0[key])):
+            up = {k: np.array(v, dtype=float) for k, v in p0.items()}
+            down = {k: np.array(v, dtype=float) for k, v in p0.items()}
+            up[key].reshape(-1)[i] += h
+            down[key].reshape(-1)[i] -= h
+            fd = (ref_f(up) - ref_f(down)) / (2 * h)
+            np.testing.assert_allclose(np.asarray(grads[key]).reshape(-1)[i], fd, rtol=1e-6, atol=1e-8,
+                                       err_msg=f"{name} d/d{key}[{i}]")
+
+
+def test_prediction_gradient_is_finite_and_correct(data):
+    X, y, Xs = data
+    experts = partition(X, expert_size=20, method="random", seed=5)
+
+    from numpyro_scalegp import HGPMarginal
+
+    @jax.jit
+    def f(ls):
+        p = HGPMarginal(make_kernel("rbf", lengthscale=ls), X, NOISE, experts=experts).predict(y, Xs)
+        return jnp.sum(p.mean) + jnp.sum(p.variance)
+
+    g = jax.jit(jax.grad(f))(jnp.asarray(LENGTHSCALE))
+    h = 1e-6
+    for i in range(2):
+        e = np.eye(2)[i] * h
+        fd = (f(LENGTHSCALE + e) - f(LENGTHSCALE - e)) / (2 * h)
+        np.testing.assert_allclose(float(g[i]), float(fd), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ trees, chunks, jit, vmap
+
+def test_tree_equals_flat(data):
+    X, y, Xs = data
+    flat = partition(X, expert_size=10, method="kdtree", seed=6)
+    deep = flat.with_tree([2, 3])
+    assert deep.tree is not None and deep.tree != tuple(range(6))
+    nested = Experts.from_any([[list(flat.index[0]), list(flat.index[1])], [flat.index[2], flat.index[3]],
+                               [[flat.index[4]], [flat.index[5]]]])
+    values = []
+    for experts in (flat, deep, nested):
+        d = hgp("rbf", X, experts)
+        g = jax.jit(jax.grad(lambda v: hgp("rbf", X, experts, noise=v).log_prob(y)))(NOISE)
+        p = d.predict(y, Xs, combine="rbcm")
+        values.append((float(d.log_prob(y)), float(g), np.asarray(p.mean), np.asarray(p.variance)))
+    for other in values[1:]:
+        for a, b in zip(values[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_chunking_jit_and_vmap(data):
+    from numpyro_scalegp import HGPMarginal
+    X, y, _ = data
+    experts = partition(X, expert_size=12, method="random", seed=7)
+
+    def f(ls, chunk):
+        return HGPMarginal(make_kernel("matern32", lengthscale=ls), X, NOISE, experts=experts,
+                           chunk_size=chunk).log_prob(y)
+
+    ls = jnp.asarray(LENGTHSCALE)
+    v0, g0 = jax.value_and_grad(f)(ls, None)
+    # 5 experts in chunks of at most 2: lax.map over 3 checkpointed chunks, padded to 6 experts
+    v, g = jax.jit(jax.value_and_grad(f), static_argnums=1)(ls, 2)
+    np.testing.assert_allclose(v, v0, rtol=1e-12)
+    np.testing.assert_allclose(g, g0, rtol=1e-10)
+    batch = jnp.stack([ls, 2 * ls, 0.5 * ls])
+    vm = jax.jit(jax.vmap(lambda l: f(l, 2)))(batch)
+    np.testing.assert_allclose(vm, [float(f(l, None)) for l in batch], rtol=1e-12)
+    # the distribution itself is a pytree: it passes through jit as an argument
+    d = HGPMarginal(make_kernel("matern32"), X, NOISE, experts=experts)
+    np.testing.assert_allclose(jax.jit(lambda d: d.log_prob(y))(d), d.log_prob(y), rtol=1e-12)
+
+
+def test_float32(data):
+    from numpyro_scalegp import HGPMarginal
+    X, y, Xs = data
+    experts = partition(X, expert_size=20, method="random", seed=8)
+    k = make_kernel("rbf")
+    d = HGPMarginal(k, X.astype(np.float32), np.float32(NOISE), experts=experts, mean=np.float32(MEAN))
+    value = d.log_prob(y.astype(np.float32))
+    assert value.dtype == jnp.float32
+    expected = ref.hgp_log_marginal("rbf", X, y, experts.index, VARIANCE, LENGTHSCALE, NOISE, MEAN)
+    np.testing.assert_allclose(float(value), expected, rtol=1e-4)
+    p = d.predict(y.astype(np.float32), Xs.astype(np.float32))
+    assert p.mean.dtype == jnp.float32 and np.isfinite(np.asarray(p.variance)).all()
+
+
+# ------------------------------------------------------------------ sampling and inference
+
+def test_sample_disjoint_experts_and_refuse_overlap(data):
+    from numpyro_scalegp import HGPMarginal
+    X = data[0][:8]
+    experts = np.array([[0, 2, 4, 6], [1, 3, 5, 7]])
+    d = HGPMarginal(make_kernel("rbf"), X, NOISE, experts=experts, mean=MEAN)
+    draws = d.sample(jax.random.PRNGKey(0), (20000,))
+    assert draws.shape == (20000, 8)
+    cov = np.zeros((8, 8))
+    for idx in experts:
+        cov[np.ix_(idx, idx)] = ref.kernel_matrix("rbf", X[idx], X[idx], VARIANCE, LENGTHSCALE) + NOISE * np.eye(4)
+    np.testing.assert_allclose(np.cov(np.asarray(draws).T), cov, atol=0.06)
+    np.testing.assert_allclose(np.asarray(draws).mean(0), MEAN, atol=0.04)
+    overlapping = HGPMarginal(make_kernel("rbf"), X, NOISE, experts=np.array([[0, 1, 2, 3], [3, 4, 5, 6]]))
+    with pytest.raises(NotImplementedError, match="overlap or miss"):
+        overlapping.sample(jax.random.PRNGKey(0))
+
+
+def _model(X, experts, y=None):
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro_scalegp import HGPMarginal, kernels
+    ls = numpyro.sample("lengthscale", dist.LogNormal(0.0, 1.0).expand([2]).to_event(1))
+    var = numpyro.sample("variance", dist.LogNormal(0.0, 1.0))
+    noise = numpyro.sample("noise", dist.LogNormal(-2.0, 1.0))
+    return numpyro.sample("y", HGPMarginal(kernels.RBF(2, var, ls), X, noise, experts=experts), obs=y)
+
+
+def test_svi_nuts_and_predictive(data):
+    import numpyro
+    from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
+    from numpyro.infer.autoguide import AutoDelta
+    X, y, _ = data
+    experts = partition(X, expert_size=20, method="kdtree", seed=9)  # disjoint, covers every point
+    guide = AutoDelta(_model)
+    svi = SVI(_model, guide, numpyro.optim.Adam(0.05), Trace_ELBO())
+    result = svi.run(jax.random.PRNGKey(0), 60, X, experts, y=y, progress_bar=False)
+    losses = np.asarray(result.losses)
+    assert np.isfinite(losses).all() and losses[-10:].mean() < losses[:10].mean() - 1.0
+    mcmc = MCMC(NUTS(_model), num_warmup=10, num_samples=10, progress_bar=False)
+    mcmc.run(jax.random.PRNGKey(1), X, experts, y=y)
+    samples = mcmc.get_samples()
+    assert samples["lengthscale"].shape == (10, 2) and np.isfinite(np.asarray(samples["noise"])).all()
+    assert len(np.unique(np.asarray(samples["noise"]))) > 1  # the chain moved
+    predictive = Predictive(_model, samples)
+    draws = predictive(jax.random.PRNGKey(2), X, experts)["y"]
+    assert draws.shape == (10, 60) and np.isfinite(np.asarray(draws)).all()
+
+
+def test_lengthscale_recovery():
+    """Maximizing the HGP objective on data from a known GP recovers the lengthscale within 10%."""
+    from scipy.optimize import minimize
+    from numpyro_scalegp import HGPMarginal, kernels
+    X, y, _ = gp_draws(2000, 2, lengthscale=0.8, variance=1.0, noise=0.01, seed=3)
+    experts = partition(X, expert_size=250, method="kdtree", seed=0)
+
+    @jax.jit
+    def loss(u):
+        p = jnp.exp(u)
+        return -HGPMarginal(kernels.RBF(2, p[0], p[1]), X, p[2], experts=experts).log_prob(y) / len(y)
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    res = minimize(lambda u: tuple(np.asarray(t, dtype=float) for t in value_and_grad(u)),
+                   np.log([0.5, 0.3, 0.1]), jac=True, method="L-BFGS-B")
+    variance, lengthscale, noise = np.exp(res.x)
+    assert abs(lengthscale - 0.8) < 0.08, (lengthscale, variance, noise)
+    assert abs(noise - 0.01) < 0.005
+
+
+# ------------------------------------------------------------------ jitter and errors
+
+def test_jitter_raised_with_warning_then_error(data):
+    from numpyro_scalegp import HGPMarginal, JitterWarning, NotPositiveDefiniteError, NotPositiveDefiniteWarning
+    X, y, _ = data
+    experts = partition(X, expert_size=20, method="random", seed=10)
+    # a nearly constant kernel with negligible noise: numerically singular in float64
+    k = make_kernel("rbf", 1.0, [100.0, 100.0])
+    d = HGPMarginal(k, X, 1e-20, experts=experts, jitter=1e-6)
+    with pytest.warns(JitterWarning, match="added jitter up to 1.0e-06"):
+        value = d.log_prob(y)
+    expected = ref.hgp_log_marginal("rbf", X, y, experts.index, 1.0, 100.0, 1e-20 + 1e-6)
+    np.testing.assert_allclose(float(value), expected, rtol=1e-8)
+    f = jax.jit(lambda v: HGPMarginal(make_kernel("rbf", v, [100.0, 100.0]), X, 1e-20, experts=experts).log_prob(y))
+    with pytest.warns(JitterWarning, match=r"expert\(s\) \[0, 1, 2\]"):
+        np.testing.assert_allclose(float(f(1.0)), expected, rtol=1e-8)
+        jax.effects_barrier()
+    # a kernel that is not positive definite at any jitter (negative variance)
+    bad = HGPMarginal(make_kernel("rbf", -1.0), X, 1e-3, experts=experts)
+    with pytest.raises(NotPositiveDefiniteError, match=r"expert\(s\) \[0, 1, 2\].*jitter 1.0e-01") as err:
+        bad.log_prob(y)
+    assert isinstance(err.value, ValueError)
+    with pytest.warns(NotPositiveDefiniteWarning, match="log_prob is -inf"):
+        assert float(f(-1.0)) == -np.inf
+        jax.effects_barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a well-conditioned problem warns about nothing
+        float(jax.jit(lambda v: hgp("rbf", X, experts, noise=v).log_prob(y))(NOISE))
+        jax.effects_barrier()
+
+
+def test_bad_input_raises_value_error_naming_argument(data):
+    from numpyro_scalegp import HGPMarginal, gaussian_log_likelihood
+    X, y, Xs = data
+    experts = partition(X, expert_size=20, method="random")
+    k = make_kernel("rbf")
+    Xbad = X.copy()
+    Xbad[3, 1] = np.nan
+    cases = [
+        (lambda: HGPMarginal(k, Xbad, NOISE, experts=experts), "X: contains NaN"),
+        (lambda: HGPMarginal(k, X[None], NOISE, experts=experts), "X: expected shape"),
+        (lambda: HGPMarginal(k, X, 0.0, experts=experts), "noise: must be positive"),
+        (lambda: HGPMarginal(k, X, -1.0, experts=experts), "noise: must be positive"),
+        (lambda: HGPMarginal(k, X, np.inf, experts=experts), "noise: contains NaN or inf"),
+        (lambda: HGPMarginal(k, X, jnp.ones(2), experts=experts), "noise: expected a scalar"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts, mean=np.ones(5)), "mean: expected"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts, jitter=0.0), "jitter: must be positive"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts, workers=64), "workers: 64 devices"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts, chunk_size=0), "chunk_size"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts.index + 5), "experts: indices must lie"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts).log_prob(np.r_[y[:-1], np.inf]), "value: contains"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts).log_prob(y[:-1]), "value: expected shape"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts).predict(y, Xs, combine="mean"), "combine: unknown"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts).predict(y, Xs, combine="grbcm"), "combine: 'grbcm'"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts).predict(y, Xs[:, :1]), "X_new: expected shape"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts).predict(y, Xs * np.nan), "X_new: contains NaN"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts).predict(np.r_[y[:-1], np.nan], Xs), "y: contains"),
+        (lambda: HGPMarginal(k, X, NOISE, experts=experts, mean=np.ones(60)).predict(y, Xs), "mean_new"),
+        (lambda: gaussian_log_likelihood(np.eye(3), np.ones(3)), "Kn: expected shape"),
+        (lambda: partition(X, expert_size=20, method="octree"), "method: unknown"),
+    ]
+    for fn, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fn()
+
+
+def test_validate_args_masks_values_outside_support(data):
+    X, y, _ = data
+    experts = partition(X, expert_size=20, method="random")
+    d = hgp("rbf", X, experts, validate_args=True)
+    assert np.isfinite(float(d.log_prob(y)))
+    assert d.mean.shape == (60,) and d.variance.shape == (60,)
+    np.testing.assert_allclose(np.asarray(d.variance), VARIANCE + NOISE)
+
+
+def test_chunked_gradient_memory_is_bounded():
+    """The chunked gradient keeps about one chunk's matrices alive: its compiled temporary
+    memory stays below one copy of every expert's n x n matrix, while evaluating all experts
+    at once needs several such copies (XLA's own accounting of the compiled program)."""
+    from numpyro_scalegp import HGPMarginal, kernels
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-2, 2, (64 * 128, 2))
+    y = rng.standard_normal(len(X))
+    experts = partition(X, expert_size=128, method="random")
+
+    def loss(ls, chunk):
+        return HGPMarginal(kernels.RBF(2, 1.0, ls), X, 0.1, experts=experts, chunk_size=chunk).log_prob(y)
+
+    def temp_bytes(chunk):
+        compiled = jax.jit(jax.grad(loss), static_argnums=1).lower(1.0, chunk).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    full, chunked = temp_bytes(64), temp_bytes(4)
+    block = 64 * 128 * 128 * 8  # every expert's n x n matrix once, float64
+    assert full >= 4 * block, (full, block)
+    assert chunked < block and 8 * chunked < full, (chunked, full, block)

@@ -1,0 +1,162 @@
+"""The lattice kernels themselves (kernels_cuda): the CPU build of the one source, checked point by
+point against a numpy re-derivation, and the CUDA translation unit compiled with nvcc."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from kernels_cuda import build
+from kernels_cuda.cpu import CpuLattice
+from scalegp import lattice as sl
+
+
+def _lattice(n, d, order=1, seed=0, dtype=np.float64, spread=1.0):
+    rng = np.random.default_rng(seed)
+    z = (spread * rng.normal(size=(n, d))).astype(dtype)
+    st = sl.stencil("rbf", order)
+    return z, st, CpuLattice(z, sl.elevation_scale(d, st).astype(dtype), order)
+
+
+def _vertex_keys(L):
+    """Full (d+1)-coordinate keys of every point-vertex, re-derived from greedy and rank."""
+    d = L.d
+    k = np.arange(d + 1)[None, :, None]
+    rank = L.rank[:, None, :]
+    canon = np.where(rank <= d - k, k, k - (d + 1))
+    return L.greedy[:, None, :] + canon  # N x (d+1 vertices) x (d+1 coordinates)
+
+
+def test_compiles_into_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALEGP_CACHE", str(tmp_path))
+    path = build.cpu_library_path()
+    assert path.parent == tmp_path and path.exists()
+    assert build.cpu_library_path() == path  # cached: same key, no recompilation
+    assert path.stat().st_mtime == build.cpu_library_path().stat().st_mtime
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found"):
+        build.cpu_library_path()
+
+
+@pytest.mark.parametrize("d", [1, 3, 8, 32])
+def test_embedding_simplex_and_weights(d):
+    z, st, L = _lattice(400, d)
+    keys = _vertex_keys(L)
+    # keys lie on the lattice: coordinates sum to zero, all congruent to the vertex's remainder
+    assert np.all(keys.sum(-1) == 0)
+    rem = np.mod(keys, d + 1)
+    assert np.all(rem == rem[..., :1])
+    assert np.all(rem[:, :, 0] == np.mod(np.arange(d + 1), d + 1)[None, :])
+    # barycentric weights: non-negative, sum to one, reproduce the elevated point
+    assert L.bary.min() >= -1e-12
+    np.testing.assert_allclose(L.bary.sum(1), 1.0, atol=1e-12)
+    el = (z * sl.elevation_scale(d, st)) @ sl.elevation_matrix(d).T
+    np.testing.assert_allclose(np.einsum("nk,nkj->nj", L.bary, keys), el, atol=1e-9 * max(1, abs(el).max()))
+    # the numpy copy of the weight formula (what the frontends differentiate) equals the kernel's
+    np.testing.assert_allclose(sl.barycentric(el, L.greedy, L.rank), L.bary, atol=1e-12)
+
+
+def test_elevation_is_a_scaled_isometry():
+    for d in (1, 2, 5, 17):
+        E = sl.elevation_matrix(d)
+        np.testing.assert_allclose(E.sum(0), 0.0)
+        np.testing.assert_allclose(E.T @ E, np.diag((np.arange(d) + 1.0) * (np.arange(d) + 2.0)), atol=1e-9)
+
+
+@pytest.mark.parametrize("d,order", [(2, 1), (5, 2), (32, 1)])
+def test_hash_table_unique_keys_and_neighbours(d, order):
+    _, _, L = _lattice(300, d, order)
+    keys = _vertex_keys(L).reshape(-1, d + 1)
+    vid = L.vid.reshape(-1)
+    assert L.capacity >= 2 * keys.shape[0]  # load factor <= 1/2
+    table = {}
+    for key, v in zip(map(tuple, keys), vid):
+        assert table.setdefault(key, v) == v  # one id per key
+    assert len(table) == L.m and sorted(table.values()) == list(range(L.m))  # no duplicate keys
+    by_id = {v: np.array(k) for k, v in table.items()}
+    for a in range(0, L.m, max(1, L.m // 200)):
+        for axis in range(d + 1):
+            u = -np.ones(d + 1, np.int64)
+            u[axis] += d + 1
+            for t in range(1, order + 1):
+                for side, step in ((0, t), (1, -t)):
+                    want = table.get(tuple(by_id[a] - step * u), -1)
+                    assert L.nbr[a, axis, side * order + t - 1] == want
+
+
+def _dense_operator(L, coef):
+    """W^T C^T C W as a dense matrix, assembled in numpy from vid/bary/nbr (no C code)."""
+    W = np.zeros((L.m, L.n))
+    np.add.at(W, (L.vid, np.arange(L.n)[:, None]), L.bary)
+    C = np.eye(L.m)
+    r = L.order
+    for axis in range(L.d + 1):
+        Cj = coef[0] * np.eye(L.m)
+        for a in range(L.m):
+            for t in range(1, r + 1):
+                for b in (L.nbr[a, axis, t - 1], L.nbr[a, axis, r + t - 1]):
+                    if b >= 0:
+                        Cj[a, b] += coef[t]
+        C = Cj @ C
+    return W.T @ C.T @ C @ W, C, W
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_filter_equals_dense_assembly_and_is_symmetric(order):
+    z, st, L = _lattice(120, 3, order, spread=0.7)
+    K, C, W = _dense_operator(L, st.coef)
+    rng = np.random.default_rng(1)
+    V = rng.normal(size=(120, 5))
+    np.testing.assert_allclose(L.filter(V, st.coef), K @ V, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(L.filter(V[:, 0], st.coef), K @ V[:, 0], rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(L.splat_blur(V, st.coef), C.T @ C @ W @ V, rtol=1e-11, atol=1e-13)
+    U = rng.normal(size=(120, 5))
+    assert abs(np.sum(U * L.filter(V, st.coef)) - np.sum(V * L.filter(U, st.coef))) < 1e-12 * np.abs(V).sum()
+    # exact local Gram: diag(W^T C^T C W)_i = w_i^T G_i w_i
+    G = L.local_gram(st.coef, cap=16)  # tiny scratch: exercises the retry path
+    np.testing.assert_allclose(np.einsum("nk,nkl,nl->n", L.bary, G, L.bary), np.diag(K), rtol=1e-11)
+    CW = C[:, L.vid]  # m x N x (d+1): C e_{a_ik}
+    np.testing.assert_allclose(G, np.einsum("mnk,mnl->nkl", CW, CW), atol=1e-13)
+
+
+def test_float32_matches_float64():
+    z, st, L64 = _lattice(500, 4)
+    L32 = CpuLattice(z.astype(np.float32), sl.elevation_scale(4, st).astype(np.float32), 1)
+    np.testing.assert_array_equal(L32.vid.shape, L64.vid.shape)
+    V = np.random.default_rng(2).normal(size=(500, 3))
+    a64 = L64.filter(V, st.coef)
+    a32 = L32.filter(V.astype(np.float32), st.coef.astype(np.float32))
+    assert a32.dtype == np.float32
+    # the same simplices almost everywhere; products agree to float32 precision
+    assert (L32.vid == L64.vid).mean() > 0.99 or L32.m == L64.m
+    np.testing.assert_allclose(a32, a64, rtol=0, atol=2e-5 * np.abs(a64).max())
+    with pytest.raises(ValueError, match="v: dtype"):
+        L32.filter(V, st.coef)
+
+
+def test_many_columns_equal_one_at_a_time():
+    _, st, L = _lattice(300, 6, 2)
+    V = np.random.default_rng(3).normal(size=(300, 8))
+    many = L.filter(V, st.coef)
+    for j in range(8):
+        np.testing.assert_allclose(many[:, j], L.filter(np.ascontiguousarray(V[:, j]), st.coef), rtol=1e-12, atol=1e-14)
+
+
+def test_nvcc_compiles_cuda_source(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH: the CUDA translation unit was not compiled (CPU build tested only)")
+    src = build.SOURCE_DIR / "sgp_lattice.cu"
+    res = subprocess.run([nvcc, "-c", "-arch=sm_80", "-Werror", "all-warnings", "-o", str(tmp_path / "sgp.o"),
+                          str(src)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    # every kernel the GPU dispatcher launches is defined (extern "C" names, unmangled)
+    from kernels_cuda.gpu import KERNEL_NAMES
+    syms = subprocess.run(["nm", str(tmp_path / "sgp.o")], capture_output=True, text=True).stdout
+    for name in KERNEL_NAMES:
+        assert name in syms, name

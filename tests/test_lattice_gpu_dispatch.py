@@ -1,0 +1,189 @@
+"""Host-side GPU dispatch (kernels_cuda.gpu) with the device layer mocked: no machine here has a GPU.
+
+A fake ``cupy`` module hands out numpy arrays and a ``RawModule`` whose kernels (1) check every
+launch's arguments against the ``__global__`` signature parsed from ``sgp_lattice.cu`` (count,
+pointer dtypes, 32/64-bit integer scalars) and (2) execute the kernel's semantics on the host, so
+the dispatcher's whole build / product sequence is checked against the CPU build. The CUDA code
+itself is only compiled (tests/test_lattice_build.py), never run.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from kernels_cuda import build, cpu, gpu
+from kernels_cuda.cpu import CpuLattice, _ptr, load_library
+from scalegp import lattice as sl
+
+_CTYPES = {"float": np.float32, "double": np.float64, "int32_t": np.int32, "int64_t": np.int64, "int": np.int32}
+
+
+def _signatures():
+    src = (build.SOURCE_DIR / "sgp_lattice.cu").read_text()
+    sigs = {}
+    for name, params in re.findall(r"__global__ void (\w+)\(([^)]*)\)", src):
+        parsed = []
+        for p in params.split(","):
+            p = p.replace("const", "").strip()
+            base = p.split()[0].rstrip("*")
+            parsed.append((_CTYPES[base], "*" in p))
+        sigs[name] = parsed
+    return sigs
+
+
+SIGS = _signatures()
+
+
+def _check(name, args):
+    sig = SIGS[name]
+    assert len(args) == len(sig), (name, len(args), len(sig))
+    for i, (a, (dtype, is_ptr)) in enumerate(zip(args, sig)):
+        if is_ptr:
+            assert isinstance(a, np.ndarray) and a.dtype == dtype, (name, i, type(a), getattr(a, "dtype", None))
+        else:
+            assert isinstance(a, np.generic) and a.dtype == dtype, (name, i, type(a))
+
+
+def _host_kernel(name, args):
+    """What each __global__ kernel computes, on host arrays (CPU library where the C ABI matches)."""
+    lib = load_library()
+    if name.startswith("sgp_embed_"):
+        z, n, d, scale, bary, rank, greedy, keys = args
+        getattr(lib, name)(_ptr(z), int(n), int(d), _ptr(scale), _ptr(bary), _ptr(rank), _ptr(greedy), _ptr(keys))
+    elif name == "sgp_fill_i32":
+        a, n, value = args
+        a[: int(n)] = value
+    elif name == "sgp_insert_all":
+        keys, n_pv, d, table, mask, rep, failed = args
+        scratch = [np.empty(int(n_pv), np.int32) for _ in range(3)]
+        m = lib.sgp_build_table(_ptr(keys), int(n_pv), int(d), _ptr(table), int(mask), _ptr(rep),
+                                *(_ptr(s) for s in scratch))
+        failed[0] = int(m < 0)
+    elif name == "sgp_number_owners":
+        rep, n_pv, owner_vid, vertex_owner, counter = args
+        owners = np.flatnonzero(rep == np.arange(int(n_pv)))
+        owner_vid[owners] = np.arange(owners.size)
+        vertex_owner[: owners.size] = owners
+        counter[0] = owners.size
+    elif name == "sgp_resolve_vids":
+        rep, n_pv, owner_vid, vid = args
+        vid.reshape(-1)[:] = owner_vid[rep]
+    elif name == "sgp_build_neighbours":
+        m, d, vertex_owner, keys, table, mask, owner_vid, r, nbr = args
+        lib.sgp_build_neighbours(int(m), int(d), _ptr(vertex_owner), _ptr(keys), _ptr(table), int(mask),
+                                 _ptr(owner_vid), int(r), _ptr(nbr))
+    elif name.startswith("sgp_zero_"):
+        a, n = args
+        a.reshape(-1)[: int(n)] = 0
+    elif name.startswith("sgp_splat_"):
+        v, n, nc, d, vid, bary, vals = args
+        np.add.at(vals, vid, bary[..., None] * v[:, None, :])
+    elif name.startswith("sgp_blur_"):
+        m, axis, src, dst, nc, d, nbr, r, coef = args
+        r = int(r)
+        acc = coef[0] * src
+        for t in range(1, r + 1):
+            for col in (t - 1, r + t - 1):
+                idx = nbr[:, int(axis), col]
+                acc = acc + coef[t] * np.where(idx[:, None] >= 0, src[np.maximum(idx, 0)], 0)
+        dst[:] = acc
+    elif name.startswith("sgp_slice_"):
+        vals, out, n, nc, d, vid, bary = args
+        out[:] = np.einsum("nk,nkc->nc", bary, vals[vid])
+    elif name.startswith("sgp_local_gram_"):
+        idx, n_idx, d, vid, nbr, r, coef, cap, slots, vertex, slot, vals, gram, status = args
+        assert (slots == -1).all() and slots.size % (2 * int(cap)) == 0
+        getattr(lib, name)(_ptr(idx), int(n_idx), int(d), _ptr(vid), _ptr(nbr), int(r), _ptr(coef), int(cap),
+                           _ptr(gram), _ptr(status))
+    else:
+        raise AssertionError(f"unexpected kernel {name}")
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    launches = []
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions=None):
+            assert '#include "sgp_lattice.h"' in code
+            assert f"-I{build.SOURCE_DIR}" in options
+            self.code = code
+
+        def get_function(self, name):
+            assert re.search(rf"__global__ void {name}\(", self.code), name
+
+            def launch(grid, block, args):
+                assert len(grid) == 1 and len(block) == 1 and 1 <= grid[0] <= 65535 and block[0] == 256
+                _check(name, args)
+                launches.append(name)
+                _host_kernel(name, args)
+
+            return launch
+
+    fake = types.ModuleType("cupy")
+    for fn in ("ascontiguousarray", "asarray", "empty", "zeros", "full", "arange", "empty_like"):
+        setattr(fake, fn, getattr(np, fn))
+    fake.from_dlpack = lambda t: t.numpy()
+    fake.RawModule = RawModule
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    gpu.module.cache_clear()
+    yield launches
+    gpu.module.cache_clear()
+
+
+@pytest.mark.parametrize("dtype,order", [(np.float64, 1), (np.float32, 2)])
+def test_gpu_dispatch_equals_cpu_build(fake_cupy, dtype, order):
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 4)).astype(dtype)
+    st = sl.stencil("matern32", order)
+    scale = sl.elevation_scale(4, st).astype(dtype)
+    c, g = CpuLattice(z, scale, order), gpu.GpuLattice(z, scale, order)
+    assert g.m == c.m and g.capacity == c.capacity
+    for attr in ("bary", "rank", "greedy"):
+        np.testing.assert_array_equal(getattr(g, attr), getattr(c, attr))
+    coef = st.coef.astype(dtype)
+    V = rng.normal(size=(300, 3)).astype(dtype)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(g.filter(V, coef), c.filter(V, coef), rtol=tol, atol=tol)
+    np.testing.assert_allclose(g.local_gram(coef, cap=16), c.local_gram(coef), rtol=tol, atol=tol)
+    suffix = "f32" if dtype == np.float32 else "f64"
+    assert fake_cupy[0] == f"sgp_embed_{suffix}" and fake_cupy[-1] == f"sgp_local_gram_{suffix}"
+    assert fake_cupy.count(f"sgp_blur_{suffix}") == 2 * 5  # one product, d = 4: 2(d+1) blurs
+
+
+def test_build_sequence(fake_cupy):
+    z = np.random.default_rng(1).normal(size=(50, 2))
+    st = sl.stencil("rbf", 1)
+    L = gpu.GpuLattice(z, sl.elevation_scale(2, st), 1)
+    assert fake_cupy == ["sgp_embed_f64", "sgp_fill_i32", "sgp_insert_all", "sgp_number_owners", "sgp_resolve_vids",
+                         "sgp_build_neighbours"]
+    fake_cupy.clear()
+    L.filter(np.ones((50, 2)), st.coef)
+    assert fake_cupy == ["sgp_zero_f64", "sgp_splat_f64"] + ["sgp_blur_f64"] * 6 + ["sgp_slice_f64"]
+
+
+def test_torch_operator_cuda_backend_dispatches(fake_cupy):
+    from pyro.contrib.gp.kernels import RBF
+
+    from pyro_scalegp.lattice import LatticeKernelOperator
+
+    X = torch.randn(120, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    kern = RBF(3, variance=torch.tensor(1.0, dtype=torch.float64), lengthscale=torch.ones(3, dtype=torch.float64))
+    V = torch.randn(120, 2, dtype=torch.float64)
+    with torch.no_grad():
+        a = LatticeKernelOperator(X, kern, backend="cuda") @ V
+        assert "sgp_embed_f64" in fake_cupy and "sgp_slice_f64" in fake_cupy
+        b = LatticeKernelOperator(X, kern, backend="cpu") @ V
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_missing_cupy_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(RuntimeError, match="CuPy"):
+        gpu.GpuLattice(np.zeros((3, 2)), np.ones(2), 1)
+    assert cpu  # the CPU build needs no CuPy

@@ -1,0 +1,97 @@
+"""LatticeKernelOperator (JAX): agreement with the torch operator, gradients against finite
+differences of its own forward, and jit / grad / vmap."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from pyro.contrib.gp import kernels as gpk
+
+from numpyro_scalegp import kernels as nk
+from numpyro_scalegp.lattice import LatticeKernelOperator
+from pyro_scalegp.lattice import LatticeKernelOperator as TorchOperator
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", old)
+
+
+def _data(n=150, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)), np.array([1.0, 1.4, 2.0])[:d], rng.normal(size=(n, 2)), rng.normal(size=(n, 2))
+
+
+PAIRS = [(nk.RBF, gpk.RBF, 1), (nk.Matern32, gpk.Matern32, 2), (nk.Exponential, gpk.Exponential, 1)]
+
+
+@pytest.mark.parametrize("jk,tk,order", PAIRS)
+def test_agrees_with_torch_operator_values_and_gradients(jk, tk, order):
+    X, ell, U, V = _data()
+    op = LatticeKernelOperator(X, jk(3, variance=1.3, lengthscale=jnp.asarray(ell)), order=order)
+    out = op @ jnp.asarray(V)
+
+    Xt = torch.tensor(X, requires_grad=True)
+    Vt = torch.tensor(V, requires_grad=True)
+    kt = tk(3, variance=torch.tensor(1.3, dtype=torch.float64), lengthscale=torch.tensor(ell))
+    out_t = TorchOperator(Xt, kt, order=order) @ Vt
+    np.testing.assert_allclose(np.asarray(out), out_t.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+    gx_t, gv_t = torch.autograd.grad((torch.tensor(U) * out_t).sum(), (Xt, Vt))
+    g_op, g_v = jax.grad(lambda o, v: jnp.sum(U * (o @ v)), argnums=(0, 1))(op, jnp.asarray(V))
+    np.testing.assert_allclose(np.asarray(g_op.X), gx_t.numpy(), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(g_v), gv_t.numpy(), rtol=1e-9, atol=1e-10)
+
+
+def test_hyperparameter_gradients_match_finite_differences():
+    X, ell, U, V = _data(seed=1)
+
+    def f(ell_, var_):
+        op = LatticeKernelOperator(X, nk.Matern52(3, variance=var_, lengthscale=jnp.asarray(ell_)), order=2)
+        return float(jnp.sum(U * (op @ jnp.asarray(V))))
+
+    op = LatticeKernelOperator(X, nk.Matern52(3, variance=1.3, lengthscale=jnp.asarray(ell)), order=2)
+    g = jax.grad(lambda o: jnp.sum(U * (o @ jnp.asarray(V))))(op)
+    eps = 1e-6
+    for i in range(3):
+        e = np.zeros(3)
+        e[i] = eps
+        fd = (f(ell + e, 1.3) - f(ell - e, 1.3)) / (2 * eps)
+        assert abs(float(g.lengthscale[i]) - fd) < 1e-6 * max(1, abs(fd))
+    fd = (f(ell, 1.3 + eps) - f(ell, 1.3 - eps)) / (2 * eps)
+    assert abs(float(g.variance) - fd) < 1e-6 * max(1, abs(fd))
+
+
+def test_jit_vmap_and_vector_products():
+    X, ell, _, V = _data(seed=2)
+    op = LatticeKernelOperator(X, nk.RBF(3, variance=0.7, lengthscale=jnp.asarray(ell)))
+    V = jnp.asarray(V)
+    eager = op @ V
+    np.testing.assert_allclose(jax.jit(lambda o, v: o @ v)(op, V), eager, rtol=1e-13)
+    np.testing.assert_allclose(jax.vmap(lambda c: op @ c, in_axes=1, out_axes=1)(V), eager, rtol=1e-13)
+    np.testing.assert_allclose(op @ V[:, 0], eager[:, 0], rtol=1e-13)
+    dense = jax.vmap(lambda c: op @ c, in_axes=1, out_axes=1)(jnp.eye(150))
+    np.testing.assert_allclose(jnp.diagonal(dense), op.diagonal(), rtol=1e-12)
+    np.testing.assert_allclose(dense, dense.T, atol=1e-13)
+
+
+def test_bad_input():
+    X, ell, _, _ = _data()
+    k = nk.RBF(3, lengthscale=jnp.asarray(ell))
+    with pytest.raises(ValueError, match="X"):
+        jax.jit(lambda x: LatticeKernelOperator(x, k) @ jnp.ones(150))(jnp.asarray(X))
+    with pytest.raises(ValueError, match="X"):
+        LatticeKernelOperator(np.where(np.eye(150, 3) > 0, np.nan, X), k)
+    with pytest.raises(ValueError, match="lengthscale"):
+        LatticeKernelOperator(X, nk.RBF(3, lengthscale=-1.0))
+    with pytest.raises(ValueError, match="kernel"):
+        LatticeKernelOperator(X, object())
+    with pytest.raises(ValueError, match="backend"):
+        LatticeKernelOperator(X, k, backend="cuda")
+    with pytest.raises(ValueError, match="v"):
+        LatticeKernelOperator(X, k) @ jnp.ones(3)

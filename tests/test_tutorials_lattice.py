@@ -1,0 +1,46 @@
+"""The Simplex-GP tutorials execute from top to bottom (with CI set, so at tiny sizes), print the
+operator's accuracy against the exact kernel and draw their figures; the Pyro one trains and
+predicts with ``SimplexGPMarginal``, the NumPyro one checks its jitted gradient against finite
+differences and says that the NumPyro marginal is missing."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from tests.test_tutorials import TUTORIALS, nbclient, nbformat
+
+
+def _execute(name, monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws the figures
+    nb = nbformat.read(os.path.join(TUTORIALS, name), as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": TUTORIALS}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    figures = [o for o in outputs if o.get("output_type") in ("display_data", "execute_result")
+               and "image/png" in o.get("data", {})]
+    cosines = [float(c) for c in re.findall(r"cosine=([0-9.]+)", text)]
+    assert cosines and min(cosines) > 0.9, cosines  # accuracy table printed, lattice close to the exact kernel
+    return nb, text, figures
+
+
+@pytest.mark.slow
+def test_lattice_pyro_tutorial_runs(monkeypatch):
+    _, text, figures = _execute("lattice_pyro.ipynb", monkeypatch)
+    assert "trained in" in text
+    rmse = [float(v) for v in re.findall(r"RMSE ([0-9.]+)", text)]
+    assert len(rmse) == 2 and all(v == v for v in rmse)  # Simplex-GP and exact GP, not NaN
+    assert len(figures) == 2  # accuracy / time against N, and the predictions
+
+
+@pytest.mark.slow
+def test_lattice_numpyro_tutorial_runs(monkeypatch):
+    nb, text, figures = _execute("lattice_numpyro.ipynb", monkeypatch)
+    rel = re.search(r"autodiff vs finite differences: ([^\s]+)", text)
+    assert rel is not None and float(rel.group(1)) < 1e-5
+    assert "SimplexGPMarginal`.** Only the operator exists" in nb.cells[0].source  # says what is missing
+    assert len(figures) == 1
