@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from scalegp import partition
+
 from .baselines import INIT
 from .common import Timer, progress
 
@@ -27,62 +29,7 @@ from .common import Timer, progress
 #: with duplicated inputs, whatever L-BFGS's line search tries
 NOISE_FLOOR = 1e-4
 
-__all__ = ["HGPFit", "make_kernel", "local_partition", "make_partition", "fit_hgp", "predict_rules"]
-
-
-def local_partition(X, *, expert_size: int, duplication: int = 1, communication: bool = False,
-                    seed: int = 0):
-    """Local experts: each expert holds ``expert_size`` neighbouring points (one KD-tree cell).
-
-    The points are ordered cell by cell (median splits along the widest coordinate, cells of
-    about ``expert_size`` points) and cut into consecutive windows of ``expert_size``; with
-    ``duplication = c`` the windows start every ``expert_size / c`` points, so neighbouring
-    experts overlap and each point lies in about ``c`` experts. With ``communication`` a global
-    random subset of ``expert_size // 2`` points joins every expert (GRBCM, Liu et al. 2018) and
-    the local windows hold the other ``expert_size - expert_size // 2``.
-
-    This is not the paper's assignment (``scalegp.partition(method="kdtree")`` gives every
-    expert points from every region); on the flights data local experts predict better.
-    """
-    from scalegp import Experts
-    from scalegp.partition import _kdtree_order
-
-    X = np.asarray(X)
-    N = X.shape[0]
-    rng = np.random.default_rng(seed)
-    comm = None
-    n_local = int(expert_size)
-    if communication:
-        n_c = int(expert_size) // 2
-        comm = np.sort(rng.choice(N, n_c, replace=False))
-        rest = np.setdiff1d(np.arange(N), comm)
-        n_local = int(expert_size) - n_c
-    else:
-        rest = np.arange(N)
-    if not 1 <= n_local <= len(rest):
-        raise ValueError(f"expert_size: {expert_size} does not fit {N} points")
-    regions = 1 << max(0, int(np.floor(np.log2(max(1, len(rest) // n_local)))))
-    order = rest[_kdtree_order(X[rest], regions, rng)]
-    step = max(1, n_local // int(duplication))
-    starts = list(range(0, len(order) - n_local + 1, step))
-    if starts[-1] != len(order) - n_local:
-        starts.append(len(order) - n_local)
-    index = np.stack([order[s:s + n_local] for s in starts])
-    if comm is not None:
-        index = np.concatenate([np.broadcast_to(comm, (len(index), len(comm))), index], 1)
-    return Experts(index, comm)
-
-
-def make_partition(X, *, method: str, expert_size: int, duplication: int = 1, communication: bool = False,
-                   seed: int = 0):
-    """``method="local"``: :func:`local_partition`; else :func:`scalegp.partition` (``"kdtree"``, ``"random"``)."""
-    from scalegp import partition
-
-    if method == "local":
-        return local_partition(X, expert_size=expert_size, duplication=duplication,
-                               communication=communication, seed=seed)
-    return partition(X, expert_size=expert_size, method=method, duplication=duplication,
-                     communication=communication, seed=seed)
+__all__ = ["HGPFit", "make_kernel", "fit_hgp", "predict_rules"]
 
 
 @dataclass
@@ -122,7 +69,7 @@ def fit_hgp(X, y, *, kernel: str = "rbf", expert_size: int = 512, duplication: i
             noise: float = INIT["noise"], lengthscale: float = INIT["lengthscale"],
             variance: float = INIT["variance"], workers: int = 0, show_progress: bool = True,
             desc: str = "HGP L-BFGS") -> HGPFit:
-    """Partition ``X`` into experts of ``expert_size`` (:func:`make_partition`) and train the HGP
+    """Partition ``X`` into experts of ``expert_size`` (:func:`scalegp.partition`) and train the HGP
     hyperparameters by L-BFGS."""
     import pyro
 
@@ -132,7 +79,7 @@ def fit_hgp(X, y, *, kernel: str = "rbf", expert_size: int = 512, duplication: i
     y = torch.as_tensor(np.asarray(y))
     N, d = X.shape
     with Timer() as t_part:
-        experts = make_partition(X.numpy(), method=method, expert_size=expert_size, duplication=duplication,
+        experts = partition(X.numpy(), method=method, expert_size=expert_size, duplication=duplication,
                                  seed=seed)
     pyro.clear_param_store()
     k = make_kernel(kernel, d, lengthscale=lengthscale, variance=variance)
@@ -211,7 +158,7 @@ def predict_rules(fit: HGPFit, X_test, *, rules=("poe", "gpoe", "bcm", "rbcm", "
             with Timer() as t:
                 if rule == "grbcm":
                     method = fit.settings["partition"]
-                    comm = make_partition(fit.X.numpy(), method="random" if method == "kdtree" else method,
+                    comm = partition(fit.X.numpy(), method="random" if method == "kdtree" else method,
                                           expert_size=fit.experts.expert_size, communication=True,
                                           seed=communication_seed)
                     pred = HGPMarginal(fit.kernel, fit.X, fit.noise, experts=comm).predict(fit.y, Xt, combine=rule)

@@ -2,17 +2,21 @@
 from scalegp import Experts, balanced_tree, partition
 
 from . import kernels
+from .advgp import ADVGP, ADVGPGuide
+from .async_svi import AsyncProximalSVI
 from .hgp import (
     HGPMarginal, JitterWarning, NotPositiveDefiniteError, NotPositiveDefiniteWarning, expert_log_likelihood,
     gaussian_log_likelihood,
 )
-from .svgp_vae import SVGPVAE, ExactGPVAE, SVGPVAEGuide
-from .advgp import ADVGP, ADVGPGuide
+from .lattice import LatticeKernelOperator
 from .optim import proximal_adadelta
+from .svgp_vae import SVGPVAE, ExactGPVAE, SVGPVAEGuide
 
 __all__ = [
     "Experts", "balanced_tree", "partition", "kernels",
     "HGPMarginal", "JitterWarning", "NotPositiveDefiniteError", "NotPositiveDefiniteWarning",
     "expert_log_likelihood", "gaussian_log_likelihood",
+    "ADVGP", "ADVGPGuide", "AsyncProximalSVI", "proximal_adadelta",
+    "LatticeKernelOperator",
+    "SVGPVAE", "ExactGPVAE", "SVGPVAEGuide",
 ]
-from .lattice import LatticeKernelOperator  # noqa: E402  (issue 3)

@@ -85,7 +85,7 @@ def load_flights(*, test_size: int = 30_000, seed: int = 0, num_train: int | Non
                            "plane_year", "arr_delay"])
     # keep a deterministic row order independent of the merge implementation
     df = df.sort_values(["year", "month", "day", "dep_time", "flight", "tailnum"], kind="stable")
-    dow = pd.to_datetime(dict(year=df.year, month=df.month, day=df.day)).dt.dayofweek.to_numpy()
+    dow = pd.to_datetime(dict(year=df.year, month=df.month, day=df.day)).dt.day_of_week.to_numpy()
     X = np.column_stack([
         df.month.to_numpy(float), df.day.to_numpy(float), dow.astype(float),
         _minutes(df.dep_time.to_numpy()), _minutes(df.arr_time.to_numpy()),

@@ -86,29 +86,6 @@ def test_write_results(tmp_path):
     assert "| method | rmse | nan |" in md and "| a | 1.235 | - |" in md and "hello" in md
 
 
-def test_local_partition():
-    from benchmarks.hgp_fit import local_partition
-
-    rng = np.random.default_rng(0)
-    X = rng.uniform(-1, 1, (1000, 3))
-    e = local_partition(X, expert_size=100)
-    assert e.index.shape[1] == 100
-    assert set(np.unique(e.index)) == set(range(1000))
-    assert all(len(set(row)) == 100 for row in e.index)
-    # local: experts are much tighter than random groups of the same size
-    spread = np.mean([X[row].std(0).mean() for row in e.index])
-    assert spread < 0.7 * X.std(0).mean()
-    e2 = local_partition(X, expert_size=100, duplication=2)
-    counts = np.bincount(e2.index.ravel(), minlength=1000)
-    assert counts.min() >= 1 and 1.8 < counts.mean() < 2.3
-    ec = local_partition(X, expert_size=100, communication=True)
-    assert ec.communication.shape == (50,) and ec.index.shape[1] == 100
-    assert all(np.array_equal(row[:50], ec.communication) for row in ec.index)
-    assert set(np.unique(ec.index)) == set(range(1000))
-    with pytest.raises(ValueError, match="expert_size"):
-        local_partition(X, expert_size=5000)
-
-
 @pytest.mark.parametrize("method", ["local", "kdtree"])
 def test_fit_and_predict_rules_match_hgp_predict(method, float64_torch):
     import torch

@@ -145,3 +145,25 @@ def test_tree_sum_equals_flat_sum():
     values = np.random.default_rng(1).normal(size=(12, 4))
     for branching in ([2], [3, 2], [2, 2, 3], [12]):
         np.testing.assert_allclose(tree_sum(values, balanced_tree(12, branching)), values.sum(0), rtol=1e-13)
+
+
+def test_local_experts():
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, (1000, 3))
+    e = partition(X, expert_size=100, method="local")
+    assert e.index.shape[1] == 100
+    assert set(np.unique(e.index)) == set(range(1000))
+    assert all(len(set(row)) == 100 for row in e.index)
+    # local: experts are much tighter than random groups of the same size
+    spread = np.mean([X[row].std(0).mean() for row in e.index])
+    assert spread < 0.7 * X.std(0).mean()
+    e2 = partition(X, expert_size=100, method="local", duplication=2)
+    assert all(len(set(row)) == 100 for row in e2.index)
+    counts = np.bincount(e2.index.ravel(), minlength=1000)
+    assert counts.min() == 2 and counts.max() <= 3
+    ec = partition(X, expert_size=100, method="local", communication=True)
+    assert ec.communication.shape == (50,) and ec.index.shape[1] == 100
+    assert all(np.array_equal(row[:50], ec.communication) for row in ec.index)
+    assert set(np.unique(ec.index)) == set(range(1000))
+    with pytest.raises(ValueError, match="expert_size"):
+        partition(X, expert_size=5000, method="local")
