@@ -89,7 +89,9 @@ def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run():
         victim.join()
         with pytest.warns(RuntimeWarning, match="worker 0 .* died"):
             svi.run(2, progress_bar=False)
-        assert svi.restarts == [(0, 2)]
+        # the victim may have pushed its version-2 gradient before it died, so the death is
+        # noticed while waiting for version 2's or version 3's gradients; either way none is lost
+        assert len(svi.restarts) == 1 and svi.restarts[0][0] == 0 and svi.restarts[0][1] in (2, 3)
         assert svi.workers[0].pid != victim.pid and svi.workers[0].is_alive()
         assert_params_equal(model, expected[3], rtol=1e-10)
         state = svi.state_dict()

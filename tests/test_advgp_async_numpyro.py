@@ -79,7 +79,8 @@ def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run():
         victim.join()
         with pytest.warns(RuntimeWarning, match="worker 1 .* died"):
             svi.run(2, progress_bar=False)
-        assert svi.restarts == [(1, 2)]
+        # the victim may have pushed its version-2 gradient before it died (see the Pyro test)
+        assert len(svi.restarts) == 1 and svi.restarts[0][0] == 1 and svi.restarts[0][1] in (2, 3)
         assert_params_equal(svi.params, expected[3], rtol=1e-10)
         state = svi.state_dict()
     with AsyncProximalSVI(new_model(Z), X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=shards) as svi2:
