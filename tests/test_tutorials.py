@@ -17,19 +17,26 @@ pytest.importorskip("ipykernel")
 TUTORIALS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tutorials")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["hgp_pyro.ipynb", "hgp_numpyro.ipynb"])
-def test_tutorial_runs(name, monkeypatch):
+def execute_notebook(name, monkeypatch):
+    """Run ``tutorials/<name>`` with ``CI`` set; return the executed notebook, its code-cell outputs,
+    the printed text and the PNG figures, after checking that no cell raised."""
     monkeypatch.setenv("CI", "true")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws the figures
-    path = os.path.join(TUTORIALS, name)
-    nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": TUTORIALS}})
-    client.execute()
+    nb = nbformat.read(os.path.join(TUTORIALS, name), as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": TUTORIALS}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    figures = [o for o in outputs if o.get("output_type") in ("display_data", "execute_result")
+               and "image/png" in o.get("data", {})]
+    return nb, outputs, text, figures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hgp_pyro.ipynb", "hgp_numpyro.ipynb"])
+def test_tutorial_runs(name, monkeypatch):
+    _, outputs, text, figures = execute_notebook(name, monkeypatch)
     assert "trained in" in text
     # the comparison table has one row per combination rule, with finite metrics
     html = "".join(o.get("data", {}).get("text/plain", "") for o in outputs if o.get("output_type") == "execute_result")
@@ -37,4 +44,4 @@ def test_tutorial_runs(name, monkeypatch):
         assert rule in html
     assert "nan" not in html.lower()
     # the plot is drawn
-    assert any("image/png" in o.get("data", {}) for o in outputs if o.get("output_type") in ("display_data", "execute_result"))
+    assert figures

@@ -4,25 +4,15 @@ predicts with ``SimplexGPMarginal``, the NumPyro one checks its jitted gradient 
 differences and says that the NumPyro marginal is missing."""
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
-from tests.test_tutorials import TUTORIALS, nbclient, nbformat
+from tests.test_tutorials import execute_notebook
 
 
 def _execute(name, monkeypatch):
-    monkeypatch.setenv("CI", "true")
-    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend draws the figures
-    nb = nbformat.read(os.path.join(TUTORIALS, name), as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": TUTORIALS}}).execute()
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-    figures = [o for o in outputs if o.get("output_type") in ("display_data", "execute_result")
-               and "image/png" in o.get("data", {})]
+    nb, _, text, figures = execute_notebook(name, monkeypatch)
     cosines = [float(c) for c in re.findall(r"cosine=([0-9.]+)", text)]
     assert cosines and min(cosines) > 0.9, cosines  # accuracy table printed, lattice close to the exact kernel
     return nb, text, figures
