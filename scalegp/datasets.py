@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .lattice import kernel_profile
+
 __all__ = ["RegressionData", "load_flights", "gp_draws", "FLIGHTS_FEATURES"]
 
 FLIGHTS_FEATURES = (
@@ -107,20 +109,6 @@ def load_flights(*, test_size: int = 30_000, seed: int = 0, num_train: int | Non
     return data.subset(num_train, seed=seed) if num_train is not None else data
 
 
-def _profile(kernel: str, r: np.ndarray) -> np.ndarray:
-    if kernel == "rbf":
-        return np.exp(-0.5 * r**2)
-    if kernel == "exponential":
-        return np.exp(-r)
-    if kernel == "matern32":
-        s = np.sqrt(3.0) * r
-        return (1 + s) * np.exp(-s)
-    if kernel == "matern52":
-        s = np.sqrt(5.0) * r
-        return (1 + s + s**2 / 3) * np.exp(-s)
-    raise ValueError(f"kernel: unknown kernel {kernel!r}")
-
-
 def gp_draws(N: int, d: int, *, kernel: str = "rbf", lengthscale=1.0, variance: float = 1.0,
              noise: float = 0.01, method: str = "auto", num_features: int = 2048, seed: int = 0,
              dtype=np.float64):
@@ -142,7 +130,7 @@ def gp_draws(N: int, d: int, *, kernel: str = "rbf", lengthscale=1.0, variance: 
         method = "exact" if N <= 3000 else "rff"
     if method == "exact":
         diff = (X[:, None, :] - X[None, :, :]) / ls
-        K = variance * _profile(kernel, np.sqrt((diff**2).sum(-1)))
+        K = variance * kernel_profile(kernel, np.sqrt((diff**2).sum(-1)))
         L = np.linalg.cholesky(K + 1e-8 * np.eye(N))
         f = L @ rng.standard_normal(N)
     elif method == "rff":

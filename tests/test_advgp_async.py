@@ -14,14 +14,7 @@ from pyro_scalegp.optim import ProximalAdadeltaOptimizer
 OPTIM = {"lr": 2.0, "rho": 0.9}
 
 
-@pytest.fixture(autouse=True)
-def float64_and_clean_store():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64", "pyro_clean")
 
 
 def data(N=40, M=5, seed=0):

@@ -16,14 +16,7 @@ from pyro_scalegp.async_svi import distributed_proximal_svi
 from tests.test_advgp_async import OPTIM, data, new_model, proximal_gd
 
 
-@pytest.fixture(autouse=True)
-def float64_and_clean_store():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64", "pyro_clean")
 
 
 def _free_port() -> int:

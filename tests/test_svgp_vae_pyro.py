@@ -14,14 +14,7 @@ from tests import reference as ref
 N, D, K, L = 12, 2, 6, 3
 
 
-@pytest.fixture(autouse=True)
-def float64_and_clean_store():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64", "pyro_clean")
 
 
 class Encoder(torch.nn.Module):
