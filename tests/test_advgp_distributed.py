@@ -6,7 +6,6 @@ import os
 import socket
 
 import numpy as np
-import pyro
 import pytest
 import torch
 import torch.distributed as dist
