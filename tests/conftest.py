@@ -21,3 +21,14 @@ def pyro_clean():
     pyro.clear_param_store()
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture
+def jax_x64():
+    """JAX's 64-bit mode switched on for one test, restored afterwards."""
+    import jax
+
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", old)

@@ -24,17 +24,7 @@ LENGTHSCALE = np.array([0.7, 1.2])
 NOISE = 0.2
 
 
-@pytest.fixture(autouse=True)
-def float64_and_clean_store():
-    old_dtype = torch.get_default_dtype()
-    old_x64 = jax.config.jax_enable_x64
-    torch.set_default_dtype(torch.float64)
-    jax.config.update("jax_enable_x64", True)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-    torch.set_default_dtype(old_dtype)
-    jax.config.update("jax_enable_x64", old_x64)
+pytestmark = pytest.mark.usefixtures("float64", "jax_x64", "pyro_clean")
 
 
 def data(N=30, M=6, seed=0):

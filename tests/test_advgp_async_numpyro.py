@@ -15,12 +15,7 @@ from numpyro_scalegp.optim import proximal_adadelta
 OPTIM = {"learning_rate": 2.0, "rho": 0.9}
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 def data(N=40, M=5, seed=0):

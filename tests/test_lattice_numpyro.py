@@ -14,12 +14,7 @@ from numpyro_scalegp.lattice import LatticeKernelOperator
 from pyro_scalegp.lattice import LatticeKernelOperator as TorchOperator
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("jax_x64")
 
 
 def _data(n=150, d=3, seed=0):
