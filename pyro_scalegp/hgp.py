@@ -33,7 +33,9 @@ References:
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyro.distributions as dist
@@ -54,23 +56,56 @@ __all__ = [
 ]
 
 _JITTER_STEPS = 6
-_CHUNK_ELEMENTS = 1 << 24  # default expert chunk: about 2**24 kernel entries (128 MiB in float64)
+_CHUNK_ELEMENTS = 1 << 21  # default expert chunk: about 2**21 kernel entries (16 MiB in float64)
 
 
 class NotPositiveDefiniteError(ValueError):
     """An expert's ``K + noise I`` stayed non positive definite after raising the jitter."""
 
 
-def _chunk(chunk_size: int | None, n: int) -> int:
-    return int(chunk_size) if chunk_size is not None else max(1, _CHUNK_ELEMENTS // (n * n))
+def _chunk(chunk_size: int | None, n: int, E: int | None = None) -> int:
+    """Experts per chunk: ``chunk_size``, or about ``2**21 / n^2``, split further so that every
+    intra-op thread gets a chunk of the ``E`` experts (:func:`map_chunks`)."""
+    if chunk_size is not None:
+        return int(chunk_size)
+    step = max(1, _CHUNK_ELEMENTS // (n * n))
+    return step if E is None else max(1, min(step, -(-E // torch.get_num_threads())))
 
 
-def _cholesky(Kn: torch.Tensor, jitter: float, offset: int = 0) -> torch.Tensor:
-    """Batched Cholesky of ``Kn (E, n, n)``; experts whose factorization fails get
-    ``jitter, 10 jitter, ...`` added to their diagonal (with a warning), and after
-    :data:`_JITTER_STEPS` tries a :class:`NotPositiveDefiniteError` names them
-    (``offset`` is added to the expert numbers in messages)."""
-    L, info = torch.linalg.cholesky_ex(Kn)
+def map_chunks(fn, E: int, step: int) -> list:
+    """``[fn(start) for start in range(0, E, step)]``, run over expert chunks without autograd.
+
+    With ``t = torch.get_num_threads() > 1`` and several chunks, the chunks run in ``t``
+    Python threads with one intra-op thread each (restored afterwards): LAPACK's
+    factorizations of matrices of a few hundred rows scale poorly over threads, whole chunks
+    scale well. The results keep the chunks' order, so sums over them do not depend on timing.
+    """
+    starts = list(range(0, E, step))
+    threads = torch.get_num_threads()
+
+    def call(start):
+        with torch.no_grad():
+            return fn(start)
+
+    if threads < 2 or len(starts) < 2:
+        return [call(start) for start in starts]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+            return list(pool.map(call, starts))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cholesky(Kn: torch.Tensor, jitter: float, offset: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched Cholesky of ``Kn (E, n, n)`` (into ``out`` if given); experts whose
+    factorization fails get ``jitter, 10 jitter, ...`` added to their diagonal (with a
+    warning), and after :data:`_JITTER_STEPS` tries a :class:`NotPositiveDefiniteError`
+    names them (``offset`` is added to the expert numbers in messages)."""
+    if out is None:
+        L, info = torch.linalg.cholesky_ex(Kn)
+    else:
+        L, info = torch.linalg.cholesky_ex(Kn, out=(out, torch.empty(Kn.shape[:-2], dtype=torch.int32)))
     todo = torch.nonzero(info).flatten()
     if todo.numel() == 0:
         return L
@@ -100,6 +135,36 @@ def _cholesky(Kn: torch.Tensor, jitter: float, offset: int = 0) -> torch.Tensor:
         f"even with jitter {amount / 10:.1e} added to the diagonal ({Kn.dtype}). Try a larger noise "
         "(or a lower bound on it), removing duplicated inputs, float64, or a larger `jitter`."
     )
+
+
+def _inverse_from_cholesky(L: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(L L^T)^{-1}`` for a batch of Cholesky factors (into ``out`` if given). On one CPU
+    thread LAPACK's ``potri`` (``torch.cholesky_inverse``) is about twice as fast as two
+    triangular solves against the identity; with several threads the solves, which MKL
+    parallelizes well, are faster."""
+    if L.device.type == "cpu" and torch.get_num_threads() > 1:
+        eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+        return torch.cholesky_solve(eye, L, out=out)
+    return torch.cholesky_inverse(L, out=out)
+
+
+class Workspace:
+    """Buffers reused by the chunks that one thread evaluates in turn. Fresh multi-megabyte
+    tensors come from ``mmap`` and pay a page fault per 4 KiB page on first touch (about a
+    fifth of an expert chunk's time at ``n = 512``); reusing them across chunks avoids it.
+    One instance serves one call (e.g. one evaluation) and is shared by its threads."""
+
+    def __init__(self):
+        self._buffers: dict = {}
+
+    def get(self, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized ``shape`` tensor (dtype and device of ``like``), private to the
+        calling thread, the same memory at each call with this name."""
+        key = (threading.get_ident(), name)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[1:] != tuple(shape[1:]) or buf.shape[0] < shape[0] or buf.dtype != like.dtype:
+            buf = self._buffers[key] = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+        return buf[:shape[0]]
 
 
 def _check_value(value: torch.Tensor, offset: int) -> torch.Tensor:
@@ -142,9 +207,7 @@ class GaussianLogLikelihood(torch.autograd.Function):
         L, a = ctx.saved_tensors
         grad_K = grad_r = None
         if ctx.needs_input_grad[0]:
-            # K^-1 by two triangular solves: several times faster than torch.cholesky_inverse on CPU
-            eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
-            grad_K = torch.cholesky_solve(eye, L)
+            grad_K = _inverse_from_cholesky(L)
             if a.shape[-1] == 1:  # one right-hand side: a fused rank-one update
                 grad_K.addcmul_(a, a.transpose(-1, -2), value=-1.0).mul_(-0.5 * g[:, :, None])
             else:
@@ -180,31 +243,36 @@ def _chunk_values(bound: BoundKernel, params, X, y, loc, noise, idx, jitter, off
     return GaussianLogLikelihood.apply(K, resid.permute(1, 2, 0), jitter, offset)
 
 
-def _chunk_value_and_grads(bound: BoundKernel, inputs, needs, idx, jitter, offset):
+def _chunk_value_and_grads(bound: BoundKernel, inputs, needs, idx, jitter, offset, space: Workspace):
     """One target vector, a fast kernel: the experts ``idx``' log likelihoods ``(Ec, 1)`` and
     their summed gradients with respect to ``inputs = (X, y (1, N), loc, noise, variance,
     lengthscale)`` (``None`` where not needed), formed analytically without autograd:
     ``G = 1/2 (a a^T - Kn^-1)`` contracted with the kernel's derivatives."""
     X, y, loc, noise, variance, lengthscale = inputs
     Xa = bound._slice(X[idx])
-    K, aux = stationary_forward(bound.kind, variance, lengthscale, Xa)
+    square = idx.shape + idx.shape[-1:]
+    K, aux = stationary_forward(bound.kind, variance, lengthscale, Xa, out=space.get("K", square, Xa))
     K.diagonal(dim1=-2, dim2=-1).add_(noise)
     resid = (y[0, idx] - (loc if loc.dim() == 0 else loc[idx]))[..., None]
-    L = _cholesky(K, jitter, offset)
-    a = torch.cholesky_solve(resid, L)
+    # LAPACK writes column-major matrices: transposed views of row-major buffers avoid a copy;
+    # K^-1 is symmetric, so its transposed view is K^-1 again, laid out like K
+    L = _cholesky(K, jitter, offset, out=space.get("L", square, K).mT)
+    kernel_grads = needs[0] or needs[3] or needs[4] or needs[5]
+    # with K^-1 needed anyway, a = K^-1 r is one pass over it instead of two triangular solves
+    Kinv = _inverse_from_cholesky(L, out=space.get("Kinv", square, K).mT).mT if kernel_grads else None
+    a = torch.bmm(Kinv, resid) if kernel_grads else torch.cholesky_solve(resid, L)
     n = K.shape[-1]
     value = _check_value(-0.5 * (resid * a).sum(-2) - L.diagonal(dim1=-2, dim2=-1).log().sum(-1, keepdim=True)
                          - 0.5 * n * math.log(2 * math.pi), offset)
+    del L
     grads = [None] * 6
     flat = idx.reshape(-1)
     if needs[1]:
         grads[1] = torch.zeros_like(y).index_add_(1, flat, -a.reshape(1, -1))
     if needs[2]:
         grads[2] = a.sum() if loc.dim() == 0 else torch.zeros_like(loc).index_add_(0, flat, a.reshape(-1))
-    if needs[0] or needs[3] or needs[4] or needs[5]:
-        eye = torch.eye(n, dtype=K.dtype, device=K.device).expand_as(L)
-        G = torch.cholesky_solve(eye, L).addcmul_(a, a.transpose(-1, -2), value=-1.0).mul_(-0.5)
-        del L
+    if kernel_grads:
+        G = Kinv.baddbmm_(a, a.transpose(-1, -2), beta=-0.5, alpha=0.5)
         trace = G.diagonal(dim1=-2, dim2=-1).sum()
         if needs[3]:
             grads[3] = trace.reshape(noise.shape)
@@ -249,7 +317,7 @@ def expert_log_likelihood(kernel, X, y, index, noise, mean=None, *, jitter: floa
     :param noise: positive scalar tensor (Gaussian noise variance).
     :param mean: ``None``, or a tensor broadcastable to ``(N,)``.
     :param jitter: first jitter tried for an expert whose Cholesky fails.
-    :param chunk_size: experts per batched Cholesky (default about ``2**24 / n^2``).
+    :param chunk_size: experts per batched Cholesky (default about ``2**21 / n^2``).
     :param tree: optional expert tree (:attr:`scalegp.Experts.tree`); the sum is
         accumulated node by node.
     :returns: tensor of shape ``y.shape[:-1]`` (a scalar for one target vector).
@@ -276,21 +344,20 @@ def expert_log_likelihood(kernel, X, y, index, noise, mean=None, *, jitter: floa
     batch = y.shape[:-1]
     y2 = y.reshape(-1, y.shape[-1])
     E, n = index.shape
-    step = _chunk(chunk_size, n)
     jitter = float(jitter)
 
     def evaluate(inputs, needs):
         X_, y_, loc_, noise_, *params = inputs
-        values, grads = [], [None] * len(inputs)
-        for start in range(0, E, step):
-            idx = index[start:start + step]
-            if any(needs):
-                v, parts = _chunk_value_and_grads(bound, inputs, needs, idx, jitter, start)
-                grads = [p if g is None else g + p for g, p in zip(grads, parts)]
-            else:
-                v = _chunk_values(bound, params, X_, y_, loc_, noise_, idx, jitter, start)
-            values.append(v)
-        return tree_sum(torch.cat(values), tree), grads
+        if not any(needs):  # autograd records each chunk's graph: stay in this thread
+            step = _chunk(chunk_size, n)
+            values = [_chunk_values(bound, params, X_, y_, loc_, noise_, index[start:start + step], jitter, start)
+                      for start in range(0, E, step)]
+            return tree_sum(torch.cat(values), tree), [None] * len(inputs)
+        step, space = _chunk(chunk_size, n, E), Workspace()
+        chunks = map_chunks(lambda start: _chunk_value_and_grads(bound, inputs, needs, index[start:start + step],
+                                                                 jitter, start, space), E, step)
+        grads = [None if parts[0] is None else sum(parts[1:], parts[0]) for parts in zip(*(c[1] for c in chunks))]
+        return tree_sum(torch.cat([c[0] for c in chunks]), tree), grads
 
     inputs = (X, y2, loc, noise, *bound.params)
     needs = [torch.is_grad_enabled() and torch.is_tensor(t) and t.requires_grad for t in inputs]
@@ -329,7 +396,7 @@ class HGPMarginal(TorchDistribution):
         (:func:`pyro_scalegp.parallel.pool_log_prob`).
     :param distributed: evaluate this rank's experts and all-reduce
         (:func:`pyro_scalegp.parallel.distributed_log_prob`).
-    :param chunk_size: experts per batched Cholesky (default about ``2**24 / n^2``).
+    :param chunk_size: experts per batched Cholesky (default about ``2**21 / n^2``).
 
     Attributes read by :mod:`pyro_scalegp.parallel`: ``kernel`` (the
     :class:`~pyro_scalegp.kernels.BoundKernel`), ``X`` ``(N, d)``, ``noise``,
@@ -464,14 +531,16 @@ class HGPMarginal(TorchDistribution):
         return out
 
     def _expert_predictions(self, y, index, X_new, prior_mean, test_chunk):
-        """Latent means and variances ``(E, T)`` of the experts ``index (E, n)`` at ``X_new``."""
+        """Latent means and variances ``(E, T)`` of the experts ``index (E, n)`` at ``X_new``;
+        chunks of experts run over threads (:func:`map_chunks`)."""
         E, n = index.shape
         T = X_new.shape[0]
         means = torch.empty(E, T, dtype=self.X.dtype, device=self.X.device)
         variances = torch.empty_like(means)
         kss = self.kernel.diag(X_new)
-        step = _chunk(self.chunk_size, n)
-        for start in range(0, E, step):
+        step = _chunk(self.chunk_size, n, E)
+
+        def experts(start):  # fills rows start:start + step
             idx = index[start:start + step]
             Xc = self.X[idx]
             K = self.kernel.gram(Xc)
@@ -481,9 +550,12 @@ class HGPMarginal(TorchDistribution):
             alpha = torch.cholesky_solve(resid[..., None], L)
             for t in range(0, T, test_chunk):
                 Ks = self.kernel.cross(Xc, X_new[t:t + test_chunk])
-                means[start:start + step, t:t + test_chunk] = prior_mean[t:t + test_chunk] + (Ks * alpha).sum(-2)
+                means[start:start + step, t:t + test_chunk] = prior_mean[t:t + test_chunk] + (
+                    torch.bmm(alpha.transpose(-1, -2), Ks)[:, 0])
                 V = torch.linalg.solve_triangular(L, Ks, upper=False)
-                variances[start:start + step, t:t + test_chunk] = kss[t:t + test_chunk] - (V * V).sum(-2)
+                variances[start:start + step, t:t + test_chunk] = kss[t:t + test_chunk] - V.mul_(V).sum(-2)
+
+        map_chunks(experts, E, step)
         return means, variances.clamp_min(torch.finfo(variances.dtype).tiny)
 
     def predict(self, y, X_new, *, combine: str = "rbcm", noiseless: bool = False, mean_new=None):
@@ -531,7 +603,7 @@ class HGPMarginal(TorchDistribution):
         except RuntimeError:
             raise ValueError(f"mean_new: expected a scalar or shape ({T},), got {tuple(mean_new.shape)}") from None
         n = self.experts.expert_size
-        test_chunk = max(1, _CHUNK_ELEMENTS // (n * _chunk(self.chunk_size, n)))
+        test_chunk = max(1, _CHUNK_ELEMENTS // (n * _chunk(self.chunk_size, n, self.experts.index.shape[0])))
         index = torch.as_tensor(self.experts.index, device=self.X.device)
         with torch.no_grad():
             y = y.detach()
