@@ -110,7 +110,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--expert-size", type=int, default=512)
     p.add_argument("--duplication", type=int, default=1)
     p.add_argument("--partition", default="local", choices=["local", "kdtree", "random"],
-                   help="local: KD-tree cells as experts (scalegp.partition(method="local")); "
+                   help="local: KD-tree cells as experts (scalegp.partition(method='local')); "
                         "kdtree: the paper's scheme (every expert spans the input space)")
     p.add_argument("--max-iter", type=int, default=40)
     p.add_argument("--inducing", type=int, default=500)
