@@ -251,7 +251,8 @@ def _chunk_value_and_grads(bound: BoundKernel, inputs, needs, idx, jitter, offse
     X, y, loc, noise, variance, lengthscale = inputs
     Xa = bound._slice(X[idx])
     square = idx.shape + idx.shape[-1:]
-    K, aux = stationary_forward(bound.kind, variance, lengthscale, Xa, out=space.get("K", square, Xa))
+    K, aux = stationary_forward(bound.kind, variance, lengthscale, Xa, out=space.get("K", square, Xa),
+                               scratch=lambda name: space.get(name, square, Xa))
     K.diagonal(dim1=-2, dim2=-1).add_(noise)
     resid = (y[0, idx] - (loc if loc.dim() == 0 else loc[idx]))[..., None]
     # LAPACK writes column-major matrices: transposed views of row-major buffers avoid a copy;

@@ -19,7 +19,7 @@ from pyro.nn import PyroSample
 import scalegp
 from pyro_scalegp import HGPMarginal, NotPositiveDefiniteError, expert_log_likelihood, gaussian_log_likelihood
 from pyro_scalegp.hgp import GaussianLogLikelihood
-from pyro_scalegp.kernels import bind, cross, diag, gram
+from pyro_scalegp.kernels import bind, cross, diag, gram, stationary_forward
 from scalegp import partition
 from tests import reference
 
@@ -54,12 +54,19 @@ def _dense_pyro(kernel, X, y, noise, mean):
 # --------------------------------------------------------------------------- kernels
 
 
+@pytest.mark.parametrize("autograd", [True, False], ids=["autograd", "in-place"])
 @pytest.mark.parametrize("name", list(KERNELS))
-def test_batched_kernels_equal_forward(name):
+def test_batched_kernels_equal_forward(name, autograd):
     X = torch.randn(4, 7, D)
     Z = torch.randn(5, D)
     k = _kernel(name)
-    G, C, d = gram(k, X), cross(k, X, Z), diag(k, X)
+    with torch.set_grad_enabled(autograd):  # without autograd: stationary_forward's in-place formulas
+        G, C, d = gram(k, X), cross(k, X, Z), diag(k, X)
+    if not autograd:  # into reused buffers, as HGPMarginal's chunks do
+        buffers = {}
+        K, _ = stationary_forward(name, torch.tensor(VAR), torch.tensor(LS), X, out=torch.full_like(G, float("nan")),
+                                  scratch=lambda key: buffers.setdefault(key, torch.full_like(G, float("nan"))))
+        assert torch.equal(K, G)
     for e in range(4):
         off = ~torch.eye(7, dtype=torch.bool)  # off the diagonal, where r > 0
         assert _rel(G[e][off], k.forward(X[e])[off]) < 1e-12
