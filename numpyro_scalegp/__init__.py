@@ -3,7 +3,7 @@ from scalegp import Experts, balanced_tree, partition
 
 from . import kernels
 from .advgp import ADVGP, ADVGPGuide
-from .async_svi import AsyncProximalSVI
+from .async_svi import AsyncProximalSVI, distributed_proximal_svi
 from .hgp import (
     HGPMarginal, JitterWarning, NotPositiveDefiniteError, NotPositiveDefiniteWarning, expert_log_likelihood,
     gaussian_log_likelihood,
@@ -16,7 +16,7 @@ __all__ = [
     "Experts", "balanced_tree", "partition", "kernels",
     "HGPMarginal", "JitterWarning", "NotPositiveDefiniteError", "NotPositiveDefiniteWarning",
     "expert_log_likelihood", "gaussian_log_likelihood",
-    "ADVGP", "ADVGPGuide", "AsyncProximalSVI", "proximal_adadelta",
+    "ADVGP", "ADVGPGuide", "AsyncProximalSVI", "distributed_proximal_svi", "proximal_adadelta",
     "LatticeKernelOperator",
     "SVGPVAE", "ExactGPVAE", "SVGPVAEGuide",
 ]

@@ -1,9 +1,12 @@
 """distributed_proximal_svi (issue 4, part 3): the delayed proximal algorithm over torch.distributed
-(gloo, point-to-point) with 3 processes on 127.0.0.1: one server, two workers."""
+(gloo, point-to-point) with 3 processes on 127.0.0.1: one server, two workers; a rank that dies is
+named by the others within seconds."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -11,8 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pyro_scalegp.async_svi import distributed_proximal_svi
+from pyro_scalegp import async_svi
+from pyro_scalegp.async_svi import PeerFailedError, distributed_proximal_svi
 from tests.test_advgp_async import OPTIM, data, new_model, proximal_gd
+from tests.test_advgp_async_server import crash_after
 
 
 pytestmark = pytest.mark.usefixtures("float64", "pyro_clean")
@@ -61,3 +66,48 @@ def test_requires_a_process_group():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="torch.distributed"):
         distributed_proximal_svi(new_model(Z), X, y, 1)
+
+
+def _dying_process(rank, world, port, out_dir, die_after):
+    """Like _process, but rank 2 crashes right after sending its die_after-th gradient; every rank
+    writes what happened to out_dir/<rank>.json."""
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+
+    def report(**fields):
+        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+            json.dump(dict(fields, time=time.time()), f)
+
+    if rank == 2:
+        crash_after(async_svi._DistributedChannel, "send", die_after, report)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    X, y, Z = data()
+    try:
+        distributed_proximal_svi(new_model(Z), X, y, 10**6, optim=OPTIM)
+    except PeerFailedError as exc:
+        report(event="error", message=str(exc))
+        raise SystemExit(1)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_dies_is_named_within_seconds(tmp_path):
+    start = time.time()
+    ctx = mp.start_processes(_dying_process, args=(3, _free_port(), str(tmp_path), 3), nprocs=3, join=False,
+                             start_method="spawn")
+    try:
+        for proc in ctx.processes:
+            proc.join(timeout=90)
+        assert not any(proc.is_alive() for proc in ctx.processes), "a rank hangs"
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+    assert [proc.exitcode for proc in ctx.processes] == [1, 1, 3]
+    killed, server, worker = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (2, 0, 1))
+    # it died after its gradient of version 2: noticed before or after that update
+    assert server["message"].startswith("rank 2 (worker 1) died")
+    assert server["message"].endswith(("stopped at version 2", "stopped at version 3"))
+    assert worker["message"].startswith("rank 0 (the server) stopped the run")
+    assert server["time"] - killed["time"] < 3.0 and worker["time"] - killed["time"] < 3.0
+    assert time.time() - start < 90

@@ -1,0 +1,505 @@
+r"""The server/worker protocol of delayed proximal gradient training (ADVGP), framework-free.
+
+Both frontends (:mod:`pyro_scalegp.async_svi`, :mod:`numpyro_scalegp.async_svi`) run
+this protocol; they only supply how a worker computes the gradient of its data term
+:math:`g_k`, how the server applies the proximal optimizer step and how parameters
+and optimizer state are serialized (the hooks of :class:`ProximalServer`). Written with
+numpy and the standard library only.
+
+**Protocol.** The server holds the parameters :math:`\theta_t` (``version`` :math:`t`)
+and ``K`` workers each own a data shard. Every published parameter vector carries a
+*tag* (a counter that is never reused, not even across :meth:`~ProximalServer.load_state_dict`,
+so gradients computed on replaced parameters are recognised and dropped). A worker that
+is idle is sent the newest parameters it has not used yet; it computes
+:math:`(g_k(\theta), \nabla g_k(\theta))` and sends them back with the tag. The server
+keeps each worker's latest gradient and the version it was computed at, :math:`t_k`, and
+applies
+
+.. math::
+
+    \theta_{t+1} = \mathrm{prox}_{\gamma h}\Big(\theta_t - \gamma \sum_k \nabla g_k(\theta_{t_k})\Big)
+
+as soon as it has received a new gradient and every worker's latest gradient satisfies
+:math:`t - \tau \le t_k` (``max_delay`` :math:`= \tau`; :math:`\tau = 0` is synchronous
+proximal gradient descent, step for step). It then publishes :math:`\theta_{t+1}`
+(sending it to every idle worker). The loss it reports for the update is
+:math:`\sum_k g_k(\theta_{t_k}) + h(\theta_t)`: the exact negative ELBO when :math:`\tau = 0`.
+
+**Faults.** A worker whose gradient the update waits for and that has been silent for
+``stall_timeout`` seconds is reported once (:class:`StalledWorkerWarning`, recorded in
+``stalls``). A worker that dies is restarted on its own shard where the transport can
+(local processes: :class:`ProcessWorkers`; recorded in ``restarts``; its lost gradient
+is recomputed on the newest parameters, so a synchronous run is unchanged); elsewhere
+(workers in other processes or machines) the server stops and raises
+:class:`PeerFailedError` naming it. A worker whose server dies raises
+:class:`PeerFailedError` naming the server.
+
+**Transports** carry the messages; a transport has ``num_workers``, ``restartable``,
+``send(k, tag, flat)`` (parameters to worker ``k``, which is idle), ``poll(timeout)``
+(the events that arrived: ``("grad", k, tag, value, grad)``, ``("error", k, text)``,
+``("dead", k, reason)``), ``describe(k)`` (a name for messages), ``restart(k)`` (if
+``restartable``) and ``close(abort=None)`` (stop the workers; with a reason, they raise
+:class:`PeerFailedError` carrying it). The worker side is a *channel* with ``recv()``
+(``(tag, flat)``, ``None`` once told to stop; raises on an abort or a dead server),
+``send(tag, value, grad)`` and ``fail(text)``, driven by :func:`serve_gradients`.
+Here: :class:`ConnectionWorkers` / :class:`ConnectionChannel` over
+``multiprocessing.connection`` objects (pipes, or TCP sockets between separately
+launched processes: :func:`accept_workers`, :func:`connect_to_server`) and
+:class:`ProcessWorkers` (local spawned processes); the Pyro frontend adds one over
+``torch.distributed``.
+
+.. note:: Cost per update on the server: ``O(K P)`` for ``P`` parameters (summing the
+   gradients, one message of ``P`` numbers to each idle worker) plus the optimizer step;
+   on worker ``k``: one gradient of :math:`g_k` plus two messages of ``P`` numbers.
+   Waiting polls every 50 ms at most.
+"""
+from __future__ import annotations
+
+import socket
+import time
+import traceback
+import warnings
+from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
+from multiprocessing.connection import wait as mp_wait
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+__all__ = [
+    "ConnectionChannel", "ConnectionWorkers", "PeerFailedError", "ProcessWorkers", "ProximalServer",
+    "StalledWorkerWarning", "accept_workers", "check_options", "connect_to_server", "serve_gradients",
+]
+
+_POLL_SECONDS = 0.05
+
+
+class StalledWorkerWarning(RuntimeWarning):
+    """A worker sent no gradient for longer than ``stall_timeout`` seconds."""
+
+
+class PeerFailedError(RuntimeError):
+    """A process of a distributed run (a worker, or the server) died or failed."""
+
+
+def check_options(N: int, *, num_workers: int, max_delay: int, stall_timeout: float,
+                  shards: Sequence | None = None, worker_sleep=0.0) -> tuple[list[np.ndarray], list[float]]:
+    """Check the options shared by every frontend; returns ``(shards, sleeps)``: ``num_workers``
+    arrays of row indices (default ``numpy.array_split`` of the ``N`` rows in order) that
+    together cover every row, and one straggler sleep (seconds) per worker.
+    Raises ``ValueError`` naming the bad argument."""
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise ValueError(f"num_workers: expected a positive integer, got {num_workers!r}")
+    if not isinstance(max_delay, int) or max_delay < 0:
+        raise ValueError(f"max_delay: expected a non-negative integer, got {max_delay!r}")
+    if not stall_timeout > 0:
+        raise ValueError(f"stall_timeout: expected a positive number, got {stall_timeout!r}")
+    if shards is None:
+        shards = np.array_split(np.arange(N), num_workers)
+    shards = [np.asarray(s, dtype=np.int64).reshape(-1) for s in shards]
+    if len(shards) != num_workers:
+        raise ValueError(f"shards: expected {num_workers} shards (one per worker), got {len(shards)}")
+    for k, s in enumerate(shards):
+        if s.size == 0 or s.min() < 0 or s.max() >= N:
+            raise ValueError(f"shards: shard {k} is empty or indexes outside 0..{N - 1}")
+    missing = np.setdiff1d(np.arange(N), np.concatenate(shards))
+    if missing.size:
+        raise ValueError(f"shards: {missing.size} rows are in no shard (e.g. {missing[:5].tolist()})")
+    sleeps = np.asarray(worker_sleep, dtype=np.float64)
+    if sleeps.shape not in ((), (num_workers,)) or not np.all(np.isfinite(sleeps)) or np.any(sleeps < 0):
+        raise ValueError(f"worker_sleep: expected non-negative seconds, one number or {num_workers}, "
+                         f"got {worker_sleep!r}")
+    return shards, np.broadcast_to(sleeps, (num_workers,)).tolist()
+
+
+# ---- the worker side -----------------------------------------------------------------------------
+def serve_gradients(channel, make_compute: Callable, X, y, *, sleep: float = 0.0) -> None:
+    """The worker loop: ``compute = make_compute(X, y)`` once (its shard), then until told to
+    stop: receive parameters, sleep ``sleep`` seconds (simulated straggler), send back
+    ``compute(flat) = (value, grad)`` with the parameters' tag. An exception is reported
+    to the server (``channel.fail``) and re-raised."""
+    try:
+        compute = make_compute(X, y)
+        while True:
+            message = channel.recv()
+            if message is None:
+                return
+            tag, flat = message
+            if sleep > 0:
+                time.sleep(sleep)
+            value, grad = compute(flat)
+            channel.send(tag, value, grad)
+    except PeerFailedError:
+        raise
+    except Exception:
+        channel.fail(traceback.format_exc())
+        raise
+
+
+class ConnectionChannel:
+    """The worker end of a ``multiprocessing.connection.Connection`` (a pipe or a socket).
+    ``peer`` names the server in errors."""
+
+    def __init__(self, conn: Connection, peer: str = "the server"):
+        self._conn, self._peer = conn, peer
+
+    def recv(self):
+        try:
+            message = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            raise PeerFailedError(f"{self._peer} died (its connection closed)") from exc
+        if message is None:
+            return None
+        kind, *payload = message
+        if kind == "abort":
+            raise PeerFailedError(f"{self._peer} stopped the run: {payload[0]}")
+        return tuple(payload)
+
+    def send(self, tag: int, value: float, grad: np.ndarray) -> None:
+        try:
+            self._conn.send(("grad", tag, float(value), np.asarray(grad, dtype=np.float64)))
+        except OSError as exc:
+            raise PeerFailedError(f"{self._peer} died (its connection closed)") from exc
+
+    def fail(self, text: str) -> None:
+        try:
+            self._conn.send(("error", text))
+        except OSError:
+            pass  # the server is gone too: the worker's own traceback is all that is left
+
+
+# ---- transports (the server side) ------------------------------------------------------------------
+class ConnectionWorkers:
+    """Workers behind ``multiprocessing.connection.Connection`` objects, one per worker
+    (``names[k]`` for messages). A closed connection is a dead worker; not restartable."""
+
+    restartable = False
+
+    def __init__(self, conns: Sequence[Connection], names: Sequence[str]):
+        self._conns = list(conns)
+        self._names = list(names)
+        self.num_workers = len(self._conns)
+
+    def describe(self, k: int) -> str:
+        return self._names[k]
+
+    def send(self, k: int, tag: int, flat: np.ndarray) -> None:
+        try:
+            self._conns[k].send(("params", tag, flat))
+        except OSError:
+            pass  # a dead worker: poll reports it
+
+    def _sentinels(self) -> dict:
+        """Extra objects to wait on, mapped to the worker whose death they signal."""
+        return {}
+
+    def _reason(self, k: int) -> str:
+        return "its connection closed"
+
+    def poll(self, timeout: float) -> list[tuple]:
+        sentinels = self._sentinels()
+        ready = mp_wait(self._conns + list(sentinels), timeout=timeout)
+        events, dead = [], set()
+        for k, conn in enumerate(self._conns):
+            if conn not in ready:
+                continue
+            while True:  # everything that already arrived
+                try:
+                    kind, *payload = conn.recv()
+                except (EOFError, OSError):
+                    dead.add(k)
+                    break
+                events.append((kind, k, *payload))
+                if not conn.poll(0):
+                    break
+        dead.update(k for s, k in sentinels.items() if s in ready)
+        events.extend(("dead", k, self._reason(k)) for k in sorted(dead))
+        return events
+
+    def close(self, abort: str | None = None) -> None:
+        for conn in self._conns:
+            try:
+                conn.send(None if abort is None else ("abort", abort))
+            except OSError:
+                pass
+            conn.close()
+
+
+def _process_main(make_compute, X, y, conn, sleep) -> None:
+    try:
+        serve_gradients(ConnectionChannel(conn), make_compute, X, y, sleep=sleep)
+    except Exception:  # already reported to the server (or the server is gone)
+        pass
+
+
+class ProcessWorkers(ConnectionWorkers):
+    """One local worker process per shard, started by ``context`` (a ``multiprocessing``
+    context, ``"spawn"``), each running :func:`serve_gradients` with ``make_compute`` (a
+    picklable callable) on its shard ``data[k] = (X_k, y_k)``; joined by a duplex pipe.
+    A dead worker is restartable on its shard.
+
+    .. note:: Starting a worker costs an interpreter start-up plus ``make_compute``
+       (imports, compilation): seconds. Parameters larger than a pipe buffer (64 KiB,
+       about 8,000 float64) are handed over only once the worker reads them, so the server
+       waits for a restarted worker's start-up before it goes on.
+    """
+
+    restartable = True
+
+    def __init__(self, context, make_compute: Callable, data: Sequence[tuple], sleeps: Sequence[float]):
+        self._context, self._make_compute = context, make_compute
+        self._data, self._sleeps = list(data), list(sleeps)
+        self.processes: list = [None] * len(self._data)
+        super().__init__([None] * len(self._data), [""] * len(self._data))
+        for k in range(self.num_workers):
+            self._start(k)
+
+    def _start(self, k: int) -> None:
+        conn, child = self._context.Pipe(duplex=True)
+        X, y = self._data[k]
+        proc = self._context.Process(target=_process_main, daemon=True,
+                                     args=(self._make_compute, X, y, child, self._sleeps[k]))
+        proc.start()
+        child.close()
+        self.processes[k], self._conns[k] = proc, conn
+        self._names[k] = f"worker {k} (pid {proc.pid})"
+
+    def _sentinels(self) -> dict:
+        return {proc.sentinel: k for k, proc in enumerate(self.processes)}
+
+    def _reason(self, k: int) -> str:
+        proc = self.processes[k]
+        proc.join(timeout=5.0)
+        return f"exit code {proc.exitcode}"
+
+    def restart(self, k: int) -> None:
+        old = self.processes[k]
+        if old.is_alive():  # closed its pipe but lingers: make sure it is gone
+            old.kill()
+            old.join()
+        self._conns[k].close()
+        self._start(k)
+
+    def close(self, abort: str | None = None) -> None:
+        super().close(abort)
+        for proc in self.processes:
+            proc.join(timeout=5.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def accept_workers(server: socket.socket, authkey: bytes, num_workers: int, *,
+                   timeout: float) -> ConnectionWorkers:
+    """Accept ``num_workers`` authenticated connections on the listening socket ``server``
+    (from :func:`connect_to_server`, each announcing its worker index) within ``timeout``
+    seconds, then close ``server``; workers are named ``rank k + 1 (worker k)``. Raises
+    :class:`PeerFailedError` naming the ranks that did not connect."""
+    conns: list = [None] * num_workers
+    deadline = time.monotonic() + timeout
+    try:
+        while not all(conns):
+            server.settimeout(max(deadline - time.monotonic(), 1e-3))
+            try:
+                sock, _ = server.accept()
+            except TimeoutError:
+                missing = [f"rank {k + 1}" for k, c in enumerate(conns) if c is None]
+                raise PeerFailedError(f"{', '.join(missing)} did not connect within {timeout} s") from None
+            sock.setblocking(True)
+            conn = Connection(sock.detach())
+            deliver_challenge(conn, authkey)  # the handshake of multiprocessing.connection.Listener
+            answer_challenge(conn, authkey)
+            conns[int(conn.recv())] = conn
+    finally:
+        server.close()
+    return ConnectionWorkers(conns, [f"rank {k + 1} (worker {k})" for k in range(num_workers)])
+
+
+def connect_to_server(address: tuple, authkey: bytes, k: int, *, timeout: float) -> ConnectionChannel:
+    """Connect worker ``k`` to the server listening at ``address``, retrying for ``timeout``
+    seconds; the server is named ``rank 0 (the server)`` in errors."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = Client(address, authkey=authkey)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise PeerFailedError(f"rank 0 (the server) is not listening at {address}") from None
+            time.sleep(_POLL_SECONDS)
+    conn.send(k)
+    return ConnectionChannel(conn, "rank 0 (the server)")
+
+
+# ---- the server ------------------------------------------------------------------------------------
+class ProximalServer:
+    """The server of the protocol (module docstring) over a transport ``workers``.
+
+    Frontends subclass it and implement four hooks: ``_flat_parameters()`` (the current
+    parameters as one float64 vector, in the order the workers' gradients use),
+    ``_proximal_step(grad)`` (apply the proximal optimizer step with the summed gradient,
+    returning :math:`h(\\theta_t)` before it), ``_checkpoint()`` (``{"params", "optim"}``)
+    and ``_restore(state)``. The hooks must be usable before ``__init__`` is called (it
+    publishes the initial parameters).
+
+    Attributes: ``version`` (updates applied), ``staleness`` (the largest delay
+    :math:`t - \\min_k t_k` each update used), ``restarts`` (``(worker, version)``),
+    ``stalls`` (``(worker, version, seconds)``).
+
+    .. note:: Cost per update: ``O(K P)`` here (see the module note) plus the hook.
+    """
+
+    def __init__(self, workers, *, max_delay: int, stall_timeout: float):
+        self._workers = workers
+        self.num_workers = workers.num_workers
+        self.max_delay = max_delay
+        self.stall_timeout = float(stall_timeout)
+        self.version = 0
+        self.restarts: list[tuple[int, int]] = []
+        self.stalls: list[tuple[int, int, float]] = []
+        self.staleness: list[int] = []
+        n = self.num_workers
+        self._grad: list[np.ndarray | None] = [None] * n
+        self._value = [0.0] * n
+        self._used = [-1] * n  # the version each latest gradient was computed at
+        self._busy = [False] * n  # holds parameters, gradient not back yet
+        self._heard = [time.monotonic()] * n
+        self._stall_reported = [False] * n
+        self._tag = 0
+        self._first_valid_tag = 1
+        self._closed = False
+        self._publish()
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _flat_parameters(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def _proximal_step(self, grad: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def _checkpoint(self) -> dict:
+        raise NotImplementedError
+
+    def _restore(self, state: dict) -> None:
+        raise NotImplementedError
+
+    # ---- protocol ----------------------------------------------------------------------------
+    def _publish(self) -> None:
+        self._tag += 1
+        self._tag_offset = self.version - self._tag  # version of a valid tag = tag + offset
+        self._flat = np.asarray(self._flat_parameters(), dtype=np.float64)
+        for k in range(self.num_workers):
+            if not self._busy[k]:
+                self._send(k)
+
+    def _send(self, k: int) -> None:
+        self._busy[k] = True
+        self._workers.send(k, self._tag, self._flat)
+
+    def _needs(self, k: int) -> bool:
+        """Whether the next update waits for a newer gradient from worker ``k``."""
+        return self._grad[k] is None or self._used[k] < self.version - self.max_delay
+
+    def _ready(self) -> bool:
+        return not any(self._needs(k) for k in range(self.num_workers))
+
+    def _receive(self, wait_start: float) -> bool:
+        """Handle the events of one poll; whether a usable gradient arrived."""
+        got = False
+        for kind, k, *payload in self._workers.poll(_POLL_SECONDS):
+            if kind == "grad":
+                tag, value, grad = payload
+                self._busy[k] = False
+                self._heard[k] = time.monotonic()
+                self._stall_reported[k] = False
+                if tag >= self._first_valid_tag:  # else computed on parameters replaced by a load
+                    self._grad[k], self._value[k], self._used[k] = grad, value, tag + self._tag_offset
+                    got = True
+                if tag != self._tag:
+                    self._send(k)  # newer parameters are waiting for it
+            elif kind == "error":
+                self._abort(f"{self._workers.describe(k)} failed:\n{payload[0]}")
+            else:
+                self._dead(k, payload[0])
+        now = time.monotonic()
+        for k in range(self.num_workers):
+            silent = now - max(self._heard[k], wait_start)
+            if self._needs(k) and silent > self.stall_timeout and not self._stall_reported[k]:
+                self._stall_reported[k] = True
+                self.stalls.append((k, self.version, silent))
+                warnings.warn(f"{self._workers.describe(k)} has sent no gradient for {silent:.1f} s "
+                              f"(server at version {self.version})", StalledWorkerWarning)
+        return got
+
+    def _dead(self, k: int, reason: str) -> None:
+        name = self._workers.describe(k)
+        if not self._workers.restartable:
+            self._abort(f"{name} died ({reason}); the server stopped at version {self.version}")
+        self._workers.restart(k)
+        self.restarts.append((k, self.version))
+        warnings.warn(f"{name} died ({reason}); restarted on its shard at version {self.version}",
+                      RuntimeWarning)
+        self._heard[k] = time.monotonic()
+        self._stall_reported[k] = False
+        self._send(k)
+
+    def step(self) -> float:
+        """One server update; returns the loss estimate ``sum_k g_k(theta_{t_k}) + h(theta_t)``
+        (the exact negative ELBO at ``theta_t`` when ``max_delay=0``)."""
+        if self._closed:
+            raise RuntimeError("step: this server is closed")
+        wait_start = time.monotonic()
+        got_new = False
+        while not (got_new and self._ready()):
+            got_new = self._receive(wait_start) or got_new
+        grad = np.sum(self._grad, axis=0)
+        loss = float(sum(self._value)) + self._proximal_step(grad)
+        self.staleness.append(self.version - min(self._used))
+        self.version += 1
+        self._publish()
+        return loss
+
+    def run(self, num_steps: int, *, progress_bar: bool = True) -> list[float]:
+        """``num_steps`` updates with a progress bar; returns the loss estimates."""
+        if not isinstance(num_steps, int) or num_steps < 0:
+            raise ValueError(f"num_steps: expected a non-negative integer, got {num_steps!r}")
+        losses = []
+        with tqdm(total=num_steps, disable=not progress_bar, desc="ADVGP") as bar:
+            for _ in range(num_steps):
+                losses.append(self.step())
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+                bar.update()
+        return losses
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Parameters, optimizer state and version: enough to resume a synchronous run exactly."""
+        return {"version": self.version, **self._checkpoint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; gradients in flight on older parameters are dropped."""
+        self._restore(state)
+        self.version = int(state["version"])
+        self._grad = [None] * self.num_workers
+        self._used = [-1] * self.num_workers
+        self._first_valid_tag = self._tag + 1
+        self._publish()
+
+    def _abort(self, message: str) -> None:
+        """Stop the workers, telling them why, and raise :class:`PeerFailedError`."""
+        if not self._closed:
+            self._closed = True
+            self._workers.close(abort=message)
+        raise PeerFailedError(message)
+
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._workers.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,359 @@
+"""scalegp.async_server: the framework-free protocol of delayed proximal gradient, tested on its own
+with a numpy quadratic problem: a scripted transport (the update rule for max_delay 0 and k, tags,
+restarts, stalls, failures), and real transports with in-thread workers (pipes, TCP sockets)."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from multiprocessing import AuthenticationError, Pipe
+
+import numpy as np
+import pytest
+
+from scalegp.async_server import (ConnectionChannel, ConnectionWorkers, PeerFailedError, ProximalServer,
+                                  StalledWorkerWarning, accept_workers, check_options, connect_to_server,
+                                  serve_gradients)
+
+GAMMA, LAM = 0.1, 0.5
+CENTRES = [np.array([1.0, -2.0, 0.5]), np.array([-0.5, 3.0, 2.0]), np.array([2.0, 0.0, -1.0])]
+
+
+class QuadraticServer(ProximalServer):
+    """g_k(theta) = |theta - c_k|^2 / 2, h(theta) = LAM |theta|^2 / 2, proximal gradient steps."""
+
+    def __init__(self, workers, **options):
+        self.theta = np.zeros(3)
+        self.used = []  # the versions of the gradients each update used
+        super().__init__(workers, **options)
+
+    def _flat_parameters(self):
+        return self.theta.copy()
+
+    def _proximal_step(self, grad):
+        self.used.append(list(self._used))
+        h = 0.5 * LAM * self.theta @ self.theta
+        self.theta = (self.theta - GAMMA * grad) / (1 + GAMMA * LAM)
+        return h
+
+    def _checkpoint(self):
+        return {"params": self.theta.copy(), "optim": {}}
+
+    def _restore(self, state):
+        self.theta = np.array(state["params"])
+
+
+def reference(num_steps, centres=CENTRES):
+    """Synchronous proximal gradient descent: the parameters after each step and each step's loss."""
+    theta, history, losses = np.zeros(3), [], []
+    for _ in range(num_steps):
+        losses.append(sum(0.5 * (theta - c) @ (theta - c) for c in centres) + 0.5 * LAM * theta @ theta)
+        theta = (theta - GAMMA * sum(theta - c for c in centres)) / (1 + GAMMA * LAM)
+        history.append(theta)
+    return history, losses
+
+
+def gradient(theta, k):
+    return 0.5 * (theta - CENTRES[k]) @ (theta - CENTRES[k]), theta - CENTRES[k]
+
+
+def crash_after(cls, name: str, calls: int, report) -> None:
+    """Fault injection for the multi-process tests: patch ``cls.name`` so that this process dies
+    like a crash (``os._exit(3)``, no clean-up) right after its ``calls``-th call, having called
+    ``report(event="killed")``."""
+    method, done = getattr(cls, name), []
+
+    def patched(self, *args):
+        result = method(self, *args)
+        done.append(1)
+        if len(done) == calls:
+            report(event="killed")
+            os._exit(3)
+        return result
+
+    setattr(cls, name, patched)
+
+
+# ---- a scripted transport: the test decides what arrives when ---------------------------------------
+class Scripted:
+    """Each poll returns the next scripted list of events, or sleeps a scripted number of seconds;
+    running out of script means the server waited where the test expected an update."""
+
+    def __init__(self, num_workers, script=(), *, restartable=True):
+        self.num_workers, self.restartable = num_workers, restartable
+        self.script = list(script)
+        self.sent, self.restarted, self.closed = [], [], None
+
+    def describe(self, k):
+        return f"fake {k}"
+
+    def send(self, k, tag, flat):
+        self.sent.append((k, tag))
+
+    def poll(self, timeout):
+        if not self.script:
+            raise AssertionError("the server waited for an event the test did not script")
+        item = self.script.pop(0)
+        if isinstance(item, float):
+            time.sleep(item)
+            return []
+        return item
+
+    def restart(self, k):
+        self.restarted.append(k)
+
+    def close(self, abort=None):
+        self.closed = ("abort", abort) if abort else ("stop",)
+
+
+def grad_event(k, tag, theta):
+    value, grad = gradient(theta, k)
+    return ("grad", k, tag, value, grad)
+
+
+def test_max_delay_0_waits_for_every_worker_at_the_current_version():
+    workers = Scripted(2)
+    server = QuadraticServer(workers, max_delay=0, stall_timeout=60)
+    assert workers.sent == [(0, 1), (1, 1)]  # the initial parameters (tag 1 = version 0) to both
+    theta0 = server.theta.copy()
+    workers.script = [[grad_event(0, 1, theta0)], [grad_event(1, 1, theta0)]]
+    server.step()  # needs both
+    assert workers.script == [] and server.version == 1 and server.used == [[0, 0]]
+    assert workers.sent[2:] == [(0, 2), (1, 2)]  # version 1 to both idle workers
+    theta1 = server.theta.copy()
+    # a gradient of version 0 after the update is stale: not enough, and the worker gets version 1
+    workers.script = [[grad_event(0, 1, theta0)], [grad_event(0, 2, theta1), grad_event(1, 2, theta1)]]
+    with pytest.raises(AssertionError, match="did not script"):
+        QuadraticServer(Scripted(2, [[grad_event(0, 1, theta0)]]), max_delay=0, stall_timeout=60).step()
+    server.step()
+    assert server.used[-1] == [1, 1] and server.staleness == [0, 0]
+    history, _ = reference(2, CENTRES[:2])
+    np.testing.assert_allclose(server.theta, history[1], rtol=1e-15)
+
+
+def test_max_delay_k_updates_without_a_straggler_until_it_is_k_versions_behind():
+    k = 2
+    workers = Scripted(2)
+    server = QuadraticServer(workers, max_delay=k, stall_timeout=60)
+    theta = server.theta.copy()
+    workers.script = [[grad_event(0, 1, theta), grad_event(1, 1, theta)]]
+    server.step()  # both at version 0
+    for version in range(1, k + 1):  # worker 1 straggles: worker 0 alone drives k more updates
+        workers.script = [[grad_event(0, version + 1, server.theta)]]
+        server.step()
+        assert server.used[-1] == [version, 0]
+    assert server.staleness == [0, 1, 2]
+    # version k + 1: worker 1's gradient of version 0 is now too old; a fresh one from worker 0 is not enough
+    workers.script = [[grad_event(0, k + 2, server.theta)]]
+    with pytest.raises(AssertionError, match="did not script"):
+        server.step()
+    workers.script = [[grad_event(1, 2, server.theta)]]  # its gradient of version 1 will do
+    server.step()
+    assert server.used[-1] == [k + 1, 1] and server.staleness[-1] == k
+    # the straggler was sent the newest parameters when its stale gradient came back
+    assert (1, server._tag - 1) in workers.sent
+
+
+def test_dead_worker_is_restarted_counted_and_resent_the_newest_parameters():
+    workers = Scripted(2)
+    server = QuadraticServer(workers, max_delay=0, stall_timeout=60)
+    theta = server.theta.copy()
+    workers.script = [[grad_event(0, 1, theta), ("dead", 1, "exit code -9")], [grad_event(1, 1, theta)]]
+    with pytest.warns(RuntimeWarning, match=r"fake 1 died \(exit code -9\); restarted on its shard at version 0"):
+        server.step()
+    assert workers.restarted == [1] and server.restarts == [(1, 0)]
+    assert workers.sent[:3] == [(0, 1), (1, 1), (1, 1)]  # resent version 0 after the restart
+    assert server.version == 1
+
+
+def test_dead_worker_that_cannot_be_restarted_stops_the_run_naming_it():
+    workers = Scripted(2, [[("dead", 1, "its connection closed")]], restartable=False)
+    server = QuadraticServer(workers, max_delay=0, stall_timeout=60)
+    with pytest.raises(PeerFailedError, match=r"^fake 1 died \(its connection closed\); the server stopped at version 0"):
+        server.step()
+    assert workers.closed[0] == "abort" and workers.closed[1].startswith("fake 1 died")
+    with pytest.raises(RuntimeError, match="closed"):
+        server.step()
+
+
+def test_worker_error_stops_the_run_with_its_traceback():
+    workers = Scripted(1, [[("error", 0, "Traceback: boom")]])
+    server = QuadraticServer(workers, max_delay=0, stall_timeout=60)
+    with pytest.raises(PeerFailedError, match="fake 0 failed:\nTraceback: boom"):
+        server.step()
+
+
+def test_stalled_worker_is_reported_once_and_only_while_awaited():
+    theta = np.zeros(3)
+    workers = Scripted(2, [[grad_event(0, 1, theta)], 0.2, 0.2, [], [grad_event(1, 1, theta)]])
+    server = QuadraticServer(workers, max_delay=0, stall_timeout=0.15)
+    with pytest.warns(StalledWorkerWarning, match="fake 1 has sent no gradient") as record:
+        server.step()
+    assert len(record) == 1 and [s[:2] for s in server.stalls] == [(1, 0)] and server.stalls[0][2] > 0.15
+    # worker 0, which had answered, was never reported
+
+
+def test_load_state_dict_drops_gradients_on_replaced_parameters():
+    workers = Scripted(1)
+    server = QuadraticServer(workers, max_delay=3, stall_timeout=60)
+    workers.script = [[grad_event(0, 1, server.theta)]]
+    server.step()
+    state = server.state_dict()
+    assert state["version"] == 1
+    server.load_state_dict({"version": 7, "params": np.ones(3), "optim": {}})
+    assert server.version == 7 and workers.sent == [(0, 1), (0, 2)]  # the worker is busy with tag 2
+    # its gradient of the replaced parameters (tag 2) is dropped although max_delay would allow
+    # its age, and it is sent the loaded parameters (tag 3) at once
+    workers.script = [[grad_event(0, 2, server.theta)], [grad_event(0, 3, np.ones(3))]]
+    server.step()
+    assert workers.sent[2] == (0, 3) and server.used == [[0], [7]] and server.version == 8
+
+
+def test_check_options_names_the_bad_argument():
+    shards, sleeps = check_options(10, num_workers=2, max_delay=0, stall_timeout=1.0)
+    assert [s.tolist() for s in shards] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and sleeps == [0.0, 0.0]
+    assert check_options(10, num_workers=2, max_delay=0, stall_timeout=1.0, worker_sleep=[0.5, 0.0])[1] == [0.5, 0.0]
+    for kwargs, name in [({"num_workers": 0}, "num_workers"), ({"max_delay": 1.5}, "max_delay"),
+                         ({"stall_timeout": 0}, "stall_timeout"), ({"shards": [np.arange(9)]}, "shards"),
+                         ({"shards": [np.arange(5), np.arange(5)]}, "shards"),
+                         ({"shards": [np.arange(5), np.arange(5, 11)]}, "shards"),
+                         ({"worker_sleep": [0.0, np.nan]}, "worker_sleep"),
+                         ({"worker_sleep": [0.0, 1.0, 2.0]}, "worker_sleep")]:
+        with pytest.raises(ValueError, match=name):
+            check_options(10, **{"num_workers": 2, "max_delay": 0, "stall_timeout": 1.0, **kwargs})
+
+
+# ---- real transports with in-thread workers ---------------------------------------------------------
+class _Die(BaseException):
+    """Ends a worker thread the way a crash ends a process: no error message, the connection closes."""
+
+
+def make_compute(die_at=None):
+    def build(c, _):
+        calls = []
+
+        def compute(flat):
+            calls.append(1)
+            if len(calls) == die_at:
+                raise _Die
+            return 0.5 * (flat - c) @ (flat - c), flat - c
+
+        return compute
+
+    return build
+
+
+def run_worker(channel, build, c, sleep=0.0):
+    try:
+        serve_gradients(channel, build, c, None, sleep=sleep)
+    except (_Die, PeerFailedError) as exc:
+        channel.outcome = exc
+    finally:
+        channel._conn.close()
+
+
+class ThreadWorkers(ConnectionWorkers):
+    """Workers in threads of this process over pipes; restartable (a restart is a fresh thread
+    that does not die)."""
+
+    restartable = True
+
+    def __init__(self, sleeps=(0.0, 0.0, 0.0), die_at=(None, None, None)):
+        self._sleeps, self._die_at = sleeps, list(die_at)
+        super().__init__([None] * 3, [f"thread {k}" for k in range(3)])
+        for k in range(3):
+            self._start(k)
+
+    def _start(self, k):
+        conn, child = Pipe()
+        self._conns[k] = conn
+        threading.Thread(target=run_worker, daemon=True,
+                         args=(ConnectionChannel(child), make_compute(self._die_at[k]), CENTRES[k],
+                               self._sleeps[k])).start()
+
+    def restart(self, k):
+        self._conns[k].close()
+        self._die_at[k] = None
+        self._start(k)
+
+
+def test_thread_workers_synchronous_equals_proximal_gradient_descent_through_a_restart():
+    history, losses = reference(6)
+    with QuadraticServer(ThreadWorkers(sleeps=(0.0, 0.01, 0.0), die_at=(None, None, 3)), max_delay=0,
+                         stall_timeout=60) as server:
+        with pytest.warns(RuntimeWarning, match="thread 2 died"):
+            for t in range(6):
+                assert server.step() == pytest.approx(losses[t], rel=1e-14)
+                np.testing.assert_allclose(server.theta, history[t], rtol=1e-14)
+        assert server.restarts[0][0] == 2 and len(server.restarts) == 1 and server.staleness == [0] * 6
+
+
+def test_thread_workers_bounded_delay_with_a_straggler():
+    with pytest.warns(StalledWorkerWarning, match="thread 0"):
+        with QuadraticServer(ThreadWorkers(sleeps=(0.3, 0.0, 0.0)), max_delay=4, stall_timeout=0.2) as server:
+            server.run(12, progress_bar=False)
+    assert max(server.staleness) == 4 and all(0 <= s <= 4 for s in server.staleness)
+    assert all(t - 4 <= u <= t for t, used in enumerate(server.used) for u in used)
+
+
+def tcp_workers(num_workers, authkeys, die_at=(None, None)):
+    """A listening socket, and worker threads connecting to it; returns (socket, channels)."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    address = listening.getsockname()
+    channels = []
+
+    def worker(k, key):
+        channel = connect_to_server(address, key, k, timeout=10)
+        channels.append(channel)
+        run_worker(channel, make_compute(die_at[k]), CENTRES[k])
+
+    threads = [threading.Thread(target=worker, args=(k, authkeys[k]), daemon=True) for k in range(num_workers)]
+    for thread in threads:
+        thread.start()
+    return listening, channels, threads
+
+
+def test_tcp_workers_synchronous_equal_proximal_gradient_descent():
+    history, _ = reference(4, CENTRES[:2])
+    listening, _, threads = tcp_workers(2, [b"key"] * 2)
+    with QuadraticServer(accept_workers(listening, b"key", 2, timeout=10), max_delay=0, stall_timeout=60) as server:
+        server.run(4, progress_bar=False)
+        np.testing.assert_allclose(server.theta, history[-1], rtol=1e-14)
+    for thread in threads:  # told to stop: they return
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+
+
+def test_tcp_worker_that_dies_is_named_and_the_others_are_told():
+    listening, channels, threads = tcp_workers(2, [b"key"] * 2, die_at=(None, 2))
+    server = QuadraticServer(accept_workers(listening, b"key", 2, timeout=10), max_delay=0, stall_timeout=60)
+    start = time.monotonic()
+    with pytest.raises(PeerFailedError, match=r"^rank 2 \(worker 1\) died \(its connection closed\)"):
+        server.run(10, progress_bar=False)
+    assert time.monotonic() - start < 5
+    for thread in threads:
+        thread.join(timeout=5)
+    (survivor,) = [c for c in channels if isinstance(c.outcome, PeerFailedError)]
+    assert str(survivor.outcome).startswith("rank 0 (the server) stopped the run: rank 2 (worker 1) died")
+
+
+def test_tcp_missing_or_unauthenticated_workers_are_named():
+    listening, _, _ = tcp_workers(1, [b"key"])  # worker 1 never comes
+    with pytest.raises(PeerFailedError, match="rank 2 did not connect within 1"):
+        accept_workers(listening, b"key", 2, timeout=1)
+    listening = socket.create_server(("127.0.0.1", 0))
+    failure = []
+
+    def intruder():
+        try:
+            connect_to_server(listening.getsockname(), b"wrong", 0, timeout=5)
+        except AuthenticationError as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=intruder, daemon=True)
+    thread.start()
+    with pytest.raises(AuthenticationError):
+        accept_workers(listening, b"key", 1, timeout=5)
+    thread.join(timeout=5)
+    assert failure
