@@ -1,27 +1,45 @@
-"""Lattice kernel products against the exact chunked kernel product, in one process on the same data.
+"""Lattice kernel products against the exact chunked kernel product and the authors' implementation,
+in one process on the same data.
 
-Per (data set, N, order): wall time of the lattice build + one product with 1 column and with 8
-columns, of a product alone, of the exact chunked product (float64, row blocks), and the cosine
-similarity of the lattice product with the exact one (mean and worst of the columns). Data: the
-flights inputs (``scalegp.load_flights()``, d = 8, standardized, lengthscales learned by an exact GP
-on a random subset) and synthetic standard-normal inputs with d = 2..20 (lengthscale sqrt(d)).
-Also the speedup of 2 CPU threads over 1 for the lattice product.
+Per (data set, N, order), RBF kernel, float64:
+
+* ours (:class:`pyro_scalegp.lattice.LatticeKernelOperator`): wall time of the whole build (validation,
+  lattice, diagonal calibration) plus one product with 1 column and with 8 columns
+  (``ratio_8_over_1``: one build serves all columns), of the calibration alone, of a product alone, and
+  the build + 8-column product with 1 and with 2 OpenMP threads (``threads_speedup``);
+* the exact product ``K v``, float64, in row blocks: on all rows when ``N <= --exact-rows``, else on a
+  random subset of ``--exact-rows`` rows, its time scaled by ``N / rows`` (``exact_scaled`` says so);
+  cosine similarities are taken over the rows computed;
+* the authors' ``gpytorch-lattice-kernel`` 0.0.dev1 (``pip install "scalegp[bench]"``): its filter
+  ``LatticeFilterGeneral.apply(v, Z, kernel.dkernel_fn)`` of ``RBFLattice(order=r)``, which rebuilds
+  its lattice on every call, in float32 (its C++ reads float32 only) and with its kernel
+  ``exp(-|z - z'|^2)``, so ``Z = X / (lengthscale sqrt 2)`` gives the same RBF kernel. Its import needs
+  ``gpytorch.lazy.LazyTensor``, which current GPyTorch lacks: ``linear_operator.LinearOperator`` is put
+  there first. Its products are uncalibrated, so only its cosine similarity is comparable
+  (``peer_scale`` is the ratio of norms to the exact product).
+
+Data: the flights inputs (``scalegp.load_flights()``, d = 8, standardized) with the RBF lengthscales and
+variance an exact GP learns on a random subset (:func:`learn_flights_lengthscales`, or given with
+``--lengthscales``/``--variance``), and synthetic standard-normal inputs with d = 2..20 (lengthscale
+sqrt(d)). Timings are medians of ``--repeats`` runs.
 
 Small validation run (minutes)::
 
-    .venv/bin/python -m benchmarks.lattice_mvm --sizes 2000 10000 --dims 2 8 20 --out /tmp/lattice_mvm_small.json
+    .venv/bin/python -m benchmarks.lattice_mvm --sizes 2000 10000 --dims 2 8 --out /tmp/lattice_mvm_small.json
 
-Full run (all 243,853 flights rows; the exact product alone takes a long time on 2 cores)::
+Full run (results in benchmarks/results/lattice_mvm.{json,md})::
 
-    .venv/bin/python -m benchmarks.lattice_mvm --sizes 10000 100000 243853 --dims 2 4 8 12 16 20 \\
-        --out benchmarks/results/lattice_mvm.json
+    nice -n 5 .venv/bin/python -m benchmarks.lattice_mvm --sizes 10000 30000 100000 243853 \\
+        --synthetic-sizes 10000 --dims 2 4 8 12 16 20 --out benchmarks/results/lattice_mvm.json
 
-Writes JSON and prints a markdown table. Timings are medians of ``--repeats`` runs.
+Writes JSON and a markdown table next to it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,24 +48,25 @@ import numpy as np
 import torch
 from pyro.contrib.gp import kernels as gpk
 
+import kernels_cuda.cpu
 from pyro_scalegp.lattice import LatticeKernelOperator
 from scalegp import load_flights
 
 
-def exact_matmul(X: torch.Tensor, ell: torch.Tensor, variance: float, V: torch.Tensor, block: int = 2048):
-    """``K V`` for the RBF kernel by row blocks (O(N^2 d) time, O(block N) memory)."""
-    Z = X / ell
+def exact_rows_matmul(Z: torch.Tensor, rows: torch.Tensor, variance: float, V: torch.Tensor, block: int = 1024):
+    """``(K V)[rows]`` for the RBF kernel of the scaled inputs ``Z = X / lengthscale`` by row blocks
+    (``O(R N d)`` time for ``R`` rows, ``O(block N)`` memory)."""
     sq = (Z**2).sum(1)
-    out = torch.empty(X.shape[0], V.shape[1], dtype=V.dtype)
-    for s in range(0, X.shape[0], block):
-        zb = Z[s : s + block]
-        r2 = (sq[s : s + block, None] - 2 * zb @ Z.T + sq[None, :]).clamp_min_(0)
+    out = torch.empty(rows.numel(), V.shape[1], dtype=V.dtype)
+    for s in range(0, rows.numel(), block):
+        r = rows[s : s + block]
+        r2 = (sq[r, None] - 2 * Z[r] @ Z.T + sq[None, :]).clamp_min_(0)
         out[s : s + block] = torch.exp(-0.5 * r2) @ V
     return variance * out
 
 
 def _median_time(fn, repeats):
-    times = []
+    times, out = [], None
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
@@ -55,8 +74,9 @@ def _median_time(fn, repeats):
     return statistics.median(times), out
 
 
-def learn_flights_lengthscales(X: torch.Tensor, y: torch.Tensor, n_sub: int = 1500, steps: int = 150, seed: int = 0):
-    """RBF lengthscales / variance of an exact GP (pyro.contrib.gp GPRegression) fit on a subset."""
+def learn_flights_lengthscales(X: torch.Tensor, y: torch.Tensor, n_sub: int = 2000, steps: int = 150, seed: int = 0):
+    """RBF lengthscales / variance of an exact GP (pyro.contrib.gp GPRegression, Adam, ``steps`` steps)
+    fit on ``n_sub`` random rows."""
     import pyro
     from pyro.contrib.gp.models import GPRegression
 
@@ -74,71 +94,138 @@ def learn_flights_lengthscales(X: torch.Tensor, y: torch.Tensor, n_sub: int = 15
     return kern.lengthscale.detach().clone(), float(kern.variance.detach())
 
 
-def run_case(label, X, ell, variance, orders, repeats, exact_max):
+def load_peer():
+    """The authors' ``(RBFLattice, LatticeFilterGeneral)``, or the reason it cannot be used."""
+    try:
+        import gpytorch
+        import gpytorch.lazy
+        import linear_operator
+
+        gpytorch.lazy.LazyTensor = linear_operator.LinearOperator  # what its import expects
+        from gpytorch_lattice_kernel import RBFLattice
+        from gpytorch_lattice_kernel.bilateral_kernel import LatticeFilterGeneral
+    except Exception as err:  # reported in the results, not hidden
+        return None, f"{type(err).__name__}: {err}"
+    return (RBFLattice, LatticeFilterGeneral), None
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).min())
+
+
+def run_case(label, X, ell, variance, orders, repeats, exact_rows, peer):
     n, d = X.shape
-    rows = []
     g = torch.Generator().manual_seed(1)
     V8 = torch.randn(n, 8, dtype=X.dtype, generator=g)
-    t_exact, exact = (None, None)
-    if n <= exact_max:
-        t_exact, exact = _median_time(lambda: exact_matmul(X, ell, variance, V8[:, :1]), 1)
+    V1 = V8[:, :1].contiguous()
+    Z = X / ell
+    rows = torch.arange(n) if n <= exact_rows else torch.randperm(n, generator=g)[:exact_rows].sort().values
+    t_rows, exact = _median_time(lambda: exact_rows_matmul(Z, rows, variance, V1), 1)
+    t_exact = t_rows * n / rows.numel()
     kern = gpk.RBF(d, variance=torch.tensor(variance, dtype=X.dtype), lengthscale=ell)
+    out_rows = []
     for order in orders:
         with torch.no_grad():
-            t_b1, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V8[:, :1], repeats)
+            t_b1, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V1, repeats)
             t_b8, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V8, repeats)
             op = LatticeKernelOperator(X, kern, order=order)
-            t_p1, out = _median_time(lambda: op @ V8[:, :1], repeats)
+            lat = op.lattice
+            t_cal, _ = _median_time(lambda: lat.impl.local_gram(lat.coef), repeats)
+            t_p1, out = _median_time(lambda: op @ V1, repeats)
+            t_p8, _ = _median_time(lambda: op @ V8, repeats)
+            threads = torch.get_num_threads()
             torch.set_num_threads(1)
-            t_p1_1thr, _ = _median_time(lambda: op @ V8, repeats)
+            t_thr1, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V8, repeats)
             torch.set_num_threads(2)
-            t_p1_2thr, _ = _median_time(lambda: op @ V8, repeats)
-        row = dict(data=label, n=n, d=d, order=order, vertices=op.lattice.impl.m, build_plus_1col_s=t_b1,
-                   build_plus_8col_s=t_b8, ratio_8_over_1=t_b8 / t_b1, product_1col_s=t_p1,
-                   threads_speedup_8col=t_p1_1thr / t_p1_2thr)
-        if exact is not None:
-            cos = torch.nn.functional.cosine_similarity(out, exact, dim=0)
-            row.update(exact_1col_s=t_exact, speedup_vs_exact=t_exact / t_b1, cosine=float(cos.min()))
-        rows.append(row)
-        print(row, flush=True)
-    return rows
+            t_thr2, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V8, repeats)
+            torch.set_num_threads(threads)
+        exact_cal = kernels_cuda.cpu.probe_plan(lat.impl.m, d, order, kernels_cuda.cpu.CALIBRATION_PROBES, 8)[1]
+        row = dict(data=label, n=n, d=d, order=order, vertices=lat.impl.m, calibration="exact" if exact_cal else "probes",
+                   build_plus_1col_s=t_b1, build_plus_8col_s=t_b8, ratio_8_over_1=t_b8 / t_b1, calibration_s=t_cal,
+                   product_1col_s=t_p1, product_8col_s=t_p8, threads_speedup=t_thr1 / t_thr2,
+                   exact_rows=rows.numel(), exact_scaled=rows.numel() < n, exact_1col_s=t_exact,
+                   speedup_vs_exact=t_exact / t_b1, cosine=_cos(out[rows], exact),
+                   scale=float(out[rows].norm() / exact.norm()))
+        if peer is not None:
+            RBFLattice, LatticeFilterGeneral = peer
+            pk = RBFLattice(ard_num_dims=d, order=order)
+            Zp = (Z / math.sqrt(2)).float().contiguous()
+            t_peer, pout = _median_time(lambda: LatticeFilterGeneral.apply(V1.float(), Zp, pk.dkernel_fn), repeats)
+            row.update(peer_1col_s=t_peer, peer_cosine=_cos(pout[rows], exact),
+                       peer_scale=float(pout[rows].double().norm() / exact.norm()), ours_speedup_vs_peer=t_peer / t_b1)
+        out_rows.append(row)
+        print(json.dumps(row), flush=True)
+    return out_rows
+
+
+COLUMNS = ["data", "n", "d", "order", "vertices", "calibration", "cosine", "peer_cosine", "build_plus_1col_s",
+           "peer_1col_s", "ours_speedup_vs_peer", "exact_1col_s", "exact_scaled", "speedup_vs_exact",
+           "calibration_s", "product_1col_s", "ratio_8_over_1", "threads_speedup"]
+
+
+def markdown(rows, header: str) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000])
+    p.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000], help="flights sizes")
+    p.add_argument("--synthetic-sizes", type=int, nargs="+", default=[2000])
     p.add_argument("--dims", type=int, nargs="+", default=[2, 8, 20])
     p.add_argument("--orders", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--exact-max", type=int, default=300000, help="skip the exact product above this N")
+    p.add_argument("--exact-rows", type=int, default=4096, help="exact product on at most this many rows")
+    p.add_argument("--lengthscales", type=float, nargs=8, default=None,
+                   help="flights RBF lengthscales (default: learned by an exact GP on 2000 rows)")
+    p.add_argument("--variance", type=float, default=None)
     p.add_argument("--no-flights", action="store_true")
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small sizes (also when CI is set)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.quick or os.environ.get("CI"):
+        args.sizes, args.synthetic_sizes, args.dims, args.repeats = [2000], [1000], [2, 8], 1
     torch.set_num_threads(2)
-    rows = []
+    peer, why = (None, "skipped (--no-peer)") if args.no_peer else load_peer()
+    if peer is None:
+        print("gpytorch-lattice-kernel not run:", why, flush=True)
+    rows, meta = [], {"threads": 2, "peer": why or "gpytorch-lattice-kernel 0.0.dev1"}
     if not args.no_flights:
         data = load_flights()
         Xf = torch.as_tensor(data.X_train, dtype=torch.float64)
         Xf = (Xf - Xf.mean(0)) / Xf.std(0)
-        yf = torch.as_tensor(data.y_train, dtype=torch.float64)
-        ell, var = learn_flights_lengthscales(Xf, yf)
+        if args.lengthscales is None:
+            t = time.perf_counter()
+            ell, var = learn_flights_lengthscales(Xf, torch.as_tensor(data.y_train, dtype=torch.float64))
+            meta["lengthscales_from"] = f"exact GP on 2000 rows, 150 Adam steps ({time.perf_counter() - t:.0f} s)"
+        else:
+            ell, var = torch.tensor(args.lengthscales, dtype=torch.float64), float(args.variance)
+            meta["lengthscales_from"] = "given (--lengthscales / --variance)"
+        meta.update(flights_lengthscales=ell.tolist(), flights_variance=var)
         print("flights lengthscales", ell.numpy().round(3).tolist(), "variance", round(var, 4), flush=True)
+        perm = torch.randperm(Xf.shape[0], generator=torch.Generator().manual_seed(2))
         for n in args.sizes:
-            idx = torch.randperm(Xf.shape[0], generator=torch.Generator().manual_seed(2))[: min(n, Xf.shape[0])]
-            rows += run_case("flights", Xf[idx], ell, var, args.orders, args.repeats, args.exact_max)
+            rows += run_case("flights", Xf[perm[: min(n, Xf.shape[0])]], ell, var, args.orders, args.repeats,
+                             args.exact_rows, peer)
     for d in args.dims:
-        for n in args.sizes:
+        for n in args.synthetic_sizes:
             X = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
             rows += run_case("normal", X, torch.full((d,), float(np.sqrt(d)), dtype=torch.float64), 1.0,
-                             args.orders, args.repeats, args.exact_max)
-    cols = ["data", "n", "d", "order", "vertices", "cosine", "build_plus_1col_s", "build_plus_8col_s",
-            "ratio_8_over_1", "exact_1col_s", "speedup_vs_exact", "threads_speedup_8col"]
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + " |")
+                             args.orders, args.repeats, args.exact_rows, peer)
+    header = (f"Lattice MVM (RBF, float64 ours / float32 peer, {meta['threads']} threads; peer: {meta['peer']}; "
+              f"flights lengthscales: {meta.get('lengthscales_from', 'n/a')}). Exact products on at most "
+              f"{args.exact_rows} rows, time scaled by N / rows where exact_scaled.")
+    table = markdown(rows, header)
+    print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        args.out.with_suffix(".md").write_text(table)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 .. note:: Cost: building is ``O(N d^2)`` for the embedding plus ``O(N d^2)`` hash work and
    ``O(M d^2 r)`` for the neighbour table (``M <= N (d+1)`` vertices, ``r`` the stencil order);
-   each product is ``O(N d c + M d r c)`` for ``c`` columns. Memory: see
+   each product is ``O(N d c + M d r c)`` for ``c`` columns; the calibration (:meth:`CpuLattice.local_gram`)
+   ``O(M^2 d r)`` exact, or ``O(S (M d r + N d^2))`` for ``S`` probes where that is cheaper. Memory: see
    :func:`scalegp.lattice.memory_estimate`.
 """
 from __future__ import annotations
@@ -14,12 +15,16 @@ import numpy as np
 
 from .build import cpu_library_path
 
-__all__ = ["CpuLattice", "load_library"]
+__all__ = ["CALIBRATION_PROBES", "EXACT_MIN", "CpuLattice", "distinct_rows", "load_library", "probe_plan"]
 
 _LIB = None
 _LOCK = threading.Lock()
 
-_MAX_LOCAL_CAP = 1 << 24  # per-thread scratch slots of the exact-diagonal pass
+#: Rademacher probes of the diagonal calibration where the exact one would cost more (see probe_plan)
+CALIBRATION_PROBES = 256
+#: element-operations below which the calibration is exact whatever the probes would cost
+EXACT_MIN = 1 << 26
+_PROBE_BUFFER_BYTES = 64 << 20
 _i32p = ctypes.POINTER(ctypes.c_int32)
 _i64 = ctypes.c_int64
 _int = ctypes.c_int
@@ -34,8 +39,8 @@ def _sigs():
             None, [tp, tp, _i64, _int, _int, _i32p, tp, ctypes.c_int32, _i32p, _int, tp, tp, tp])
         sig[f"sgp_splat_blur_{suffix}"] = (
             None, [tp, _i64, _int, _int, _i32p, tp, ctypes.c_int32, _i32p, _int, tp, tp, tp])
-        sig[f"sgp_local_gram_{suffix}"] = (
-            _i64, [ctypes.POINTER(_i64), _i64, _int, _i32p, _i32p, _int, tp, ctypes.c_int32, tp, _i32p])
+        sig[f"sgp_probe_gram_{suffix}"] = (
+            None, [ctypes.POINTER(_i64), _i64, _int, _i32p, ctypes.c_int32, _i32p, _int, tp, _i64, _int, _int, tp])
     sig["sgp_build_table"] = (ctypes.c_int32, [_i32p, _i64, _int, _i32p, _i64, _i32p, _i32p, _i32p, _i32p])
     sig["sgp_build_neighbours"] = (None, [ctypes.c_int32, _int, _i32p, _i32p, _i32p, _i64, _i32p, _int, _i32p])
     sig["sgp_max_d"] = (_int, [])
@@ -60,6 +65,38 @@ def _ptr(a: np.ndarray):
     ct = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double,
           np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64}[a.dtype]
     return a.ctypes.data_as(ctypes.POINTER(ct))
+
+
+def probe_plan(m: int, d: int, order: int, probes: int, itemsize: int, exact=None, simplices=None
+               ) -> tuple[int, bool, int]:
+    """``(columns, exact, block)`` of the calibration of a lattice of ``m`` vertices and ``simplices``
+    distinct simplices (default ``m``). Exact (the ``m`` columns of ``B``) when ``exact`` is true, or, for
+    ``exact=None``, when that costs no more element-operations than the probes,
+    ``2 (d+1)(2r+1) m^2 <= max(EXACT_MIN, S ((d+1)(2r+1) m + (d+1)(d+2)/2 simplices))``; else
+    ``probes`` Rademacher columns. ``block`` columns per blur pass: at most 64 (measured fastest: the
+    buffers stay in cache), and the two ``m x block`` buffers of a thread under 64 MiB."""
+    if int(probes) != probes or probes < 1:
+        raise ValueError(f"probes: must be a positive integer, got {probes!r}")
+    if exact is None:
+        taps = (d + 1) * (2 * order + 1)
+        u = m if simplices is None else simplices
+        exact = 2 * taps * m * m <= max(EXACT_MIN, probes * (taps * m + (d + 1) * (d + 2) // 2 * u))
+    total = m if exact else int(probes)
+    block = int(max(1, min(64, total, _PROBE_BUFFER_BYTES // (2 * m * itemsize))))
+    return total, bool(exact), block
+
+
+def distinct_rows(vid, xp=np):
+    """``(first, inverse)``: one point index per distinct simplex (row of ``vid``) and, for every point, the
+    position of its simplex in ``first``. Rows are keyed by a 64-bit hash and the grouping is checked
+    against the rows themselves (a hash collision would raise)."""
+    mult = xp.asarray(np.random.default_rng(0).integers(1, 2**62, size=vid.shape[1], dtype=np.int64) | 1)
+    h = (vid.astype(np.int64) * mult).sum(1)
+    _, first, inverse = xp.unique(h, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if not bool((vid[first][inverse] == vid).all()):
+        raise RuntimeError("kernels_cuda: simplex hash collision (internal error)")
+    return first.astype(np.int64), inverse
 
 
 def table_capacity(n_pv: int) -> int:
@@ -157,26 +194,20 @@ class CpuLattice:
             self.order, _ptr(coef), _ptr(buf0), _ptr(buf1))
         return out.reshape(np.shape(v))
 
-    def local_gram(self, coef: np.ndarray, *, cap: int = 1024) -> np.ndarray:
-        """Exact local Gram matrices ``N x (d+1) x (d+1)`` of the one-pass blur ``C`` between each
-        point's simplex vertices, so that ``diag(W^T C^T C W)_i = w_i^T G_i w_i``. ``G_i`` depends
-        only on the simplex, so it is computed once per distinct simplex (dense data share many);
-        simplices whose blur support outgrows the scratch are redone with a 4x larger one."""
+    def local_gram(self, coef: np.ndarray, *, probes: int = CALIBRATION_PROBES, exact=None) -> np.ndarray:
+        """Local Gram matrices ``N x (d+1) x (d+1)`` of the one-pass blur ``C`` between each point's
+        simplex vertices, ``G_i[k, l] = <C e_{a_ik}, C e_{a_il}> = B[a_ik, a_il]`` (``B = C^T C``), so that
+        ``diag(W^T B W)_i = w_i^T G_i w_i``: exact from the ``m`` columns of ``B`` (cost
+        ``2 (d+1)(2r+1) m^2``), or the unbiased estimate ``Z_{a_ik} . Z_{a_il} / S`` from ``Z = C^T P``
+        with ``S = probes`` Rademacher columns ``P`` (cost ``(d+1)(2r+1) m S + (d+1)^2 U S`` for ``U``
+        distinct simplices; relative error of ``w^T G w`` about ``sqrt(2 / S)`` per point, correlated
+        between nearby points). ``exact=None`` picks the cheaper (see :func:`probe_plan`)."""
         _, coef, _ = self._cols(np.zeros((self.n, 1), self.dtype), coef)
+        first, inverse = distinct_rows(self.vid)
+        total, exact, block = probe_plan(self.m, self.d, self.order, probes, self.dtype.itemsize, exact, first.size)
         dp1 = self.d + 1
-        gram = np.empty((self.n, dp1, dp1), self.dtype)
-        _, first, inverse = np.unique(self.vid, axis=0, return_index=True, return_inverse=True)
-        idx = first.astype(np.int64)
-        todo = idx
-        fn = getattr(load_library(), f"sgp_local_gram_{self.suffix}")
-        while todo.size:
-            status = np.empty(todo.size, np.int32)
-            fn(_ptr(todo), todo.size, self.d, _ptr(self.vid), _ptr(self.nbr), self.order, _ptr(coef), cap,
-               _ptr(gram), _ptr(status))
-            todo = todo[status != 0]
-            cap *= 4
-            if todo.size and cap > _MAX_LOCAL_CAP:
-                raise MemoryError(
-                    f"lattice: the blur support of {todo.size} simplices exceeds {_MAX_LOCAL_CAP // 2} vertices "
-                    "(a very dense lattice: lower the order or the lengthscale-to-spread ratio)")
-        return gram[idx[inverse.reshape(-1)]]
+        gram = np.empty((first.size, dp1, dp1), self.dtype)
+        getattr(load_library(), f"sgp_probe_gram_{self.suffix}")(
+            _ptr(first), first.size, self.d, _ptr(self.vid), self.m, _ptr(self.nbr), self.order, _ptr(coef), total,
+            int(exact), block, _ptr(gram))
+        return gram[inverse]

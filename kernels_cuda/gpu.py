@@ -6,6 +6,10 @@ the order of the CPU build. No machine this project is tested on has a GPU: CI c
 ``sgp_lattice.cu`` with nvcc and tests this dispatch with CuPy mocked; the CUDA path itself is
 compiled, not run.
 
+Vertex ids are numbered by an atomic counter here (in point order on the CPU), so where the calibration
+uses Rademacher probes (signs hashed from vertex ids) its estimate differs from run to run, with the
+same distribution.
+
 .. note:: Cost: as the CPU build, with one thread per point, point-vertex or vertex.
 """
 from __future__ import annotations
@@ -16,13 +20,15 @@ import importlib
 import numpy as np
 
 from .build import SOURCE_DIR
+from .cpu import CALIBRATION_PROBES, distinct_rows, probe_plan
 
 __all__ = ["GpuLattice", "KERNEL_NAMES", "module"]
 
 KERNEL_NAMES = (
     "sgp_embed_f32", "sgp_embed_f64", "sgp_fill_i32", "sgp_insert_all", "sgp_number_owners", "sgp_resolve_vids",
     "sgp_build_neighbours", "sgp_zero_f32", "sgp_zero_f64", "sgp_splat_f32", "sgp_splat_f64", "sgp_blur_f32",
-    "sgp_blur_f64", "sgp_slice_f32", "sgp_slice_f64", "sgp_local_gram_f32", "sgp_local_gram_f64",
+    "sgp_blur_f64", "sgp_slice_f32", "sgp_slice_f64", "sgp_probe_fill_f32", "sgp_probe_fill_f64", "sgp_probe_gram_f32",
+    "sgp_probe_gram_f64", "sgp_gram_extract_f32", "sgp_gram_extract_f64",
 )
 _THREADS = 256
 
@@ -123,24 +129,32 @@ class GpuLattice:
                 np.int32(self.d), self.vid, bary_)
         return out.reshape(v.shape)
 
-    def local_gram(self, coef, *, cap: int = 1024, threads: int = 1 << 14):
-        """Exact local Gram matrices ``N x (d+1) x (d+1)`` (see the CPU twin), with per-thread scratch."""
+    def local_gram(self, coef, *, probes: int = CALIBRATION_PROBES, exact=None):
+        """Local Gram matrices ``N x (d+1) x (d+1)`` of the blur between each point's simplex vertices,
+        exact or from ``probes`` Rademacher columns (see the CPU twin), once per distinct simplex."""
         cp = _cupy()
+        first, inverse = distinct_rows(self.vid, cp)
+        total, exact, block = probe_plan(self.m, self.d, self.order, probes, self.dtype.itemsize, exact, first.size)
         dp1 = self.d + 1
         coef = cp.asarray(coef, dtype=self.dtype)
-        gram = cp.empty((self.n, dp1, dp1), self.dtype)
-        idx = cp.arange(self.n, dtype=np.int64)
-        while idx.size:
-            nthreads = min(threads, (idx.size + _THREADS - 1) // _THREADS * _THREADS)
-            slots = cp.full(nthreads * 2 * cap, -1, np.int32)
-            vertex = cp.empty(nthreads * 2 * cap, np.int32)
-            slot = cp.empty(nthreads * 2 * cap, np.int32)
-            vals = cp.empty(nthreads * 2 * cap * dp1, self.dtype)
-            status = cp.empty(idx.size, np.int32)
-            module().get_function(f"sgp_local_gram_{self.suffix}")(
-                (nthreads // _THREADS,), (_THREADS,),
-                (idx, np.int64(idx.size), np.int32(self.d), self.vid, self.nbr, np.int32(self.order), coef,
-                 np.int32(cap), slots, vertex, slot, vals, gram, status))
-            idx = idx[status != 0]
-            cap *= 4
-        return gram
+        gram = cp.empty((first.size, dp1, dp1), self.dtype)
+        _launch(f"sgp_zero_{self.suffix}", gram.size, gram, np.int64(gram.size))
+        buf0 = cp.empty(self.m * block, self.dtype)
+        buf1 = cp.empty(self.m * block, self.dtype)
+        for col0 in range(0, total, block):
+            nc = min(block, total - col0)
+            _launch(f"sgp_probe_fill_{self.suffix}", self.m, np.int32(self.m), np.int64(col0), np.int32(nc),
+                    np.int32(exact), buf0)
+            src, dst = buf0, buf1
+            for p in range(0 if exact else dp1, 2 * dp1):  # B = C^T C, or C^T for the probes
+                axis = p if p <= self.d else 2 * self.d + 1 - p
+                _launch(f"sgp_blur_{self.suffix}", self.m, np.int32(self.m), np.int32(axis), src, dst, np.int32(nc),
+                        np.int32(self.d), self.nbr, np.int32(self.order), coef)
+                src, dst = dst, src
+            if exact:
+                _launch(f"sgp_gram_extract_{self.suffix}", first.size, first, np.int64(first.size), src,
+                        np.int64(col0), np.int32(nc), np.int32(self.d), self.vid, gram)
+            else:
+                _launch(f"sgp_probe_gram_{self.suffix}", first.size, first, np.int64(first.size), src, np.int32(nc),
+                        np.int32(self.d), self.vid, self.dtype.type(1.0 / total), gram)
+        return gram[inverse]

@@ -2,7 +2,8 @@
 // sgp_lattice.h (the same functions the OpenMP loops of sgp_lattice_cpu.cpp run). Kernels are
 // extern "C" so CuPy's RawModule (NVRTC) finds them by name; kernels_cuda/gpu.py launches them in
 // the same order as the CPU build: embed, clear/insert/number/resolve, neighbours, then per product
-// zero + splat + 2(d+1) blurs + slice. One thread per element; grid-stride loops.
+// zero + splat + 2(d+1) blurs + slice, and for the calibration per block fill + blurs + extract / gram.
+// One thread per element; grid-stride loops.
 #include "sgp_lattice.h"
 
 #define SGP_LOOP(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
@@ -79,23 +80,30 @@ __global__ void sgp_slice_f64(const double* vals, double* out, int64_t n, int nc
     SGP_LOOP(i, n) sgp_slice_point<double>(i, vals, out, nc, d, vid, bary);
 }
 
-// One thread per point index, each with its own slice of the scratch (2 cap slots / entries and
-// 2 cap (d+1) values); launch with exactly n_threads = gridDim.x * blockDim.x threads.
-__global__ void sgp_local_gram_f32(const int64_t* idx, int64_t n_idx, int d, const int32_t* vid,
-                                   const int32_t* nbr, int r, const float* coef, int32_t cap, int32_t* slots,
-                                   int32_t* vertex, int32_t* slot, float* vals, float* gram, int32_t* status) {
-    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    SgpLocalScratch sc{slots + tid * 2 * cap, vertex + tid * 2 * cap, slot + tid * 2 * cap};
-    SGP_LOOP(j, n_idx)
-        status[j] = sgp_local_gram_point<float>(idx[j], d, vid, nbr, r, coef, cap, sc, vals + tid * 2 * cap * (d + 1), gram);
+// Diagonal calibration (see sgp_lattice.h): fill one block of nc columns (m x nc), blur them (2(d+1) passes for
+// exact columns of B, d+1 along axes d..0 for Rademacher probes), then extract or accumulate every point's Gram.
+__global__ void sgp_probe_fill_f32(int32_t m, int64_t col0, int nc, int identity, float* out) {
+    SGP_LOOP(v, m) sgp_probe_fill_vertex<float>((int32_t)v, col0, nc, identity, out);
 }
-__global__ void sgp_local_gram_f64(const int64_t* idx, int64_t n_idx, int d, const int32_t* vid,
-                                   const int32_t* nbr, int r, const double* coef, int32_t cap, int32_t* slots,
-                                   int32_t* vertex, int32_t* slot, double* vals, double* gram, int32_t* status) {
-    const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    SgpLocalScratch sc{slots + tid * 2 * cap, vertex + tid * 2 * cap, slot + tid * 2 * cap};
-    SGP_LOOP(j, n_idx)
-        status[j] = sgp_local_gram_point<double>(idx[j], d, vid, nbr, r, coef, cap, sc, vals + tid * 2 * cap * (d + 1), gram);
+__global__ void sgp_probe_fill_f64(int32_t m, int64_t col0, int nc, int identity, double* out) {
+    SGP_LOOP(v, m) sgp_probe_fill_vertex<double>((int32_t)v, col0, nc, identity, out);
+}
+__global__ void sgp_probe_gram_f32(const int64_t* idx, int64_t n, const float* z, int nc, int d, const int32_t* vid,
+                                   float scale, float* gram) {
+    SGP_LOOP(j, n) sgp_probe_gram_point<float>(j, idx, z, nc, d, vid, scale, gram);
+}
+__global__ void sgp_probe_gram_f64(const int64_t* idx, int64_t n, const double* z, int nc, int d,
+                                   const int32_t* vid, double scale, double* gram) {
+    SGP_LOOP(j, n) sgp_probe_gram_point<double>(j, idx, z, nc, d, vid, scale, gram);
+}
+
+__global__ void sgp_gram_extract_f32(const int64_t* idx, int64_t n, const float* bcols, int64_t col0, int nc, int d,
+                                     const int32_t* vid, float* gram) {
+    SGP_LOOP(j, n) sgp_gram_extract_point<float>(j, idx, bcols, col0, nc, d, vid, gram);
+}
+__global__ void sgp_gram_extract_f64(const int64_t* idx, int64_t n, const double* bcols, int64_t col0, int nc,
+                                     int d, const int32_t* vid, double* gram) {
+    SGP_LOOP(j, n) sgp_gram_extract_point<double>(j, idx, bcols, col0, nc, d, vid, gram);
 }
 
 }  // extern "C"

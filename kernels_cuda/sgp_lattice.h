@@ -192,14 +192,16 @@ template <typename T>
 SGP_HD inline void sgp_blur_vertex(int32_t a, int axis, const T* in, T* out, int nc, int d, const int32_t* nbr,
                                    int r, const T* coef) {
     const int32_t* nb = nbr + ((int64_t)a * (d + 1) + axis) * 2 * r;
-    for (int c = 0; c < nc; ++c) {
-        T acc = coef[0] * in[(int64_t)a * nc + c];
-        for (int t = 1; t <= r; ++t) {
-            int32_t p = nb[t - 1], m = nb[r + t - 1];
-            if (p >= 0) acc += coef[t] * in[(int64_t)p * nc + c];
-            if (m >= 0) acc += coef[t] * in[(int64_t)m * nc + c];
+    T* o = out + (int64_t)a * nc;
+    const T* x = in + (int64_t)a * nc;
+    for (int c = 0; c < nc; ++c) o[c] = coef[0] * x[c];
+    for (int t = 1; t <= r; ++t) {  // neighbour rows outside, columns inside: contiguous, vectorizable
+        for (int side = 0; side < 2; ++side) {
+            const int32_t p = nb[side * r + t - 1];
+            if (p < 0) continue;
+            const T* y = in + (int64_t)p * nc;
+            for (int c = 0; c < nc; ++c) o[c] += coef[t] * y[c];
         }
-        out[(int64_t)a * nc + c] = acc;
     }
 }
 
@@ -216,84 +218,66 @@ SGP_HD inline void sgp_slice_point(int64_t i, const T* values, T* out, int nc, i
     }
 }
 
-// ---- exact local Gram of the blur, for the diagonal calibration ----------------------------------
-// For point i with simplex vertices a_0..a_d, Y = C [e_{a_0} .. e_{a_d}] (C = one blur pass along
-// axes 0..d, missing vertices dropped exactly as in the product) is propagated as a sparse block of
-// d+1 columns, and gram_out[i] = Y^T Y ((d+1) x (d+1)), so diag(W^T C^T C W)_i = w_i^T gram_i w_i.
-// Scratch (per thread): two open-addressing tables of `cap` slots (a power of two, filled with -1 by
-// the caller and left so on return) holding at most cap/2 entries each. Returns 0, or 1 if the
-// support outgrew cap/2 (the caller retries with a larger cap).
-struct SgpLocalScratch {
-    int32_t* slots;   // 2 * cap
-    int32_t* vertex;  // 2 * cap
-    int32_t* slot;    // 2 * cap
-};
-
-template <typename T>
-SGP_HD inline int32_t sgp_local_find(int32_t* slots, int32_t* vertex, int32_t* slot, T* vals, int32_t cap,
-                                     int32_t* count, int32_t v, int dp1) {
-    uint32_t s = ((uint32_t)v * 2654435761u) & (uint32_t)(cap - 1);
-    while (true) {
-        int32_t e = slots[s];
-        if (e == -1) {
-            if (*count >= cap / 2) return -1;
-            e = (*count)++;
-            slots[s] = e;
-            vertex[e] = v;
-            slot[e] = (int32_t)s;
-            for (int k = 0; k < dp1; ++k) vals[(int64_t)e * dp1 + k] = 0;
-            return e;
-        }
-        if (vertex[e] == v) return e;
-        s = (s + 1) & (uint32_t)(cap - 1);
-    }
+// ---- diagonal calibration: the local Gram of the blur between each point's simplex vertices -------
+// G_i[k][l] = <C e_{a_ik}, C e_{a_il}> = B[a_ik][a_il] (C = one blur pass along axes 0..d on the lattice
+// actually built, B = C^T C), so that diag(W^T B W)_i = w_i^T G_i w_i. Exact: blocks of columns of B
+// (identity columns through all 2(d+1) blurs), from which every point reads the entries of its
+// vertices (sgp_gram_extract_point). Estimated: Z = C^T P for S Rademacher columns P (d+1 blurs), and
+// G_i[k][l] ~= Z_{a_ik} . Z_{a_il} / S (sgp_probe_gram_point). Probes are filled block by block
+// (columns col0 .. col0+nc-1); a Rademacher sign is a hash of (vertex id, column), so no probe matrix
+// is ever stored whole.
+SGP_HD inline uint64_t sgp_mix64(uint64_t x) {  // splitmix64 finalizer
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
 }
 
 template <typename T>
-SGP_HD inline int sgp_local_gram_point(int64_t i, int d, const int32_t* vid, const int32_t* nbr, int r,
-                                       const T* coef, int32_t cap, SgpLocalScratch sc, T* vals, T* gram_out) {
+SGP_HD inline void sgp_probe_fill_vertex(int32_t v, int64_t col0, int nc, int identity, T* out) {
+    for (int c = 0; c < nc; ++c) {
+        const int64_t col = col0 + c;
+        T val;
+        if (identity) val = (int64_t)v == col ? (T)1 : (T)0;
+        else val = (sgp_mix64(((uint64_t)(uint32_t)v << 32) ^ (uint64_t)col) >> 63) ? (T)1 : (T)-1;
+        out[(int64_t)v * nc + c] = val;
+    }
+}
+
+// gram_j += scale * Z_{a_i}^T Z_{a_i} for point i = idx[j] and one block of nc probe columns (z: m x nc);
+// the caller lists one point per distinct simplex (points sharing a simplex share its Gram).
+template <typename T>
+SGP_HD inline void sgp_probe_gram_point(int64_t j, const int64_t* idx, const T* z, int nc, int d,
+                                        const int32_t* vid, T scale, T* gram) {
     const int dp1 = d + 1;
-    int32_t count[2] = {0, 0};
-    int cur = 0, status = 0;
+    const int64_t i = idx[j];
+    T* g = gram + j * dp1 * dp1;
     for (int k = 0; k < dp1; ++k) {
-        int32_t e = sgp_local_find<T>(sc.slots, sc.vertex, sc.slot, vals, cap, &count[0], vid[i * dp1 + k], dp1);
-        vals[(int64_t)e * dp1 + k] = 1;
-    }
-    for (int axis = 0; axis <= d && status == 0; ++axis) {
-        const int nxt = 1 - cur;
-        int32_t* s_n = sc.slots + (int64_t)nxt * cap;
-        int32_t* v_n = sc.vertex + (int64_t)nxt * cap;
-        int32_t* p_n = sc.slot + (int64_t)nxt * cap;
-        T* x_n = vals + (int64_t)nxt * cap * dp1;
-        const T* x_c = vals + (int64_t)cur * cap * dp1;
-        for (int32_t e = 0; e < count[cur] && status == 0; ++e) {
-            const int32_t b = sc.vertex[(int64_t)cur * cap + e];
-            const int32_t* nb = nbr + ((int64_t)b * dp1 + axis) * 2 * r;
-            for (int t = -r; t <= r; ++t) {
-                const int32_t target = t == 0 ? b : (t > 0 ? nb[t - 1] : nb[r - t - 1]);
-                if (target < 0) continue;
-                const int32_t f = sgp_local_find<T>(s_n, v_n, p_n, x_n, cap, &count[nxt], target, dp1);
-                if (f < 0) { status = 1; break; }
-                const T c = coef[t < 0 ? -t : t];
-                for (int k = 0; k < dp1; ++k) x_n[(int64_t)f * dp1 + k] += c * x_c[(int64_t)e * dp1 + k];
-            }
+        const T* zk = z + (int64_t)vid[i * dp1 + k] * nc;
+        for (int l = k; l < dp1; ++l) {
+            const T* zl = z + (int64_t)vid[i * dp1 + l] * nc;
+            T acc = 0;
+            for (int c = 0; c < nc; ++c) acc += zk[c] * zl[c];
+            acc *= scale;
+            g[k * dp1 + l] += acc;
+            if (l != k) g[l * dp1 + k] += acc;
         }
-        for (int32_t e = 0; e < count[cur]; ++e) sc.slots[(int64_t)cur * cap + sc.slot[(int64_t)cur * cap + e]] = -1;
-        count[cur] = 0;
-        cur = nxt;
     }
-    if (status == 0) {
-        const T* x = vals + (int64_t)cur * cap * dp1;
-        for (int k = 0; k < dp1; ++k)
-            for (int l = k; l < dp1; ++l) {
-                T acc = 0;
-                for (int32_t e = 0; e < count[cur]; ++e) acc += x[(int64_t)e * dp1 + k] * x[(int64_t)e * dp1 + l];
-                gram_out[(i * dp1 + k) * dp1 + l] = acc;
-                gram_out[(i * dp1 + l) * dp1 + k] = acc;
-            }
+}
+
+// gram_j[k][l] = B[a_ik][a_il] for point i = idx[j] and the vertices a_il among the block's columns
+// col0 .. col0+nc-1 (bcols: m x nc, column c = B e_{col0 + c}).
+template <typename T>
+SGP_HD inline void sgp_gram_extract_point(int64_t j, const int64_t* idx, const T* bcols, int64_t col0, int nc,
+                                          int d, const int32_t* vid, T* gram) {
+    const int dp1 = d + 1;
+    const int64_t i = idx[j];
+    T* g = gram + j * dp1 * dp1;
+    for (int l = 0; l < dp1; ++l) {
+        const int64_t c = (int64_t)vid[i * dp1 + l] - col0;
+        if (c < 0 || c >= nc) continue;
+        for (int k = 0; k < dp1; ++k) g[k * dp1 + l] = bcols[(int64_t)vid[i * dp1 + k] * nc + c];
     }
-    for (int32_t e = 0; e < count[cur]; ++e) sc.slots[(int64_t)cur * cap + sc.slot[(int64_t)cur * cap + e]] = -1;
-    return status;
 }
 
 #endif  // SGP_LATTICE_H

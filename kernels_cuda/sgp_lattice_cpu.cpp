@@ -1,5 +1,7 @@
 // CPU build of the lattice kernels: OpenMP loops over the per-element functions of sgp_lattice.h.
 // C ABI only (plain pointers and integers); the Python side (kernels_cuda/cpu.py) loads it with ctypes.
+#include <omp.h>
+
 #include <cmath>
 #include <vector>
 #include <stdint.h>
@@ -51,23 +53,61 @@ void filter(const T* v, T* out, int64_t n, int nc, int d, const int32_t* vid, co
     for (int64_t i = 0; i < n; ++i) sgp_slice_point<T>(i, buf0, out, nc, d, vid, bary);
 }
 
+// Blur one block of nc columns in place of buf0 (ping-pong with buf1) along passes first..2d+1 (pass p < d+1 is
+// axis p, then axes d..0), serially; returns the buffer holding the result.
 template <typename T>
-int64_t local_gram(const int64_t* idx, int64_t n_idx, int d, const int32_t* vid, const int32_t* nbr, int r,
-                   const T* coef, int32_t cap, T* gram, int32_t* status) {
+T* blur_block(T* buf0, T* buf1, int32_t m, int nc, int d, const int32_t* nbr, int r, const T* coef, int first) {
+    T* src = buf0;
+    T* dst = buf1;
+    for (int pass = first; pass < 2 * (d + 1); ++pass) {
+        const int axis = pass <= d ? pass : 2 * d + 1 - pass;
+        for (int32_t a = 0; a < m; ++a) sgp_blur_vertex<T>(a, axis, src, dst, nc, d, nbr, r, coef);
+        T* t = src;
+        src = dst;
+        dst = t;
+    }
+    return src;
+}
+
+// Local Gram matrices of the points idx[0..n) (see sgp_lattice.h). Exact (identity): blocks of `block` columns
+// of B = C^T C (all 2(d+1) blurs), each block entirely on one thread with its own buffers (the blocks write
+// disjoint entries, so threads never wait on each other), entries read by every point. Else `total`
+// Rademacher columns: Z = C^T P (d+1 blurs along axes d..0) per block, each thread accumulating its blocks'
+// Z_{a_i}^T Z_{a_i} / S into its own copy of the Grams; the copies are summed in thread order (static
+// schedule: the same result for the same thread count).
+template <typename T>
+void probe_gram(const int64_t* idx, int64_t n, int d, const int32_t* vid, int32_t m, const int32_t* nbr, int r,
+                const T* coef, int64_t total, int identity, int block, T* gram) {
     const int dp1 = d + 1;
-    int64_t failed = 0;
-#pragma omp parallel reduction(+ : failed) if (n_idx * (d + 1) * (d + 1) >= kParallelMin)
+    const int64_t ng = n * dp1 * dp1;
+    const int64_t nblocks = (total + block - 1) / block;
+    const T scale = (T)1 / (T)total;
+    for (int64_t e = 0; e < ng; ++e) gram[e] = 0;
+    std::vector<std::vector<T>> parts;
+#pragma omp parallel if (nblocks > 1 && (int64_t)m * block * (2 * r + 1) * dp1 >= kParallelMin)
     {
-        std::vector<int32_t> slots(2 * (size_t)cap, -1), vertex(2 * (size_t)cap), slot(2 * (size_t)cap);
-        std::vector<T> vals(2 * (size_t)cap * dp1);
-        SgpLocalScratch sc{slots.data(), vertex.data(), slot.data()};
-#pragma omp for schedule(dynamic, 16)
-        for (int64_t j = 0; j < n_idx; ++j) {
-            status[j] = sgp_local_gram_point<T>(idx[j], d, vid, nbr, r, coef, cap, sc, vals.data(), gram);
-            failed += status[j];
+#pragma omp single
+        parts.resize(identity ? 0 : omp_get_num_threads());
+        std::vector<T> buf0((size_t)m * block), buf1((size_t)m * block);
+        T* own = nullptr;
+        if (!identity) {
+            parts[omp_get_thread_num()].assign((size_t)ng, (T)0);
+            own = parts[omp_get_thread_num()].data();
+        }
+#pragma omp for schedule(static, 1)
+        for (int64_t bi = 0; bi < nblocks; ++bi) {
+            const int64_t col0 = bi * block;
+            const int nc = (int)(total - col0 < block ? total - col0 : block);
+            for (int32_t v = 0; v < m; ++v) sgp_probe_fill_vertex<T>(v, col0, nc, identity, buf0.data());
+            T* z = blur_block<T>(buf0.data(), buf1.data(), m, nc, d, nbr, r, coef, identity ? 0 : dp1);
+            if (identity)
+                for (int64_t j = 0; j < n; ++j) sgp_gram_extract_point<T>(j, idx, z, col0, nc, d, vid, gram);
+            else
+                for (int64_t j = 0; j < n; ++j) sgp_probe_gram_point<T>(j, idx, z, nc, d, vid, scale, own);
         }
     }
-    return failed;
+    for (const std::vector<T>& part : parts)
+        for (int64_t e = 0; e < ng; ++e) gram[e] += part[e];
 }
 
 }  // namespace
@@ -100,8 +140,9 @@ int32_t sgp_build_table(const int32_t* pv_keys, int64_t n_pv, int d, int32_t* ta
         failed |= rep[j] < 0;
     }
     if (failed) return -1;
+    // numbered serially, in point order: vertex ids (and so the probe signs keyed by them) do not depend on
+    // thread scheduling (a counter shared by threads would only serialize on the atomic anyway)
     int32_t counter = 0;
-#pragma omp parallel for schedule(static) if (n_pv >= kParallelMin)
     for (int64_t j = 0; j < n_pv; ++j) sgp_number_owner((int32_t)j, rep, owner_vid, vertex_owner, &counter);
 #pragma omp parallel for schedule(static) if (n_pv >= kParallelMin)
     for (int64_t j = 0; j < n_pv; ++j) sgp_resolve_vid((int32_t)j, rep, owner_vid, vid);
@@ -138,15 +179,16 @@ void sgp_splat_blur_f64(const double* v, int64_t n, int nc, int d, const int32_t
     splat_blur<double>(v, n, nc, d, vid, bary, m, nbr, r, coef, vals, buf);
 }
 
-// Exact local Gram matrices (see sgp_local_gram_point) of the points idx[0..n_idx), into gram
-// (N x (d+1) x (d+1)). status[j] = 1 where the support outgrew cap/2; returns how many did.
-int64_t sgp_local_gram_f32(const int64_t* idx, int64_t n_idx, int d, const int32_t* vid, const int32_t* nbr, int r,
-                           const float* coef, int32_t cap, float* gram, int32_t* status) {
-    return local_gram<float>(idx, n_idx, d, vid, nbr, r, coef, cap, gram, status);
+// Local Gram matrices G_i = [<C e_{a_ik}, C e_{a_il}>]_{kl} of the points idx[0..n) into gram (n x (d+1) x (d+1)):
+// exact from the total = m columns of B if identity, else estimated from `total` Rademacher probes; `block`
+// columns at a time (two m x block buffers per thread).
+void sgp_probe_gram_f32(const int64_t* idx, int64_t n, int d, const int32_t* vid, int32_t m, const int32_t* nbr,
+                        int r, const float* coef, int64_t total, int identity, int block, float* gram) {
+    probe_gram<float>(idx, n, d, vid, m, nbr, r, coef, total, identity, block, gram);
 }
-int64_t sgp_local_gram_f64(const int64_t* idx, int64_t n_idx, int d, const int32_t* vid, const int32_t* nbr, int r,
-                           const double* coef, int32_t cap, double* gram, int32_t* status) {
-    return local_gram<double>(idx, n_idx, d, vid, nbr, r, coef, cap, gram, status);
+void sgp_probe_gram_f64(const int64_t* idx, int64_t n, int d, const int32_t* vid, int32_t m, const int32_t* nbr,
+                        int r, const double* coef, int64_t total, int identity, int block, double* gram) {
+    probe_gram<double>(idx, n, d, vid, m, nbr, r, coef, total, identity, block, gram);
 }
 
 }  // extern "C"

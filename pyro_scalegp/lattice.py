@@ -7,8 +7,9 @@ r"""Simplex-GP kernel operator on the permutohedral lattice, for torch / Pyro (p
 
     K \approx \sigma^2 D^{-1/2} W^\top C^\top C W D^{-1/2},
 
-exactly symmetric and positive semi-definite, with diagonal :math:`\sigma^2` (see
-:mod:`scalegp.lattice`). The lattice is built once per ``(X, lengthscale)`` by the CPU build of
+exactly symmetric and positive semi-definite, with diagonal :math:`\sigma^2` (exactly where the
+exact calibration is the cheaper, small lattices; else up to the probe estimate's error of a few
+percent; see :mod:`scalegp.lattice`). The lattice is built once per ``(X, lengthscale)`` by the CPU build of
 ``kernels_cuda`` (or its CUDA twin for CUDA tensors) and reused by every product, every column and
 the backward pass. Gradients with respect to the vector, ``X``, the lengthscales and the variance
 are the exact derivatives of this forward map on the fixed lattice: the barycentric weights are
@@ -22,9 +23,9 @@ backward is
 
 References: [1] Kapoor, Finzi, Wang, Wilson, ICML 2021.
 
-.. note:: Cost: building ``O(N d^2 + M d r)`` plus the exact diagonal ``O(N d S r)`` for a blur
-   support of ``S`` vertices; each product ``O((N d + M d r) c)`` for ``c`` columns; memory
-   ``O(N d^2 + M d r + M c)``.
+.. note:: Cost: building ``O(N d^2 + M d r)`` plus the diagonal calibration, ``O(M^2 d r)`` exact or
+   ``O(S (M d r + N d^2))`` with ``S = 256`` probes (see :mod:`scalegp.lattice`); each product
+   ``O((N d + M d r) c)`` for ``c`` columns; memory ``O(N d^2 + M d r + M c)``.
 """
 from __future__ import annotations
 
@@ -92,6 +93,9 @@ class _Lattice:
         self.greedy = _from_backend(self.impl.greedy, X).to(X.dtype)
         self.gram = _from_backend(self.impl.local_gram(self.coef), X)
         self.n, self.d = n, d
+        # the weights and the calibration at the build's (X, lengthscale), for products that need no gradient
+        self.w0 = _from_backend(self.impl.bary, X)
+        self.s0 = torch.einsum("nk,nkl,nl->n", self.w0, self.gram, self.w0).rsqrt()
 
     def weights(self, X: torch.Tensor, lengthscale: torch.Tensor) -> torch.Tensor:
         """Barycentric weights, differentiable in ``X`` and ``lengthscale`` (simplices held fixed)."""
@@ -175,6 +179,8 @@ class LatticeKernelOperator(LinearOperator):
         self.order, self.kernel_name, self.lattice, self.backend = order, kernel_name_, lattice, backend
 
     def _scaled_weights(self):
+        if not (torch.is_grad_enabled() and (self.X.requires_grad or self.lengthscale.requires_grad)):
+            return self.lattice.w0, self.lattice.s0  # computed once per build (CG and SLQ run here)
         w = self.lattice.weights(self.X, self.lengthscale)
         diag = torch.einsum("nk,nkl,nl->n", w, self.lattice.gram, w)
         return w, diag.rsqrt()
@@ -200,6 +206,8 @@ class LatticeKernelOperator(LinearOperator):
         return self
 
     def _diagonal(self) -> torch.Tensor:
+        # the calibrated diagonal: exact where the exact calibration is the cheaper, else up to the probe
+        # estimate's error (see scalegp.lattice)
         return self.variance * torch.ones(self.X.shape[0], dtype=self.X.dtype, device=self.X.device)
 
     def _get_indices(self, row_index, col_index, *batch_indices):

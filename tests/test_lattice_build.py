@@ -117,11 +117,54 @@ def test_filter_equals_dense_assembly_and_is_symmetric(order):
     np.testing.assert_allclose(L.splat_blur(V, st.coef), C.T @ C @ W @ V, rtol=1e-11, atol=1e-13)
     U = rng.normal(size=(120, 5))
     assert abs(np.sum(U * L.filter(V, st.coef)) - np.sum(V * L.filter(U, st.coef))) < 1e-12 * np.abs(V).sum()
-    # exact local Gram: diag(W^T C^T C W)_i = w_i^T G_i w_i
-    G = L.local_gram(st.coef, cap=16)  # tiny scratch: exercises the retry path
+    # exact local Gram from the columns of B = C^T C: diag(W^T C^T C W)_i = w_i^T G_i w_i
+    assert L.m > 64  # several column blocks
+    G = L.local_gram(st.coef)
+    np.testing.assert_array_equal(G, L.local_gram(st.coef, exact=True))  # small: exact by default
     np.testing.assert_allclose(np.einsum("nk,nkl,nl->n", L.bary, G, L.bary), np.diag(K), rtol=1e-11)
     CW = C[:, L.vid]  # m x N x (d+1): C e_{a_ik}
     np.testing.assert_allclose(G, np.einsum("mnk,mnl->nkl", CW, CW), atol=1e-13)
+
+
+def test_calibration_plan():
+    from kernels_cuda.cpu import probe_plan
+
+    # exact: 2 (d+1)(2r+1) m^2 = 5.4e7 <= 2^26
+    assert probe_plan(1000, 8, 1, 256, 8) == (1000, True, 64)
+    # 8-D flights, 100k rows: exact 2.0e9 > probes 256 (27 m + 45 U) = 5.9e8
+    assert probe_plan(6020, 8, 1, 256, 8, simplices=48000) == (256, False, 64)
+    assert probe_plan(6020, 8, 1, 256, 8, simplices=48000, exact=True) == (6020, True, 64)
+    assert probe_plan(6020, 8, 1, 10**4, 8, simplices=48000)[1]  # many probes: exact is cheaper
+    assert probe_plan(10**7, 8, 1, 256, 8) == (256, False, 1)  # 64 MiB of buffers per thread
+    with pytest.raises(ValueError, match="probes"):
+        probe_plan(100, 2, 1, 0, 8)
+
+
+@pytest.mark.parametrize("probes", [256, 1024])
+def test_probe_calibration_is_unbiased_with_error_sqrt_2_over_s(probes):
+    # G_i estimated from S Rademacher columns (what lattices too large for the exact columns get): the
+    # diagonal w^T G w then has relative error about sqrt(2 / S) per point and no bias
+    z, st, L = _lattice(600, 5, 1, seed=4, spread=1.5)
+    exact = np.einsum("nk,nkl,nl->n", L.bary, L.local_gram(st.coef, exact=True), L.bary)
+    G = L.local_gram(st.coef, probes=probes, exact=False)
+    np.testing.assert_array_equal(G, L.local_gram(st.coef, probes=probes, exact=False))  # deterministic
+    np.testing.assert_allclose(G, G.transpose(0, 2, 1), rtol=0, atol=0)
+    ratio = np.einsum("nk,nkl,nl->n", L.bary, G, L.bary) / exact
+    sigma = np.sqrt(2 / probes)
+    assert 0.3 * sigma < np.median(np.abs(ratio - 1)) < 0.9 * sigma  # a Gaussian's median |x| is 0.67 sigma
+    assert abs(ratio.mean() - 1) < 0.5 * sigma
+    assert np.abs(ratio - 1).max() < 5 * sigma
+
+
+def test_points_sharing_a_simplex_share_its_gram():
+    from kernels_cuda.cpu import distinct_rows
+
+    z, st, L = _lattice(300, 2, 1, spread=0.3)  # dense: many points per simplex
+    first, inverse = distinct_rows(L.vid)
+    assert first.size < 100 and np.array_equal(L.vid[first][inverse], L.vid)
+    for exact in (True, False):
+        G = L.local_gram(st.coef, exact=exact)
+        np.testing.assert_array_equal(G, G[first][inverse])
 
 
 def test_float32_matches_float64():

@@ -85,21 +85,43 @@ def _host_kernel(name, args):
         np.add.at(vals, vid, bary[..., None] * v[:, None, :])
     elif name.startswith("sgp_blur_"):
         m, axis, src, dst, nc, d, nbr, r, coef = args
-        r = int(r)
-        acc = coef[0] * src
+        r, size = int(r), int(m) * int(nc)  # buffers hold m x nc values first (the calibration's are longer)
+        x = src.reshape(-1)[:size].reshape(int(m), int(nc))
+        acc = coef[0] * x
         for t in range(1, r + 1):
             for col in (t - 1, r + t - 1):
                 idx = nbr[:, int(axis), col]
-                acc = acc + coef[t] * np.where(idx[:, None] >= 0, src[np.maximum(idx, 0)], 0)
-        dst[:] = acc
+                acc = acc + coef[t] * np.where(idx[:, None] >= 0, x[np.maximum(idx, 0)], 0)
+        dst.reshape(-1)[:size] = acc.reshape(-1)
     elif name.startswith("sgp_slice_"):
         vals, out, n, nc, d, vid, bary = args
         out[:] = np.einsum("nk,nkc->nc", bary, vals[vid])
-    elif name.startswith("sgp_local_gram_"):
-        idx, n_idx, d, vid, nbr, r, coef, cap, slots, vertex, slot, vals, gram, status = args
-        assert (slots == -1).all() and slots.size % (2 * int(cap)) == 0
-        getattr(lib, name)(_ptr(idx), int(n_idx), int(d), _ptr(vid), _ptr(nbr), int(r), _ptr(coef), int(cap),
-                           _ptr(gram), _ptr(status))
+    elif name.startswith("sgp_probe_fill_"):
+        m, col0, nc, identity, out = args
+        v, col = np.arange(int(m), dtype=np.uint64)[:, None], int(col0) + np.arange(int(nc), dtype=np.uint64)[None, :]
+        if identity:
+            vals = (v == col).astype(out.dtype)
+        else:  # splitmix64 of (v << 32) ^ col, the sign from its top bit
+            with np.errstate(over="ignore"):
+                x = ((v << np.uint64(32)) ^ col) + np.uint64(0x9E3779B97F4A7C15)
+                x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+                x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+                x = x ^ (x >> np.uint64(31))
+            vals = np.where(x >> np.uint64(63), 1.0, -1.0).astype(out.dtype)
+        out[: vals.size] = vals.reshape(-1)
+    elif name.startswith("sgp_probe_gram_"):
+        idx, n, z, nc, d, vid, scale, gram = args
+        m = int(vid.max()) + 1  # every vertex belongs to some point's simplex
+        Z = z[: m * int(nc)].reshape(m, int(nc))[vid[idx[: int(n)]]]  # n x (d+1) x nc
+        gram[: int(n)] += scale * np.einsum("nkc,nlc->nkl", Z, Z)
+    elif name.startswith("sgp_gram_extract_"):
+        idx, n, bcols, col0, nc, d, vid, gram = args
+        m = int(vid.max()) + 1
+        B = bcols[: m * int(nc)].reshape(m, int(nc))
+        for j, i in enumerate(idx[: int(n)]):
+            for l, b in enumerate(vid[i]):
+                if int(col0) <= b < int(col0) + int(nc):
+                    gram[j, :, l] = B[vid[i], b - int(col0)]
     else:
         raise AssertionError(f"unexpected kernel {name}")
 
@@ -126,7 +148,7 @@ def fake_cupy(monkeypatch):
             return launch
 
     fake = types.ModuleType("cupy")
-    for fn in ("ascontiguousarray", "asarray", "empty", "zeros", "full", "arange", "empty_like"):
+    for fn in ("ascontiguousarray", "asarray", "empty", "zeros", "full", "arange", "empty_like", "unique"):
         setattr(fake, fn, getattr(np, fn))
     fake.from_dlpack = lambda t: t.numpy()
     fake.RawModule = RawModule
@@ -150,10 +172,16 @@ def test_gpu_dispatch_equals_cpu_build(fake_cupy, dtype, order):
     V = rng.normal(size=(300, 3)).astype(dtype)
     tol = 1e-12 if dtype == np.float64 else 1e-5
     np.testing.assert_allclose(g.filter(V, coef), c.filter(V, coef), rtol=tol, atol=tol)
-    np.testing.assert_allclose(g.local_gram(coef, cap=16), c.local_gram(coef), rtol=tol, atol=tol)
+    assert c.m > 64  # exact calibration over several column blocks, then Rademacher probes
+    for exact in (True, False):
+        np.testing.assert_allclose(g.local_gram(coef, probes=48, exact=exact), c.local_gram(coef, probes=48, exact=exact),
+                                   rtol=tol, atol=tol)
     suffix = "f32" if dtype == np.float32 else "f64"
-    assert fake_cupy[0] == f"sgp_embed_{suffix}" and fake_cupy[-1] == f"sgp_local_gram_{suffix}"
-    assert fake_cupy.count(f"sgp_blur_{suffix}") == 2 * 5  # one product, d = 4: 2(d+1) blurs
+    assert fake_cupy[0] == f"sgp_embed_{suffix}" and fake_cupy[-1] == f"sgp_probe_gram_{suffix}"
+    blocks = -(-c.m // cpu.probe_plan(c.m, 4, order, 48, z.itemsize, True)[2])
+    assert fake_cupy.count(f"sgp_gram_extract_{suffix}") == blocks
+    # one product: 2(d+1) blurs (d = 4); the calibration: 2(d+1) per block of exact columns, d+1 per probe block
+    assert fake_cupy.count(f"sgp_blur_{suffix}") == 2 * 5 + 2 * 5 * blocks + 5
 
 
 def test_build_sequence(fake_cupy):
