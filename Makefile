@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(PY) -m benchmarks.demo
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m benchmarks.run_all
 
 clean:

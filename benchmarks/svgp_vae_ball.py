@@ -12,9 +12,13 @@ over all test frames; reported is the RMSE of the mapped latents in pixels, and 
 kernel lengthscale (the generating one is 2). All models: same encoder / decoder architecture,
 same initialization, same number of steps, Bernoulli likelihood, latent dimension 2.
 
+``svgp_vae_ball.png`` plots the error against ``M`` with the two baselines as horizontal lines.
+
 Run: ``python -m benchmarks.svgp_vae_ball`` (``--quick`` or ``CI`` for a smoke test).
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pyro
@@ -122,6 +126,27 @@ def run_vae(train_set, test_set, args, size):
             "train_s": secs, "s_per_epoch": secs / args.steps * len(batches)}
 
 
+def plot(rows, path):
+    """Trajectory RMSE against the number of inducing points; the baselines as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sv = [r for r in rows if r["model"] == "SVGP-VAE"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([r["M"] for r in sv], [r["rmse_px"] for r in sv], "o-", label="SVGP-VAE")
+    for r, style in zip([r for r in rows if r["model"] != "SVGP-VAE"], ("C1--", "C2:")):
+        ax.axhline(r["rmse_px"], color=style[:2], linestyle=style[2:], label=r["model"])
+    ax.set_xlabel("inducing points M")
+    ax.set_ylabel("trajectory RMSE after affine map (pixels)")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--videos", type=int, default=35, help="training videos (as many test videos)")
@@ -152,6 +177,7 @@ def main(argv=None):
              "rmse_px: RMSE in pixels of the test posterior mean latents after one least-squares affine map "
              "to the true trajectories.")
     write_results("svgp_vae_ball", rows, out=args.out, meta=vars(args), notes=notes)
+    plot(rows, os.path.join(args.out, "svgp_vae_ball.png"))
 
 
 if __name__ == "__main__":

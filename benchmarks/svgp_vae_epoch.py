@@ -9,11 +9,14 @@ many rotations as needed to reach N; model and training as in :mod:`benchmarks.s
 warm-up epoch; reported is the median seconds per epoch, and the exponent of a least-squares fit
 ``log t = a + p log N`` over the sizes (p = 1: linear).
 
+``svgp_vae_epoch.png`` plots seconds per epoch against N on log-log axes.
+
 Run: ``python -m benchmarks.svgp_vae_epoch`` (``--quick`` or ``CI`` for a smoke test).
 """
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -84,6 +87,27 @@ def slope(ns, ts) -> float:
     return float(np.polyfit(np.log(ns), np.log(ts), 1)[0]) if len(ns) > 1 else float("nan")
 
 
+def plot(rows, path):
+    """Seconds per epoch against N (log-log), with the fitted exponent of each model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, style in (("SVGP-VAE", "o-"), ("exact GP-VAE", "s-")):
+        sel = [r for r in rows if r["model"] == label]
+        if sel:
+            ax.loglog([r["N"] for r in sel], [r["s_per_epoch"] for r in sel], style,
+                      label=f"{label} (slope {sel[0]['fit_exponent']:.2f})")
+    ax.set_xlabel("N (rotated digits)")
+    ax.set_ylabel("seconds per epoch")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000, 8000, 16000, 28752])
@@ -121,6 +145,7 @@ def main(argv=None):
              f"step per epoch, run up to N = {args.exact_max}. s_per_epoch: median over {args.epochs} epochs after "
              "one warm-up; fit_exponent: p of log t = a + p log N over the sizes of that model (1: linear in N).")
     write_results("svgp_vae_epoch", rows, out=args.out, meta=vars(args), notes=notes)
+    plot(rows, os.path.join(args.out, "svgp_vae_epoch.png"))
 
 
 if __name__ == "__main__":

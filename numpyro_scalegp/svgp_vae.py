@@ -33,12 +33,15 @@ Sites: the guide samples ``"z"`` of shape ``(b, L)`` (plate ``"data"``) from the
 for every sample), adds the GP term with ``numpyro.factor("gp", ...)`` and observes ``"y"``;
 so ``SVI(vae.model, vae.guide, optax_optimizer, Trace_ELBO())`` maximizes :math:`\\mathcal{L}_b`.
 Parameters: ``Z``, the kernel's leaves (``kernel[i]``, positive, in the kernel's pytree
-order), ``encoder$params`` and ``decoder$params`` (``numpyro.module``), ``noise`` for the
+order), ``encoder$params`` and ``decoder$params`` (the networks' parameters), ``noise`` for the
 Gaussian likelihood; the guide's are prefixed ``guide.`` inside :class:`SVGPVAE`, as in Pyro.
 
-Networks are ``(init_fn, apply_fn)`` pairs as for ``numpyro.module`` (e.g. from
-``jax.example_libraries.stax``): ``init_fn(rng_key, input_shape) -> (output_shape, params)``;
-the encoder's ``apply_fn(params, Y)`` returns ``(loc, scale)``, each ``(b, latent_dim)``.
+Networks are either ``(init_fn, apply_fn)`` pairs, registered with ``numpyro.module`` (e.g.
+from ``jax.example_libraries.stax``: ``init_fn(rng_key, input_shape) -> (output_shape,
+params)``), or flax linen modules, registered with ``numpyro.contrib.module.flax_module``
+(initialized on ``jnp.ones`` of the input's shape; modules with mutable collections or
+dropout rngs are not supported). Called on ``Y``, the encoder returns ``(loc, scale)``, each
+``(b, latent_dim)``.
 
 Input checks for NaN run only on concrete arrays (not on tracers inside ``jit``).
 
@@ -53,6 +56,7 @@ References:
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import jax
@@ -103,8 +107,30 @@ def _check_X(X):
     return X if X.ndim == 2 else X[:, None]
 
 
+def _is_flax_module(net) -> bool:
+    linen = sys.modules.get("flax.linen")  # imported already wherever a flax module exists
+    return linen is not None and isinstance(net, linen.Module)
+
+
+def _check_network(name: str, net):
+    pair = isinstance(net, tuple) and len(net) == 2 and all(callable(f) for f in net)
+    if not (pair or _is_flax_module(net)):
+        raise ValueError(f"{name}: expected an (init_fn, apply_fn) pair or a flax linen module, "
+                         f"got {type(net).__name__}")
+    return net
+
+
+def _network(name: str, net, x):
+    """``net`` applied to ``x``, its parameters registered as the site ``name + "$params"``."""
+    if _is_flax_module(net):
+        from numpyro.contrib.module import flax_module
+
+        return flax_module(name, net, input_shape=x.shape)(x)
+    return numpyro.module(name, net, input_shape=x.shape)(x)
+
+
 def _encode(name: str, encoder, Y, latent_dim: int):
-    loc, scale = numpyro.module(name, encoder, input_shape=Y.shape)(Y)
+    loc, scale = _network(name, encoder, Y)
     shape = (Y.shape[0], latent_dim)
     if loc.shape != shape or scale.shape != shape:
         raise ValueError(f"encoder: must return (loc, scale) of shape {shape}, got {loc.shape} and {scale.shape}")
@@ -136,11 +162,50 @@ def _predict_channel(V, kdiag, LB, alpha):
     return V.T @ alpha, jnp.clip(kdiag - (V**2).sum(0), 0.0) + (W**2).sum(0)
 
 
+# Every latent channel has its own Cholesky factors. The functions below loop over the channels
+# with ``lax.map`` so that each factorization and triangular solve is an unbatched LAPACK call:
+# under a ``vmap`` they would be batched calls, which jaxlib 0.10 splits into pieces on XLA's
+# intra-op thread pool while blocking its own pool thread until the pieces are done; once as
+# many such calls run at once as the pool has threads (two on a 2-core machine; XLA runs
+# independent operations concurrently) no thread is left for the pieces and the step
+# deadlocks. That was the hang of a jitted SVI step with M = 48 on the rotated digits. They are
+# jitted module-level functions so that eager calls reuse one compiled loop per shape.
+
+@jax.jit
+def _sparse_channels(V, kdiag, loc, scale, weight):
+    """:func:`_channel` for every column of ``loc`` and ``scale``, stacked along a leading axis."""
+    return jax.lax.map(lambda a: _channel(V, kdiag, a[0], a[1], weight), (loc.T, scale.T))
+
+
+@jax.jit
+def _predict_channels(V, kdiag, LB, alpha):
+    """:func:`_predict_channel` for every channel (leading axis of ``LB`` and ``alpha``)."""
+    return jax.lax.map(lambda a: _predict_channel(V, kdiag, a[0], a[1]), (LB, alpha))
+
+
+@jax.jit
+def _solve_channels(Ls, B):
+    """``L_l^{-1} B`` for every lower-triangular ``L_l`` of ``Ls`` ``(L, n, n)``."""
+    return jax.lax.map(lambda L_: solve_triangular(L_, B, lower=True), Ls)
+
+
+@jax.jit
+def _exact_channels(K, ytilde, sigtilde):
+    """Per channel ``l`` (rows of ``ytilde``, ``sigtilde``): the Cholesky factor ``L_l`` of
+    ``K + diag(sigtilde_l^2)`` and ``(K + diag(sigtilde_l^2))^{-1} ytilde_l``."""
+    def one(a):
+        L_ = jnp.linalg.cholesky(K + jnp.diag(a[1] ** 2))
+        return L_, cho_solve((L_, True), a[0])
+
+    return jax.lax.map(one, (ytilde, sigtilde))
+
+
 class SVGPVAEGuide:
     """Amortized sparse-GP guide of SVGP-VAE [1] (maths in the module docstring).
 
-    :param encoder: ``(init_fn, apply_fn)``; ``apply_fn(params, Y)`` returns ``(loc, scale)``,
-        each ``(b, latent_dim)``, the latent pseudo-observations and their standard deviations.
+    :param encoder: an ``(init_fn, apply_fn)`` pair or a flax linen module; applied to ``Y`` it
+        returns ``(loc, scale)``, each ``(b, latent_dim)``, the latent pseudo-observations and
+        their standard deviations.
     :param kernel: a :mod:`numpyro_scalegp.kernels` kernel; its leaves are the initial values
         of positive parameters.
     :param Z: ``(M, D)`` initial inducing inputs (learned).
@@ -166,7 +231,7 @@ class SVGPVAEGuide:
             raise ValueError("Z: contains NaN")
         if not isinstance(kernel, Kernel):
             raise ValueError(f"kernel: expected a numpyro_scalegp.kernels.Kernel, got {type(kernel).__name__}")
-        self.encoder, self.kernel = encoder, kernel
+        self.encoder, self.kernel = _check_network("encoder", encoder), kernel
         self.Z = Z if Z.ndim == 2 else Z[:, None]
         self.num_data, self.latent_dim = int(num_data), int(latent_dim)
         self.jitter, self.prefix = float(jitter), prefix
@@ -184,8 +249,7 @@ class SVGPVAEGuide:
         M = Zi.shape[0]
         Lm = jnp.linalg.cholesky(kernel(Zi) + self.jitter * jnp.eye(M, dtype=Zi.dtype))
         V = solve_triangular(Lm, kernel(Zi, X), lower=True)
-        chan = jax.vmap(_channel, in_axes=(None, None, 1, 1, None))
-        mean, var, kl, alpha, LB = chan(V, kernel(X, diag=True), loc, scale, weight)
+        mean, var, kl, alpha, LB = _sparse_channels(V, kernel(X, diag=True), loc, scale, weight)
         return Lm, mean, var, kl, alpha, LB
 
     def hybrid_posterior(self, X_b, Y_b):
@@ -193,7 +257,7 @@ class SVGPVAEGuide:
         Zi, kernel = self._params()
         X, loc, scale = self._latent(X_b, Y_b, self.num_data)
         Lm, _, _, _, alpha, LB = self._factors(Zi, kernel, X, loc, scale, self.num_data / X.shape[0])
-        R = jax.vmap(lambda LB_: solve_triangular(LB_, Lm.T, lower=True))(LB)
+        R = _solve_channels(LB, Lm.T)
         return alpha @ Lm.T, jnp.swapaxes(R, -1, -2) @ R
 
     def marginals(self, X, Y):
@@ -219,13 +283,13 @@ class _GPVAE:
             raise ValueError(f"latent_dim: must be a positive integer, got {latent_dim!r}")
         if not (likelihood in ("bernoulli", "gaussian") or callable(likelihood)):
             raise ValueError(f"likelihood: expected 'bernoulli', 'gaussian' or a callable, got {likelihood!r}")
-        self.decoder, self.latent_dim = decoder, int(latent_dim)
+        self.decoder, self.latent_dim = _check_network("decoder", decoder), int(latent_dim)
         self.likelihood, self.noise = likelihood, float(noise)
         self._conditioned = None
 
     def observation(self, z, event_dim: int):
         """The distribution of ``y`` given latents ``z`` of shape ``(n, L)``."""
-        out = numpyro.module("decoder", self.decoder, input_shape=z.shape)(z)
+        out = _network("decoder", self.decoder, z)
         if self.likelihood == "bernoulli":
             d = dist.Bernoulli(logits=out)
         elif self.likelihood == "gaussian":
@@ -285,9 +349,11 @@ class _GPVAE:
 class SVGPVAE(_GPVAE):
     """SVGP-VAE [1] with the amortized sparse-GP guide :class:`SVGPVAEGuide`.
 
-    :param encoder: ``(init_fn, apply_fn)`` returning ``(loc, scale)``, each ``(b, latent_dim)``.
-    :param decoder: ``(init_fn, apply_fn)`` mapping ``z (n, L)`` to the likelihood's parameter
-        of shape ``(n, ...)`` as ``Y`` (logits for ``"bernoulli"``, the mean for ``"gaussian"``).
+    :param encoder: an ``(init_fn, apply_fn)`` pair or a flax linen module returning
+        ``(loc, scale)``, each ``(b, latent_dim)``.
+    :param decoder: an ``(init_fn, apply_fn)`` pair or a flax linen module mapping ``z (n, L)``
+        to the likelihood's parameter of shape ``(n, ...)`` as ``Y`` (logits for
+        ``"bernoulli"``, the mean for ``"gaussian"``).
     :param kernel: a :mod:`numpyro_scalegp.kernels` kernel over the auxiliary inputs.
     :param Z: ``(M, D)`` initial inducing inputs.
     :param num_data: ``N``; ``latent_dim``: ``L``.
@@ -320,7 +386,7 @@ class SVGPVAE(_GPVAE):
     def _latent_at(self, X, state):
         Zi, kernel, Lm, alpha, LB = state
         V = solve_triangular(Lm, kernel(Zi, X), lower=True)
-        return jax.vmap(_predict_channel, in_axes=(None, None, 0, 0))(V, kernel(X, diag=True), LB, alpha)
+        return _predict_channels(V, kernel(X, diag=True), LB, alpha)
 
 
 class ExactGPVAE(_GPVAE):
@@ -343,15 +409,14 @@ class ExactGPVAE(_GPVAE):
         super().__init__(decoder, latent_dim, likelihood, noise)
         if not isinstance(kernel, Kernel):
             raise ValueError(f"kernel: expected a numpyro_scalegp.kernels.Kernel, got {type(kernel).__name__}")
-        self.encoder, self.kernel = encoder, kernel
+        self.encoder, self.kernel = _check_network("encoder", encoder), kernel
 
     def _posterior(self, X, Y):
         X, Y = _check_data(X, Y)
         kernel = _kernel_param("kernel", self.kernel)
         ytilde, sigtilde = _encode("encoder", self.encoder, Y, self.latent_dim)
         K = kernel(X)
-        Ly = jnp.linalg.cholesky(K + jax.vmap(jnp.diag)(sigtilde.T**2))  # (L, b, b)
-        a = jax.vmap(lambda L_, y_: cho_solve((L_, True), y_))(Ly, ytilde.T)  # (L, b)
+        Ly, a = _exact_channels(K, ytilde.T, sigtilde.T)  # (L, b, b), (L, b)
         return X, kernel, ytilde.T, sigtilde.T, K, Ly, a
 
     def _gp_term(self, X, Y):
@@ -366,8 +431,7 @@ class ExactGPVAE(_GPVAE):
 
     @staticmethod
     def _var(kdiag, Kxs, Ly):
-        W = jax.vmap(lambda L_: solve_triangular(L_, Kxs, lower=True))(Ly)
-        return jnp.clip(kdiag - (W**2).sum(-2), 0.0)
+        return jnp.clip(kdiag - (_solve_channels(Ly, Kxs) ** 2).sum(-2), 0.0)
 
     def guide(self, X, Y):
         """Samples ``"z"`` of shape ``(b, L)`` from the exact posterior marginals."""

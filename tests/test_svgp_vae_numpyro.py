@@ -1,11 +1,18 @@
 """NumPyro SVGP-VAE / exact GP-VAE against the dense reference and against the Pyro frontend."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pyro
+from flax import linen as nn
 import pyro.contrib.gp as gp
 import pytest
 import torch
@@ -317,3 +324,128 @@ def test_product_kernel_parameters_and_hybrid_posterior_match_pyro():
     mu, A = handlers.substitute(guide.hybrid_posterior, data=params)(X.numpy(), Y.numpy())
     np.testing.assert_allclose(np.asarray(mu), mu_p.detach().numpy(), rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(np.asarray(A), A_p.detach().numpy(), rtol=1e-9, atol=1e-10)
+
+
+class FlaxEncoder(nn.Module):
+    """The flax linen twin of :func:`jax_encoder`."""
+
+    @nn.compact
+    def __call__(self, y):
+        h = jnp.tanh(nn.Dense(8)(y.reshape(y.shape[0], -1)))
+        return nn.Dense(L)(h), jax.nn.softplus(nn.Dense(L)(h)) + 0.2
+
+
+def test_flax_modules_give_the_elbo_of_the_equal_init_apply_pairs_and_train():
+    X, Y, jX, jY = data()
+    _, nv, params, _ = twins(X.numpy()[:5] + 0.1)
+    fv = SVGPVAE(FlaxEncoder(), nn.Dense(K), nk.RBF(D, 1.3, jnp.array([0.9, 1.4])), jnp.asarray(X.numpy()[:5] + 0.1),
+                 num_data=N, latent_dim=L, likelihood="gaussian", noise=0.3)
+    # flax_module registers the same sites, holding flax's parameter dicts
+    tr = handlers.trace(handlers.seed(fv.elbo, 0)).get_trace(jX, jY)
+    fparams = {n: s["value"] for n, s in tr.items() if s["type"] == "param"}
+    assert set(fparams) == set(params)
+    assert set(fparams["guide.encoder$params"]) == {"Dense_0", "Dense_1", "Dense_2"}
+    enc = params["guide.encoder$params"]
+    fparams["guide.encoder$params"] = {
+        f"Dense_{i}": {"kernel": enc[k][0], "bias": enc[k][1]} for i, k in enumerate(("hidden", "loc", "scale"))}
+    fparams["decoder$params"] = {"kernel": params["decoder$params"][0], "bias": params["decoder$params"][1]}
+    for k in ("guide.Z", "guide.kernel[0]", "guide.kernel[1]", "noise"):
+        fparams[k] = params[k]
+    key = jax.random.PRNGKey(3)
+    e_pair = handlers.substitute(nv.elbo, data=params)(jX, jY, rng_key=key)
+    e_flax = handlers.substitute(fv.elbo, data=fparams)(jX, jY, rng_key=key)
+    assert np.isfinite(float(e_pair)) and float(e_flax) == pytest.approx(float(e_pair), rel=1e-12)
+    # jitted SVI moves every flax parameter
+    svi = SVI(fv.model, fv.guide, optax.adam(1e-2), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(0), jX[:6], jY[:6])
+    p0 = svi.get_params(state)
+    state, value = jax.jit(svi.update)(state, jX[6:], jY[6:])
+    p1 = svi.get_params(state)
+    assert np.isfinite(float(value))
+    for name in ("guide.encoder$params", "decoder$params"):
+        for a, b in zip(jax.tree_util.tree_leaves(p0[name]), jax.tree_util.tree_leaves(p1[name])):
+            assert (np.asarray(a) != np.asarray(b)).all(), name
+    with pytest.raises(ValueError, match="decoder"):
+        SVGPVAE(FlaxEncoder(), lambda z: z, nk.RBF(D), jX[:4], num_data=N, latent_dim=L)
+    with pytest.raises(ValueError, match="encoder"):
+        ExactGPVAE([jax_encoder()[0]], nn.Dense(K), nk.RBF(D), latent_dim=L)
+
+
+def test_jitted_steps_make_only_unbatched_lapack_calls():
+    # jaxlib 0.10 splits a batched CPU LAPACK call over XLA's thread pool and blocks a pool thread
+    # on the pieces: two at once on a 2-thread pool deadlock (see the next test); every Cholesky
+    # and triangular solve of both models must therefore be one matrix per call
+    X, Y, jX, jY = data()
+    _, nv, _, _ = twins(X.numpy()[:5] + 0.1)
+    ex = ExactGPVAE(jax_encoder(), jax_linear(L, K), nk.RBF(D, 1.3, jnp.array([0.9, 1.4])), latent_dim=L,
+                    likelihood="gaussian")
+    for vae in (nv, ex):
+        svi = SVI(vae.model, vae.guide, optax.adam(1e-2), Trace_ELBO())
+        state = jax.eval_shape(svi.init, jax.random.PRNGKey(0), jX, jY)
+        text = jax.jit(svi.update).lower(state, jX, jY).as_text()
+        operands = re.findall(r"custom_call @lapack_\w+\([^)]*\)[^\n]*: \(([^)]*)\)", text)
+        assert len(operands) > 5
+        for ops in operands:
+            for shape in re.findall(r"tensor<([\dx]+)x\w+>", ops):
+                assert shape.count("x") <= 1, f"batched LAPACK call on {ops}"
+
+
+HANG_SCRIPT = textwrap.dedent("""
+    import math, os
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # XLA sizes its thread pool from this
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro_scalegp import kernels as nk
+    from numpyro_scalegp.svgp_vae import SVGPVAE
+    from scalegp.vae_data import rotated_digits
+    jax.config.update("jax_enable_x64", True)
+    L, E, M, B, H = 8, 8, 48, 64, 32
+
+    def dense(n_in, n_out, out=lambda a: a):
+        def init(key, shape):
+            return shape[:-1] + (n_out,), (jax.random.normal(key, (n_in, n_out)) / math.sqrt(n_in), jnp.zeros(n_out))
+        return init, lambda p, x: out(x.reshape(x.shape[0], -1) @ p[0] + p[1])
+
+    enc_init, enc_apply = dense(256, 2 * L, jnp.tanh)
+    encoder = enc_init, lambda p, y: (enc_apply(p, y)[:, :L], jax.nn.softplus(enc_apply(p, y)[:, L:]) + 1e-3)
+    decoder = (lambda key, shape: ((shape[0], 256), {"h": dense(L, H)[0](key, shape)[1],
+                                                     "o": dense(H, 256)[0](key, (shape[0], H))[1]}),
+               lambda p, z: jax.nn.sigmoid(jnp.tanh(z @ p["h"][0] + p["h"][1]) @ p["o"][0] + p["o"][1]))
+    d = rotated_digits(digit=3, num_images=10, num_angles=16, seed=0)
+    train = np.flatnonzero(d.angle_index != 3)
+    emb = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (10, E))
+    X = jnp.concatenate([jnp.asarray(d.angles)[:, None], emb[d.ids]], -1)
+    Y = jnp.asarray(d.images).reshape(len(d.images), -1)
+    kernel = nk.Product(nk.Periodic(1, 1.0, 1.0, 2 * math.pi, active_dims=[0]),
+                        nk.Linear(E, 1.0, active_dims=list(range(1, E + 1))))
+    vae = SVGPVAE(encoder, decoder, kernel, X[train[:M]], num_data=len(train), latent_dim=L,
+                  likelihood="gaussian", noise=0.05)
+    svi = SVI(vae.model, vae.guide, optax.adam(3e-3), Trace_ELBO())
+    rng = np.random.default_rng(0)
+    i = rng.choice(train, B, replace=False)
+    state = jax.jit(svi.init)(jax.random.PRNGKey(0), X[i], Y[i])
+    update = jax.jit(svi.update)
+    for step in range(5):
+        i = rng.choice(train, B, replace=False)
+        state, loss = update(state, X[i], Y[i])
+        print(step, float(loss), flush=True)
+    print("done")
+""")
+
+
+
+
+@pytest.mark.slow
+def test_jitted_digits_step_with_48_inducing_points_does_not_hang():
+    # the rotated-digits configuration whose jitted SVI step hung (deadlocked on jaxlib 0.10's
+    # CPU thread pool) from its second call on, on a 2-thread XLA pool: run it in a subprocess
+    # and require that five steps finish in time (a normal run takes well under a minute)
+    try:
+        out = subprocess.run([sys.executable, "-c", HANG_SCRIPT], capture_output=True, text=True, timeout=240,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the jitted SVI steps did not finish in 240 s (deadlock); output so far: {e.stdout!r}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split()
+    assert lines[-1] == "done" and len(out.stdout.splitlines()) == 6
+    assert all(np.isfinite(float(line.split()[1])) for line in out.stdout.splitlines()[:5])
