@@ -8,7 +8,7 @@ from .hgp import (
     HGPMarginal, JitterWarning, NotPositiveDefiniteError, NotPositiveDefiniteWarning, expert_log_likelihood,
     gaussian_log_likelihood,
 )
-from .lattice import LatticeKernelOperator
+from .lattice import LatticeKernelOperator, SimplexGPMarginal
 from .optim import proximal_adadelta
 from .svgp_vae import SVGPVAE, ExactGPVAE, SVGPVAEGuide
 
@@ -17,6 +17,6 @@ __all__ = [
     "HGPMarginal", "JitterWarning", "NotPositiveDefiniteError", "NotPositiveDefiniteWarning",
     "expert_log_likelihood", "gaussian_log_likelihood",
     "ADVGP", "ADVGPGuide", "AsyncProximalSVI", "distributed_proximal_svi", "proximal_adadelta",
-    "LatticeKernelOperator",
+    "LatticeKernelOperator", "SimplexGPMarginal",
     "SVGPVAE", "ExactGPVAE", "SVGPVAEGuide",
 ]

@@ -1,40 +1,60 @@
-r"""Simplex-GP kernel operator on the permutohedral lattice, for JAX / NumPyro (paper 002 [1]).
+r"""Simplex-GP on the permutohedral lattice for JAX / NumPyro (paper 002 [1]): the kernel operator
+and the GP marginal likelihood on it.
 
-The same operator as :class:`pyro_scalegp.lattice.LatticeKernelOperator`, with the same maths
-(:mod:`scalegp.lattice`) and the same CPU build of ``kernels_cuda``:
+:class:`LatticeKernelOperator` is the same operator as
+:class:`pyro_scalegp.lattice.LatticeKernelOperator`, with the same maths (:mod:`scalegp.lattice`)
+and the same CPU build of ``kernels_cuda``:
 
 .. math::
 
     K \approx \sigma^2 D^{-1/2} W^\top C^\top C W D^{-1/2}.
 
-The lattice is built eagerly, outside ``jit``, from concrete ``X`` and lengthscales (its size is
-data-dependent); the operator is then a pytree (leaves ``X``, ``lengthscale``, ``variance``; the
-lattice is static) whose products run inside ``jit``, ``grad`` and ``vmap``. The filter is a
-``jax.pure_callback`` into the CPU build wrapped in a ``custom_vjp`` whose backward is the
-transposed filtering (the operator is symmetric) and the weight gradient
+The operator is a pytree (leaves ``X``, ``lengthscale``, ``variance``) whose products run inside
+``jit``, ``grad`` and ``vmap``. Built from concrete values, the lattice is built at once (host
+data of the pytree); built from traced values (inside ``jit``, e.g. in a NumPyro model under
+SVI), the lattice is built when the computation runs, by a ``jax.pure_callback`` that returns the
+per-point lattice data (simplex ranks, remainder-0 points, the Gram blocks of the diagonal
+calibration; their shapes
+depend only on ``N`` and ``d``) and a handle to the host lattice, which the products look up.
+The filter is a ``pure_callback`` into the CPU build wrapped in a ``custom_vjp`` whose backward
+is the transposed filtering (the operator is symmetric) and the weight gradient
 :math:`g_i^\top (BWu)_{a_{ik}} + u_i^\top (BWg)_{a_{ik}}`; the barycentric weights and the diagonal
 calibration are differentiated by JAX. Gradients with respect to ``X`` and the lengthscales hold
-the lattice fixed (exact derivatives of the forward map between lattice rebuilds).
+the simplices fixed (exact derivatives of the forward map between lattice rebuilds).
 
-References: [1] Kapoor, Finzi, Wang, Wilson, ICML 2021.
+:class:`SimplexGPMarginal` is :math:`\mathcal N(m, K + \sigma_n^2 I)` with ``log_prob`` by
+preconditioned CG and stochastic Lanczos quadrature (:mod:`scalegp.krylov`).
 
-.. note:: Cost: as the torch operator: build ``O(N d^2 + M d r)`` plus the exact diagonal, each
-   product ``O((N d + M d r) c)`` for ``c`` columns, plus a host round trip per callback.
+References: [1] Kapoor, Finzi, Wang, Wilson, ICML 2021. [2] Gardner, Pleiss, Bindel, Weinberger,
+Wilson, GPyTorch, NeurIPS 2018. [3] Harbrecht, Peters, Schneider, Appl. Numer. Math. 62, 2012.
+[4] Pleiss, Gardner, Weinberger, Wilson, "Constant-time predictive distributions for Gaussian
+processes" (LOVE), ICML 2018.
+
+.. note:: Cost: building ``O(N d^2 + M d r)`` plus the diagonal calibration (see
+   :mod:`scalegp.lattice`), each product ``O((N d + M d r) c)`` for ``c`` columns, plus a host round
+   trip per callback (zero-copy on the CPU).
 """
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
+import math
+import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro.distributions import Distribution, Normal, constraints
 
 from kernels_cuda.dispatch import build_lattice
+from scalegp import krylov
 from scalegp import lattice as sl
 
 from . import kernels as nk
+from .hgp import _as_loc, _check_positive, _concrete
 
-__all__ = ["LatticeKernelOperator", "kernel_name"]
+__all__ = ["LatticeKernelOperator", "SimplexGPMarginal", "kernel_name"]
 
 _NAMES = ((nk.RBF, "rbf"), (nk.Exponential, "exponential"), (nk.Matern32, "matern32"), (nk.Matern52, "matern52"))
 
@@ -49,101 +69,185 @@ def kernel_name(kernel) -> str:
     )
 
 
-class _Lattice:
-    """The lattice of one concrete ``(X, lengthscale)`` (host arrays) and its filter with gradients."""
+class _HostLattice:
+    """The lattice of concrete ``(X, lengthscale)`` (numpy), with the host side of the products."""
 
     def __init__(self, X: np.ndarray, ell: np.ndarray, name: str, order: int):
         n, d = X.shape
         sl.check_memory(n, d, order, 1, X.dtype.itemsize)
         st = sl.stencil(name, order)
         scale = sl.elevation_scale(d, st)
-        self.proj = sl.elevation_matrix(d) * scale[None, :]
         self.impl = build_lattice(np.ascontiguousarray(X / ell), scale.astype(X.dtype), order, backend="cpu")
         self.coef = st.coef.astype(X.dtype)
-        self.vid, self.rank, self.greedy = self.impl.vid, self.impl.rank, self.impl.greedy.astype(X.dtype)
-        self.gram = self.impl.local_gram(self.coef)
-        self.n, self.d = n, d
-        self.filter = self._make_filter()
+        self.dtype = X.dtype
 
-    def _host(self, method):
-        def call(w, u):
-            return getattr(self.impl, method)(np.asarray(u), self.coef, np.asarray(w)).astype(u.dtype)
+    def arrays(self, handle: int) -> tuple:
+        """The per-point data handed to JAX, all in the inputs' float dtype (so the operator has no
+        integer leaves and ``jax.grad`` takes it whole): the handle, the residual ranks, the
+        remainder-0 points and the Gram blocks of the diagonal calibration."""
+        return (np.asarray(handle, self.dtype), self.impl.rank.astype(self.dtype), self.impl.greedy.astype(self.dtype),
+                self.impl.local_gram(self.coef).astype(self.dtype))
+
+    def filter(self, w, u):
+        return self.impl.filter(np.asarray(u, self.dtype), self.coef, np.asarray(w, self.dtype))
+
+    def weight_grad(self, w, u, g):
+        """:math:`\\partial (g^\\top W^\\top B W u) / \\partial w_{ik}` (``N x (d+1)``)."""
+        w = np.asarray(w, self.dtype)
+        q = self.impl.splat_blur(np.asarray(u, self.dtype), self.coef, w)[self.impl.vid]
+        p = self.impl.splat_blur(np.asarray(g, self.dtype), self.coef, w)[self.impl.vid]
+        return np.einsum("nkc,nc->nk", q, g) + np.einsum("nkc,nc->nk", p, u)
+
+
+class _Registry:
+    """Host lattices by handle (an integer below :math:`2^{24}`, exact in float32): those of
+    operators built from concrete values live as long as their operator (weak references; the
+    operator holds the lattice); those built inside traced computations are kept for the ``keep``
+    most recent builds. A lattice looked up after it was dropped is rebuilt from the same
+    ``(X, lengthscale)``: the data handed to JAX is a deterministic function of them."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._weak: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._recent: collections.OrderedDict = collections.OrderedDict()
+        self._ids = itertools.count()
+
+    def add(self, lat: _HostLattice, *, keep: bool, handle: int | None = None) -> int:
+        handle = next(self._ids) % 2**24 if handle is None else handle
+        self._weak[handle] = lat
+        if keep:
+            self._recent[handle] = lat
+            self._recent.move_to_end(handle)
+            while len(self._recent) > self.keep:
+                self._recent.popitem(last=False)
+        return handle
+
+    def get(self, handle, X, ell, name: str, order: int) -> _HostLattice:
+        handle = int(handle)
+        lat = self._weak.get(handle)
+        if lat is None:
+            lat = _HostLattice(np.asarray(X), np.asarray(ell), name, order)
+            self.add(lat, keep=True, handle=handle)
+        return lat
+
+
+_REGISTRY = _Registry()
+
+
+def _host_build(name: str, order: int, X, ell, variance, *, keep: bool = True):
+    """Validate, build and register a lattice; returns it and its data for JAX."""
+    Xh, ellh = sl.validate_inputs(np.asarray(X), np.asarray(ell), np.asarray(variance), name, order)
+    lat = _HostLattice(Xh, ellh.astype(Xh.dtype), name, order)
+    return lat, lat.arrays(_REGISTRY.add(lat, keep=keep))
+
+
+def _callback(fn, shape, dtype, *args):
+    return jax.pure_callback(fn, jax.ShapeDtypeStruct(shape, dtype), *args, vmap_method="sequential")
+
+
+@functools.lru_cache(maxsize=None)
+def _filter(name: str, order: int):
+    """``W^T C^T C W u`` as a ``custom_vjp`` of ``(handle, X, lengthscale, w, u)``; the handle, ``X``
+    and the lengthscale only identify the lattice (their cotangents are zero: the simplices are fixed)."""
+
+    def host(method):
+        def call(handle, X, ell, w, *cols):
+            return getattr(_REGISTRY.get(handle, X, ell, name, order), method)(w, *cols)
 
         return call
 
-    def _make_filter(self):
-        filt, sblur = self._host("filter"), self._host("splat_blur")
-        m = self.impl.m
+    @jax.custom_vjp
+    def f(handle, X, ell, w, u):
+        return _callback(host("filter"), u.shape, u.dtype, handle, X, ell, w, u)
 
-        def run(fn, shape, w, u):
-            return jax.pure_callback(fn, jax.ShapeDtypeStruct(shape, u.dtype), w, u, vmap_method="sequential")
+    def fwd(handle, X, ell, w, u):
+        return f(handle, X, ell, w, u), (handle, X, ell, w, u)
 
-        @jax.custom_vjp
-        def f(w, u):
-            return run(filt, u.shape, w, u)
+    def bwd(res, g):
+        handle, X, ell, w, u = res
+        grad_w = _callback(host("weight_grad"), w.shape, w.dtype, handle, X, ell, w, u, g)
+        grad_u = _callback(host("filter"), g.shape, g.dtype, handle, X, ell, w, g)
+        return jnp.zeros_like(handle), jnp.zeros_like(X), jnp.zeros_like(ell), grad_w, grad_u
 
-        def fwd(w, u):
-            return f(w, u), (w, u)
+    f.defvjp(fwd, bwd)
+    return f
 
-        def bwd(res, g):
-            w, u = res
-            q = run(sblur, (m, u.shape[1]), w, u)[self.vid]  # N x (d+1) x c
-            p = run(sblur, (m, g.shape[1]), w, g)[self.vid]
-            grad_w = (g[:, None, :] * q).sum(-1) + (u[:, None, :] * p).sum(-1)
-            return grad_w, run(filt, g.shape, w, g)
 
-        f.defvjp(fwd, bwd)
-        return f
+def _weights(X, ell, proj, rank, greedy):
+    """Barycentric weights, differentiable in ``X`` and ``ell`` (simplices held fixed)."""
+    n, d = X.shape
+    el = (X / ell) @ jnp.asarray(proj, X.dtype).T
+    delta = (el - greedy) / (d + 1)
+    rows = jnp.arange(n)[:, None]
+    b = jnp.zeros((n, d + 2), X.dtype)
+    b = b.at[rows, d - rank].add(delta).at[rows, d + 1 - rank].add(-delta)
+    return b[:, : d + 1].at[:, 0].add(1 + b[:, d + 1])
 
-    def weights(self, X, ell):
-        d = self.d
-        el = (X / ell) @ jnp.asarray(self.proj, X.dtype).T
-        delta = (el - self.greedy) / (d + 1)
-        rows = jnp.arange(X.shape[0])[:, None]
-        b = jnp.zeros((X.shape[0], d + 2), X.dtype)
-        b = b.at[rows, d - self.rank].add(delta).at[rows, d + 1 - self.rank].add(-delta)
-        return b[:, : d + 1].at[:, 0].add(1 + b[:, d + 1])
+
+def _is_traced(*values) -> bool:
+    return any(isinstance(v, jax.core.Tracer) for v in values)
 
 
 @jax.tree_util.register_pytree_node_class
 class LatticeKernelOperator:
     r"""The kernel matrix :math:`K_{XX}` of ``kernel`` as a lattice operator (JAX).
 
-    :param X: ``(N, d)`` inputs (concrete: the lattice is built here, outside ``jit``).
+    :param X: ``(N, d)`` inputs.
     :param kernel: a ``numpyro_scalegp.kernels`` RBF, Exponential, Matern32 or Matern52.
     :param order: stencil order ``r`` (``2r+1`` taps per lattice direction).
     :param backend: ``"auto"`` or ``"cpu"`` (the JAX frontend calls the CPU build).
 
     ``op @ v`` with ``v`` of shape ``(N,)`` or ``(N, c)``; works under ``jit``, ``grad``
-    (``v``, ``X``, ``lengthscale``, ``variance``) and ``vmap``.
+    (``v``, ``X``, ``lengthscale``, ``variance``; the lattice data, a private leaf, gets a zero
+    cotangent) and ``vmap``. Constructed from concrete values, bad values raise ``ValueError``
+    here; constructed inside ``jit`` (traced inputs), shapes, the kernel and ``order`` are checked
+    here and the values by the host build when the computation runs, which then fails with the
+    same message.
 
-    .. note:: Cost: see the module note.
+    .. note:: Cost: see the module note. Inside ``jit`` the lattice is built once per execution of
+       the computation that constructs the operator.
     """
 
     def __init__(self, X, kernel, *, order: int = 1, backend: str = "auto"):
         if backend not in ("auto", "cpu"):
             raise ValueError(f"backend: the JAX frontend runs the CPU build ('auto' or 'cpu'), got {backend!r}")
         name = kernel_name(kernel)
-        try:
-            Xh = np.asarray(kernel._slice(X))
-            ellh, varh = np.asarray(kernel.lengthscale), np.asarray(kernel.variance)
-        except jax.errors.TracerArrayConversionError as err:
-            raise ValueError("X: the lattice is built from concrete values; construct the operator outside jit") from err
-        Xh, ellh = sl.validate_inputs(Xh, ellh, varh, name, order)
-        self.X = jnp.asarray(Xh)
-        self.lengthscale = jnp.asarray(ellh, self.X.dtype)
-        self.variance = jnp.asarray(varh, self.X.dtype)
+        if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
+            raise ValueError(f"order: must be a positive integer, got {order!r}")
+        X = kernel._slice(X)
+        ell, var = kernel.lengthscale, kernel.variance
         self.order, self.kernel_name = int(order), name
-        self.lattice = _Lattice(Xh, ellh.astype(Xh.dtype), name, self.order)
+        if _is_traced(X, ell, var):
+            if X.ndim != 2 or 0 in X.shape:
+                raise ValueError(f"X: expected a 2-D (N, d) array with N, d > 0, got shape {X.shape}")
+            n, d = X.shape
+            if jnp.ndim(ell) > 1 or jnp.size(ell) not in (1, d):
+                raise ValueError(f"lengthscale: expected a scalar or shape ({d},), got shape {jnp.shape(ell)}")
+            dtype = jnp.result_type(X, float)
+            self.X = jnp.asarray(X, dtype)
+            self.lengthscale = jnp.broadcast_to(jnp.asarray(ell, dtype).reshape(-1), (d,))
+            self.variance = jnp.asarray(var, dtype).reshape(())
+            shapes = tuple(jax.ShapeDtypeStruct(s, dtype) for s in ((), (n, d + 1), (n, d + 1), (n, d + 1, d + 1)))
+            stop = jax.lax.stop_gradient
+            self._lattice = jax.pure_callback(
+                lambda *a: _host_build(name, self.order, *a)[1], shapes, stop(self.X), stop(self.lengthscale),
+                stop(self.variance), vmap_method="sequential")
+        else:
+            lat, arrays = _host_build(name, self.order, X, ell, var, keep=False)
+            self._keepalive = lat
+            self.X = jnp.asarray(np.asarray(X), lat.dtype)
+            self.lengthscale = jnp.asarray(np.broadcast_to(np.asarray(ell, lat.dtype), (self.X.shape[1],)))
+            self.variance = jnp.asarray(var, lat.dtype)
+            self._lattice = tuple(jnp.asarray(a) for a in arrays)
 
     def tree_flatten(self):
-        return (self.X, self.lengthscale, self.variance), (self.lattice, self.order, self.kernel_name)
+        return (self.X, self.lengthscale, self.variance, self._lattice), (self.order, self.kernel_name)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
-        obj.X, obj.lengthscale, obj.variance = children
-        obj.lattice, obj.order, obj.kernel_name = aux
+        obj.X, obj.lengthscale, obj.variance, obj._lattice = children
+        obj.order, obj.kernel_name = aux
         return obj
 
     @property
@@ -156,14 +260,374 @@ class LatticeKernelOperator:
 
     def matmul(self, v):
         v = jnp.asarray(v, self.X.dtype)
-        n = self.X.shape[0]
+        n, d = self.X.shape
         if v.shape[0] != n or v.ndim not in (1, 2):
             raise ValueError(f"v: expected shape ({n},) or ({n}, c), got {v.shape}")
         u = v[:, None] if v.ndim == 1 else v
-        lat = self.lattice
-        w = lat.weights(self.X, self.lengthscale)
-        s = jax.lax.rsqrt(jnp.einsum("nk,nkl,nl->n", w, jnp.asarray(lat.gram), w))
-        out = self.variance * s[:, None] * lat.filter(w, s[:, None] * u)
+        handle, rank, greedy, gram = jax.lax.stop_gradient(self._lattice)
+        proj = sl.elevation_matrix(d) * sl.elevation_scale(d, sl.stencil(self.kernel_name, self.order))[None, :]
+        w = _weights(self.X, self.lengthscale, proj, rank.astype(jnp.int32), greedy)
+        s = jax.lax.rsqrt(jnp.einsum("nk,nkl,nl->n", w, gram, w))
+        filt = _filter(self.kernel_name, self.order)
+        out = self.variance * s[:, None] * filt(handle, self.X, self.lengthscale, w, s[:, None] * u)
         return out[:, 0] if v.ndim == 1 else out
 
     __matmul__ = matmul
+
+
+# --------------------------------------------------------------------------------------------
+# CG, Lanczos and the preconditioner (JAX, inside jit)
+# --------------------------------------------------------------------------------------------
+
+class _Preconditioner:
+    r""":math:`P = L L^\top + \sigma_n^2 I` from a rank-``k`` pivoted Cholesky factor ``L`` of ``K``:
+    solves by Woodbury, :math:`\log\det P` by the ``k x k`` capacitance
+    :math:`C = \sigma_n^2 I + L^\top L`, samples :math:`z = L\epsilon_1 + \sigma_n \epsilon_2 \sim \mathcal N(0, P)`."""
+
+    def __init__(self, L, noise):
+        self.L, self.noise = L, noise
+        n, k = L.shape
+        self.chol = jnp.linalg.cholesky(noise * jnp.eye(k, dtype=L.dtype) + L.T @ L) if k else None
+        logdet_c = 2 * jnp.log(jnp.diagonal(self.chol)).sum() if k else 0.0
+        self.logdet = logdet_c + (n - k) * jnp.log(noise)
+
+    def solve(self, v):
+        if self.chol is None:
+            return v / self.noise
+        c = jax.scipy.linalg.cho_solve((self.chol, True), self.L.T @ v)
+        return (v - self.L @ c) / self.noise
+
+    def sample(self, eps):
+        k = self.L.shape[1]
+        return self.L @ eps[:k] + jnp.sqrt(self.noise) * eps[k:]
+
+
+def _pivoted_cholesky(column, diag, rank: int):
+    r"""Rank-``rank`` pivoted Cholesky factor of a PSD matrix given its diagonal and a function
+    returning its column ``i`` [3]: greedy pivots on the largest remaining diagonal entry.
+
+    .. note:: Cost: ``rank`` columns (operator products) and ``O(N rank^2)``.
+    """
+    n = diag.shape[0]
+    if rank == 0:
+        return jnp.zeros((n, 0), diag.dtype)
+
+    def body(m, state):
+        L, d = state
+        i = jnp.argmax(d)
+        piv = d[i]
+        ok = piv > 0
+        col = (column(i) - L @ L[i]) / jnp.sqrt(jnp.where(ok, piv, 1.0))
+        col = jnp.where(ok, col, 0.0)
+        return L.at[:, m].set(col), d - col**2
+
+    L, _ = jax.lax.fori_loop(0, rank, body, (jnp.zeros((n, rank), diag.dtype), diag))
+    return L
+
+
+def _pcg(matvec, psolve, B, tol: float, max_iter: int, steps: int):
+    r"""Preconditioned CG on :math:`A X = B` for all columns at once, each stopping when its
+    residual falls below ``tol`` times its right-hand side's norm (or after ``max_iter`` steps),
+    recording the coefficients of the first ``steps`` steps for the Lanczos tridiagonals.
+
+    :returns: ``X``, ``alpha``, ``beta``, ``active`` (the last three ``(steps, c)``).
+    """
+    c = B.shape[1]
+    bnorm = jnp.linalg.norm(B, axis=0)
+    zt = psolve(B)
+    rz = (B * zt).sum(0)
+    rec = jnp.zeros((steps, c), B.dtype)
+    init = (0, jnp.zeros_like(B), B, zt, rz, bnorm > 0, rec, rec, jnp.zeros((steps, c), bool))
+
+    def cond(state):
+        return (state[0] < max_iter) & jnp.any(state[5])
+
+    def body(state):
+        k, x, r, p, rz, active, alphas, betas, acts = state
+        Ap = matvec(p)
+        pAp = (p * Ap).sum(0)
+        alpha = jnp.where(active, rz / jnp.where(active, pAp, 1.0), 0.0)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        zt = psolve(r)
+        rz_new = (r * zt).sum(0)
+        beta = jnp.where(active, rz_new / jnp.where(active, rz, 1.0), 0.0)
+        p = jnp.where(active, zt + beta * p, p)
+        kk = jnp.minimum(k, steps - 1)
+        keep = k < steps
+        alphas = alphas.at[kk].set(jnp.where(keep, alpha, alphas[kk]))
+        betas = betas.at[kk].set(jnp.where(keep, beta, betas[kk]))
+        acts = acts.at[kk].set(jnp.where(keep, active, acts[kk]))
+        rz = jnp.where(active, rz_new, rz)
+        active = active & (jnp.linalg.norm(r, axis=0) > tol * bnorm)
+        return k + 1, x, r, p, rz, active, alphas, betas, acts
+
+    _, x, _, _, _, _, alphas, betas, acts = jax.lax.while_loop(cond, body, init)
+    return x, alphas, betas, acts
+
+
+def _train_block(op, n: int):
+    """``v -> K[:n, :n] v`` (the training block of an operator over training and test points)."""
+    t = op.shape[0] - n
+    if t == 0:
+        return op.matmul
+    return lambda v: (op @ jnp.concatenate([v, jnp.zeros((t,) + v.shape[1:], v.dtype)]))[:n]
+
+
+def _preconditioner(op, n: int, noise, rank: int) -> _Preconditioner:
+    K = _train_block(op, n)
+    column = lambda i: K(jax.nn.one_hot(i, n, dtype=op.X.dtype))  # noqa: E731
+    return _Preconditioner(_pivoted_cholesky(column, jnp.full(n, op.variance, op.X.dtype), rank), noise)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _solve(op, noise, B, n: int, cfg: tuple):
+    """:math:`(K_{[:n,:n]} + \\sigma_n^2 I)^{-1} B` by preconditioned CG."""
+    tol, max_iter, rank = cfg
+    K = _train_block(op, n)
+    prec = _preconditioner(op, n, noise, rank)
+    return _pcg(lambda v: K(v) + noise * v, prec.solve, B, tol, max_iter, 1)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _lanczos_cross(joint, noise, b, n: int, rank: int):
+    r"""Lanczos with full reorthogonalization, ``rank`` steps on :math:`A = K_{XX} + \sigma_n^2 I` from
+    ``b``: :math:`A \approx Q T Q^\top`. Returns :math:`L_T^{-1} Q^\top K_{X*}` (``rank x T``) with
+    :math:`T = L_T L_T^\top`, whose column norms squared are
+    :math:`k_*^\top Q T^{-1} Q^\top k_* \le k_*^\top A^{-1} k_*` (LOVE [4]). After a breakdown (the
+    Krylov space exhausted) the remaining steps are identity rows with zero Lanczos vectors."""
+    K = _train_block(joint, n)
+    dtype = b.dtype
+
+    def body(j, state):
+        Q, alpha, beta, q, q_prev, b_prev, live = state
+        Q = Q.at[:, j].set(q)
+        v = K(q) + noise * q - b_prev * q_prev
+        a = q @ v
+        v = v - a * q
+        v = v - Q @ (Q.T @ v)
+        v = v - Q @ (Q.T @ v)
+        nv = jnp.linalg.norm(v)
+        live_next = live & (nv > 1e-10 * jnp.abs(a))
+        q_next = jnp.where(live_next, v / jnp.where(live_next, nv, 1.0), 0.0)
+        alpha = alpha.at[j].set(jnp.where(live, a, 1.0))
+        beta = beta.at[j].set(jnp.where(live_next, nv, 0.0))
+        return Q, alpha, beta, q_next, q, jnp.where(live_next, nv, 0.0), live_next
+
+    init = (jnp.zeros((n, rank), dtype), jnp.ones(rank, dtype), jnp.zeros(rank, dtype), b / jnp.linalg.norm(b),
+            jnp.zeros(n, dtype), jnp.zeros((), dtype), jnp.ones((), bool))
+    Q, alpha, beta, *_ = jax.lax.fori_loop(0, rank, body, init)
+    T = jnp.diag(alpha) + jnp.diag(beta[:-1], 1) + jnp.diag(beta[:-1], -1)
+    t = joint.shape[0] - n
+    cross = (joint @ jnp.concatenate([Q, jnp.zeros((t, rank), dtype)]))[n:]  # K_{*X} Q
+    return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(T), cross.T, lower=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _log_prob(op, noise, r, eps, cfg):
+    return _log_prob_fwd(op, noise, r, eps, cfg)[0]
+
+
+def _log_prob_fwd(op, noise, r, eps, cfg):
+    tol, max_iter, rank = cfg
+    n = r.shape[0]
+    prec = _preconditioner(op, n, noise, rank)
+    z = prec.sample(eps)
+    x, alpha, beta, active = _pcg(lambda v: op @ v + noise * v, prec.solve,
+                                  jnp.concatenate([r[:, None], z], 1), tol, max_iter, krylov.lanczos_steps(max_iter))
+    a, solves = x[:, 0], x[:, 1:]
+    pz = prec.solve(z)
+    T = krylov.cg_tridiagonal(jnp, alpha[:, 1:], beta[:, 1:], active[:, 1:])
+    logdet = prec.logdet + krylov.slq_logdet(jnp, T, (z * pz).sum(0))
+    value = -0.5 * (r @ a + logdet + n * math.log(2 * math.pi))
+    return value, (op, a, solves, pz, eps)
+
+
+def _log_prob_bwd(cfg, res, g):
+    op, a, solves, pz, eps = res
+    p = solves.shape[1]
+    V = jnp.concatenate([a[:, None], pz], 1)
+    C = g * jnp.concatenate([0.5 * a[:, None], (-0.5 / p) * solves], 1)
+    g_op = jax.vjp(lambda o: o @ V, op)[1](C)[0]
+    g_noise = g * (0.5 * a @ a - (0.5 / p) * (solves * pz).sum())
+    return g_op, g_noise, -g * a, jnp.zeros_like(eps)
+
+
+_log_prob.defvjp(_log_prob_fwd, _log_prob_bwd)
+_log_prob_jit = jax.jit(_log_prob, static_argnums=4)
+
+
+class SimplexGPMarginal(Distribution):
+    r"""Marginal distribution of the targets under a GP whose kernel matrix is the lattice operator:
+    :math:`y \sim \mathcal N(m, K_{\text{lattice}} + \sigma_n^2 I)` (JAX / NumPyro).
+
+    ``log_prob(y)`` runs preconditioned CG on :math:`A = K + \sigma_n^2 I` for :math:`a = A^{-1}(y - m)`
+    and for ``num_probes`` probes :math:`z_i \sim \mathcal N(0, P)` at once, with
+    :math:`P = L L^\top + \sigma_n^2 I` and :math:`L` the rank-``precond_rank`` pivoted Cholesky
+    factor of :math:`K`; the log-determinant is :math:`\log\det P` plus stochastic Lanczos
+    quadrature of :math:`\log\det P^{-1/2} A P^{-1/2}` from the CG coefficients
+    (:mod:`scalegp.krylov`; mBCG [2]). Its gradient (a ``custom_vjp``) is the standard estimator
+
+    .. math::
+
+        \frac{\partial \log p}{\partial\theta} = \tfrac12 a^\top \frac{\partial K}{\partial\theta} a
+        - \tfrac12 \frac1p \sum_i (A^{-1} z_i)^\top \frac{\partial K}{\partial\theta} (P^{-1} z_i),
+        \qquad \frac{\partial \log p}{\partial \sigma_n^2} = \tfrac12 a^\top a
+        - \tfrac12 \frac1p \sum_i (A^{-1} z_i)^\top P^{-1} z_i,
+
+    whose probe terms estimate :math:`-\tfrac12 \operatorname{tr}(A^{-1}\partial A)` without bias, with the
+    :math:`\partial K` products taken from the operator's own vector-Jacobian product (one product
+    of ``1 + num_probes`` columns) and :math:`\partial \log p / \partial m = a`. The value and the
+    gradient are estimates: exact up to the CG tolerance for the quadratic term, stochastic for the
+    log-determinant. Use it as ``numpyro.sample("y", SimplexGPMarginal(kernel, X, noise), obs=y)``
+    under ``SVI`` with ``jit`` (the lattice is then rebuilt inside the jitted step, see
+    :class:`LatticeKernelOperator`).
+
+    :param kernel: ``numpyro_scalegp.kernels`` RBF, Exponential, Matern32 or Matern52.
+    :param X: ``(N, d)`` training inputs.
+    :param noise: positive scalar noise variance.
+    :param order: stencil order of the lattice.
+    :param mean: ``None`` (zero), a scalar or an ``(N,)`` array (held as ``loc``).
+    :param cg_tol: CG tolerance on each column's relative residual norm.
+    :param max_cg_iter: CG iteration cap (the first ``min(max_cg_iter, 100)`` steps make the
+        Lanczos tridiagonals).
+    :param num_probes: probe vectors of the log-determinant.
+    :param precond_rank: rank of the pivoted-Cholesky preconditioner (``0``: :math:`P = \sigma_n^2 I`).
+    :param key: ``jax.random`` key of the probes; ``None`` uses ``PRNGKey(0)``, so the objective is
+        a fixed (deterministic) function of the parameters. Pass ``key=numpyro.prng_key()`` inside
+        a model for fresh probes at every step.
+    :param backend: as :class:`LatticeKernelOperator`.
+
+    .. note:: Cost: one lattice build, ``precond_rank`` single-column products, then
+       ``O(I (N d + M d r)(1 + p))`` for ``I`` CG iterations and ``p`` probes, the eigen-decompositions
+       of ``p`` tridiagonals of size at most 100, and one vector-Jacobian product of ``1 + p``
+       columns for the gradient; memory ``O((N + M)(1 + p) + N\, \mathrm{precond\_rank})``.
+    """
+
+    arg_constraints = {"noise": constraints.positive, "loc": constraints.real}
+    support = constraints.real_vector
+    reparametrized_params = ["noise", "loc"]
+    pytree_data_fields = ("kernel", "op", "noise", "loc", "key")
+    pytree_aux_fields = ("order", "cg_tol", "max_cg_iter", "num_probes", "precond_rank")
+
+    def __init__(self, kernel, X, noise, *, order: int = 1, mean=None, cg_tol: float = 1e-3,
+                 max_cg_iter: int = 1000, num_probes: int = 16, precond_rank: int = 15, key=None,
+                 backend: str = "auto", validate_args: bool | None = None):
+        for name, val in (("cg_tol", cg_tol), ("max_cg_iter", max_cg_iter), ("num_probes", num_probes)):
+            if not (isinstance(val, (int, float, np.integer, np.floating)) and val > 0):
+                raise ValueError(f"{name}: must be positive, got {val!r}")
+        for name, val in (("max_cg_iter", max_cg_iter), ("num_probes", num_probes), ("precond_rank", precond_rank)):
+            if not isinstance(val, (int, np.integer)) or val < 0:
+                raise ValueError(f"{name}: must be a non-negative integer, got {val!r}")
+        X = jnp.asarray(X)
+        X = X[:, None] if X.ndim == 1 else X
+        if jnp.ndim(noise) != 0:
+            raise ValueError(f"noise: expected a scalar, got shape {jnp.shape(noise)}")
+        _check_positive("noise", noise)
+        self.op = LatticeKernelOperator(X, kernel, order=order, backend=backend)
+        n = self.op.shape[0]
+        if precond_rank > n:
+            raise ValueError(f"precond_rank: at most N = {n}, got {precond_rank}")
+        self.kernel, self.order = kernel, int(order)
+        dtype = self.op.X.dtype
+        self.noise = jnp.asarray(noise, dtype)
+        self.loc = jnp.asarray(_as_loc(mean, n, dtype), dtype)
+        self.key = jax.random.PRNGKey(0) if key is None else key
+        self.cg_tol, self.max_cg_iter, self.num_probes = float(cg_tol), int(max_cg_iter), int(num_probes)
+        self.precond_rank = int(precond_rank)
+        super().__init__(batch_shape=(), event_shape=(n,), validate_args=validate_args)
+
+    @property
+    def X(self):
+        return self.op.X
+
+    def _cfg(self) -> tuple:
+        return (self.cg_tol, self.max_cg_iter, self.precond_rank)
+
+    def _check_y(self, y, name: str):
+        y = jnp.asarray(y, self.X.dtype)
+        if y.shape != self.event_shape:
+            raise ValueError(f"{name}: expected shape {tuple(self.event_shape)}, got {tuple(y.shape)}")
+        if _concrete(y) and not np.all(np.isfinite(np.asarray(y))):
+            raise ValueError(f"{name}: contains NaN or inf")
+        return y
+
+    def probes(self):
+        """The standard-normal draws behind the probes, ``(N + precond_rank, num_probes)``
+        (:math:`z = L\\epsilon_{:k} + \\sigma_n \\epsilon_{k:}`)."""
+        n = self.event_shape[0]
+        return jax.random.normal(self.key, (n + self.precond_rank, self.num_probes), self.X.dtype)
+
+    def log_prob(self, value):
+        """The estimate of :math:`\\log \\mathcal N(y \\mid m, K + \\sigma_n^2 I)` (a scalar)."""
+        y = self._check_y(value, "y")
+        return _log_prob_jit(self.op, self.noise, y - self.loc, self.probes(), self._cfg())
+
+    def sample(self, key, sample_shape=()):
+        raise NotImplementedError("SimplexGPMarginal: sampling is not implemented; use predict() for predictions")
+
+    def predict(self, y, X_new, *, noiseless: bool = False, chunk: int = 256, variance_rank: int | None = None):
+        r"""Predictive distribution at ``X_new`` given ``y``, from one lattice on ``[X; X_new]``:
+        with :math:`A = K_{XX} + \sigma_n^2 I` (blocks of the joint operator, so the joint prior is
+        PSD and variances are non-negative), mean :math:`m + K_{*X} A^{-1}(y - m)` by preconditioned
+        CG and variance :math:`\sigma^2 - \operatorname{diag}(K_{*X} A^{-1} K_{X*})` (plus the noise
+        unless ``noiseless``). Needs concrete hyperparameters (call it outside ``jit``) and a constant
+        mean.
+
+        :param chunk: with ``variance_rank=None``, the variances come from CG solves of ``chunk``
+            test columns at a time (as the Pyro frontend computes them).
+        :param variance_rank: an integer ``k`` replaces those solves by ``k`` Lanczos steps on
+            :math:`A` started at :math:`K_{X*} 1` (LOVE [4]):
+            :math:`K_{*X} A^{-1} K_{X*} \approx K_{*X} Q T^{-1} Q^\top K_{X*}`, which never exceeds
+            the exact term, so the variances err on the large (conservative) side.
+        :returns: ``numpyro.distributions.Normal(mean, scale).to_event(1)`` over ``(T,)``.
+
+        .. note:: Cost: a joint build and one CG solve for the mean; variances by ``O(T / chunk)`` CG
+           solves of ``chunk`` columns, or with ``variance_rank = k`` by ``k`` single-column products,
+           ``O(N k^2)`` reorthogonalization and one product of ``k`` columns, whatever ``T``.
+        """
+        y = self._check_y(y, "y")
+        X_new = jnp.asarray(X_new, self.X.dtype)
+        X_new = X_new[:, None] if X_new.ndim == 1 else X_new
+        n, d = self.X.shape
+        if X_new.ndim != 2 or X_new.shape[1] != d:
+            raise ValueError(f"X_new: expected a (T, {d}) array, got shape {X_new.shape}")
+        if jnp.ndim(self.loc) != 0:
+            raise ValueError("mean: predict needs a constant (scalar) mean")
+        if not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise ValueError(f"chunk: must be a positive integer, got {chunk!r}")
+        if variance_rank is not None and (not isinstance(variance_rank, (int, np.integer))
+                                          or not 1 <= variance_rank <= n):
+            raise ValueError(f"variance_rank: must be None or an integer in [1, {n}], got {variance_rank!r}")
+        joint = LatticeKernelOperator(jnp.concatenate([self.X, X_new]), self._op_kernel(), order=self.order)
+        t = X_new.shape[0]
+        cfg = self._cfg()
+        alpha = _solve(joint, self.noise, (y - self.loc)[:, None], n, cfg)
+        mean = self.loc + (joint @ jnp.concatenate([alpha, jnp.zeros((t, 1), self.X.dtype)]))[n:, 0]
+        if variance_rank is not None:
+            start = (joint @ jnp.concatenate([jnp.zeros(n, self.X.dtype), jnp.ones(t, self.X.dtype)]))[:n]
+            reduction = (_lanczos_cross(joint, self.noise, start, n, int(variance_rank)) ** 2).sum(0)
+        else:
+            width = min(chunk, t)
+            reduction = []
+            for s in range(0, t, width):
+                cols = jnp.minimum(jnp.arange(s, s + width), t - 1)  # the last chunk repeats a column: one shape
+                onehot = jnp.zeros((n + t, width), self.X.dtype).at[n + cols, jnp.arange(width)].set(1)
+                kx = (joint @ onehot)[:n]  # N x width: K_{X, *}
+                reduction.append((kx * _solve(joint, self.noise, kx, n, cfg)).sum(0))
+            reduction = jnp.concatenate(reduction)[:t]
+        var = (self.op.variance - reduction).clip(0)
+        var = var if noiseless else var + self.noise
+        return Normal(mean, jnp.sqrt(var)).to_event(1)
+
+    def _op_kernel(self):
+        """The kernel with the operator's (validated, broadcast) hyperparameters."""
+        return type(self.kernel)(self.X.shape[1], variance=self.op.variance, lengthscale=self.op.lengthscale)
+
+    @property
+    def mean(self):
+        return jnp.broadcast_to(self.loc, self.event_shape)
+
+    @property
+    def variance(self):
+        return jnp.broadcast_to(self.op.variance + self.noise, self.event_shape)

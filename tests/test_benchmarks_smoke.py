@@ -158,3 +158,133 @@ def test_speed_quick_torch(tmp_path):
     assert by["hgp"]["value"] == pytest.approx(by["autograd"]["value"], rel=1e-10)
     assert by["hgp"]["grad_norm"] == pytest.approx(by["autograd"]["grad_norm"], rel=1e-7)
     assert (tmp_path / "hgp_speed.md").exists()
+
+
+def test_advgp_curve_comparisons():
+    from benchmarks.advgp_flights import share_ahead, value_at
+    from benchmarks.advgp_stragglers import time_to_reach
+
+    ours = [{"time_s": 0.0, "rmse": 45.0}, {"time_s": 2.0, "rmse": 44.0}, {"time_s": 4.0, "rmse": 40.0}]
+    other = [{"time_s": 0.0, "rmse": 45.0}, {"time_s": 1.0, "rmse": 43.0}, {"time_s": 3.0, "rmse": 42.0},
+             {"time_s": 5.0, "rmse": 41.0}]
+    assert value_at(ours, 1.9) == 45.0 and value_at(ours, 2.0) == 44.0 and value_at(ours, -1.0) is None
+    # grid 0, 1, 2, 3, 4 (5 lies beyond ours): ahead at 0 (tie) and 4 only
+    share, since = share_ahead(ours, [other])
+    assert share == pytest.approx(2 / 5) and since == 4.0
+    assert share_ahead(other, [ours]) == (pytest.approx(4 / 5), None)  # behind at the end
+    assert time_to_reach(ours, 44.0) == 2.0 and time_to_reach(ours, 39.0) is None
+
+
+@pytest.mark.slow
+def test_advgp_flights_quick(tmp_path, float64_torch):
+    from benchmarks import advgp_flights
+
+    rows, curves = advgp_flights.main(["--quick", "--workers", "2", "--budget", "2", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["ADVGP 2 workers", "SVGP (GPyTorch)", "VariationalSparseGP (Pyro)"]
+    for r in rows:
+        assert r["steps"] >= 1 and math.isfinite(r["rmse"]) and math.isfinite(r["nlpd"])
+        assert 30 < r["rmse"] < 60  # minutes
+    assert 0.0 <= rows[0]["share_ahead"] <= 1.0 and rows[0]["startup_s"] > 0
+    advgp = curves[20]["ADVGP 2 workers"]
+    assert advgp[0]["step"] == 0 and advgp[-1]["time_s"] >= rows[0]["startup_s"] + 2
+    assert all(a["time_s"] < b["time_s"] for a, b in zip(advgp, advgp[1:]))
+    payload = json.load(open(tmp_path / "advgp_flights.json"))
+    assert set(payload["meta"]["curves"]["20"]) == {r["method"] for r in rows}
+    assert os.path.getsize(tmp_path / "advgp_flights_M20.png") > 10_000
+
+
+@pytest.mark.slow
+def test_advgp_stragglers_quick(tmp_path, float64_torch):
+    from benchmarks import advgp_stragglers
+
+    rows, curves = advgp_stragglers.main(["--quick", "--workers", "2", "--delays", "0", "8", "--sleeps", "0", "0.5",
+                                          "--budget", "2", "--seed", "1", "--out", str(tmp_path)])
+    assert json.load(open(tmp_path / "advgp_stragglers.json"))["meta"]["sleeps_s"] == [0.0, 0.5]
+    sync, bounded = rows
+    assert sync["max_delay"] == 0 and sync["max_staleness"] == 0 and sync["ratio"] == pytest.approx(1.0)
+    # the fast worker runs ahead of the sleeping one, within the bound, and so updates more often
+    assert 1 <= bounded["max_staleness"] <= 8 and bounded["updates"] > sync["updates"]
+    assert all(math.isfinite(r["rmse"]) for r in rows)
+    assert os.path.getsize(tmp_path / "advgp_stragglers.png") > 10_000
+
+
+@pytest.mark.slow
+def test_advgp_throughput_quick(tmp_path, float64_torch):
+    from benchmarks import advgp_throughput
+
+    rows = advgp_throughput.main(["--quick", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)])
+    assert [(r["setup"], r["workers"]) for r in rows] == [
+        ("in-process", 1), ("processes", 1), ("processes", 2), ("torch.distributed (3 processes)", 2)]
+    for r in rows:
+        assert r["rows_per_s"] == pytest.approx(4000 / r["s_per_update"])
+        assert r["rows_per_s_per_worker"] == pytest.approx(r["rows_per_s"] / r["workers"])
+    assert rows[1]["efficiency_vs_1_worker"] == 1.0
+    assert (tmp_path / "advgp_throughput.md").exists()
+
+
+def test_streaming_data_term_equals_advgp_on_the_generated_rows(float64_torch):
+    import pyro.contrib.gp as gp
+    import torch
+
+    from benchmarks.advgp_streaming import StreamingADVGP, SyntheticStream, grid_inducing
+    from pyro_scalegp import ADVGP
+
+    stream = SyntheticStream(3)
+    D = torch.as_tensor(stream.descriptors(2500, 1000))
+    assert D.tolist() == [[0, 1000], [1, 1000], [2, 500]]
+    chunks = [stream.chunk(j, n) for j, n in [(0, 1000), (1, 1000), (2, 500)]]
+    X, y = (torch.as_tensor(np.concatenate(a)) for a in zip(*chunks))
+    np.testing.assert_array_equal(stream.chunk(1, 1000)[0], X[1000:2000].numpy())  # regenerated bit for bit
+
+    def models():
+        for cls, kwargs in ((StreamingADVGP, {"stream": stream}), (ADVGP, {})):
+            kernel = gp.kernels.RBF(2, variance=torch.tensor(0.7), lengthscale=torch.tensor([0.8, 1.3]))
+            model = cls(kernel, torch.as_tensor(grid_inducing(3)), 0.2, **kwargs)
+            with torch.no_grad():
+                model.guide.loc.copy_(torch.linspace(-1, 1, 9))
+            yield model
+
+    streaming, plain = models()
+    v_stream = streaming.data_term(D, torch.zeros(len(D)))
+    v_stream.backward()
+    v_plain = plain.data_term(X, y)
+    v_plain.backward()
+    assert v_stream.item() == pytest.approx(v_plain.item(), rel=1e-12)
+    for (name, p), q in zip(streaming.named_parameters(), plain.parameters()):
+        np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.slow
+def test_advgp_streaming_quick(tmp_path):
+    import torch
+
+    from benchmarks import advgp_streaming
+
+    old = torch.get_default_dtype()
+    try:
+        row, curve = advgp_streaming.main(["--quick", "--num-points", "60000", "--chunk", "3000", "--budget", "2",
+                                           "--out", str(tmp_path)])
+    finally:
+        torch.set_default_dtype(old)
+    assert row["num_points"] == 60_000 and row["updates"] >= 2 and row["under_15_min"]
+    assert curve[-1]["loss_per_point"] < curve[1]["loss_per_point"]  # the negative ELBO goes down
+    assert [p["update"] for p in curve] == list(range(len(curve)))
+    assert json.load(open(tmp_path / "advgp_streaming.json"))["rows"][0]["M"] == 16
+
+
+@pytest.mark.slow
+def test_lattice_flights_quick(tmp_path, monkeypatch, float64_torch):
+    from benchmarks import lattice_flights
+
+    monkeypatch.setenv("CI", "true")
+    rows = lattice_flights.main(["--out", str(tmp_path), "--threads", "2", "--skip", "sgpr,exact"])
+    methods = [r["method"] for r in rows]
+    assert methods == ["Simplex-GP (NumPyro)"] + [f"HGP {r}" for r in ("poe", "gpoe", "bcm", "rbcm", "grbcm")] + [
+        "SVGP (GPyTorch)"]
+    simplex = rows[0]
+    assert simplex["n_train"] == 2000 and simplex["steps"] == 3 and math.isfinite(simplex["loss_last"])
+    for r in rows:
+        assert math.isfinite(r["nlpd"]) and 20 < r["rmse"] < 80  # minutes: the delays' std is 45
+    payload = json.load(open(tmp_path / "lattice_flights.json"))
+    assert payload["meta"]["quick"] and len(payload["rows"]) == len(rows)
+    assert "Simplex-GP (NumPyro)" in open(tmp_path / "lattice_flights.md").read()

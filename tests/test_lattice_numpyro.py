@@ -1,5 +1,5 @@
 """LatticeKernelOperator (JAX): agreement with the torch operator, gradients against finite
-differences of its own forward, and jit / grad / vmap."""
+differences of its own forward, jit / grad / vmap, and construction inside jit."""
 from __future__ import annotations
 
 import jax
@@ -75,11 +75,34 @@ def test_jit_vmap_and_vector_products():
     np.testing.assert_allclose(dense, dense.T, atol=1e-13)
 
 
+def test_built_inside_jit_equals_eager():
+    X, ell, U, V = _data(seed=3)
+    k = nk.Matern32(3, variance=0.9, lengthscale=jnp.asarray(ell))
+    eager = LatticeKernelOperator(X, k, order=2) @ jnp.asarray(V)
+    g_eager = jax.grad(lambda kk: jnp.sum(U * (LatticeKernelOperator(X, kk, order=2) @ jnp.asarray(V))))(k)
+
+    @jax.jit
+    def traced(x, kk, v):  # the lattice is built by a host callback when this runs
+        return LatticeKernelOperator(x, kk, order=2) @ v
+
+    np.testing.assert_allclose(traced(jnp.asarray(X), k, jnp.asarray(V)), eager, rtol=1e-12, atol=1e-13)
+    g = jax.jit(jax.grad(lambda kk: jnp.sum(U * traced(jnp.asarray(X), kk, jnp.asarray(V)))))(k)
+    np.testing.assert_allclose(g.lengthscale, g_eager.lengthscale, rtol=1e-10)
+    np.testing.assert_allclose(g.variance, g_eager.variance, rtol=1e-10)
+    # values are checked by the host build when the jitted computation runs
+    with pytest.raises(Exception, match="lengthscale: must be finite and positive"):
+        traced(jnp.asarray(X), nk.Matern32(3, lengthscale=jnp.asarray(-ell)), jnp.asarray(V)).block_until_ready()
+    with pytest.raises(ValueError, match="lengthscale"):
+        traced(jnp.asarray(X), nk.Matern32(3, lengthscale=jnp.ones(2)), jnp.asarray(V))
+
+
 def test_bad_input():
     X, ell, _, _ = _data()
     k = nk.RBF(3, lengthscale=jnp.asarray(ell))
     with pytest.raises(ValueError, match="X"):
-        jax.jit(lambda x: LatticeKernelOperator(x, k) @ jnp.ones(150))(jnp.asarray(X))
+        jax.jit(lambda x: LatticeKernelOperator(x, k) @ jnp.ones(150))(jnp.zeros((0, 3)))
+    with pytest.raises(ValueError, match="order"):
+        LatticeKernelOperator(X, k, order=0)
     with pytest.raises(ValueError, match="X"):
         LatticeKernelOperator(np.where(np.eye(150, 3) > 0, np.nan, X), k)
     with pytest.raises(ValueError, match="lengthscale"):
@@ -90,3 +113,25 @@ def test_bad_input():
         LatticeKernelOperator(X, k, backend="cuda")
     with pytest.raises(ValueError, match="v"):
         LatticeKernelOperator(X, k) @ jnp.ones(3)
+
+
+def test_dropped_lattice_is_rebuilt(monkeypatch):
+    """A lattice built inside jit and dropped from the host registry before its products run is rebuilt
+    from the same (X, lengthscale), with the same products."""
+    from numpyro_scalegp import lattice as nl
+
+    X, ell, _, V = _data(seed=4)
+    k = nk.RBF(3, variance=0.8, lengthscale=jnp.asarray(ell))
+    traced = jax.jit(lambda x, kk, v: LatticeKernelOperator(x, kk) @ v)
+    ref = LatticeKernelOperator(X, k) @ jnp.asarray(V)
+    builds = []
+
+    class Counting(nl._HostLattice):
+        def __init__(self, *args):
+            builds.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(nl, "_HostLattice", Counting)
+    monkeypatch.setattr(nl, "_REGISTRY", nl._Registry(keep=0))  # keeps nothing: every lookup rebuilds
+    np.testing.assert_allclose(traced(jnp.asarray(X), k, jnp.asarray(V)), ref, rtol=1e-12, atol=1e-13)
+    assert len(builds) == 2  # the build, then the rebuild for the product

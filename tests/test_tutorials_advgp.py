@@ -1,0 +1,31 @@
+"""The ADVGP tutorials execute from top to bottom (with CI set, so on a 3,000-row subset of the
+flights), train for three delay bounds with a straggling worker, and reach a test RMSE below the
+constant predictor's for every bound; the staleness each update used respects its bound."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.test_tutorials import execute_notebook
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["advgp_pyro.ipynb", "advgp_numpyro.ipynb"])
+def test_advgp_tutorial_runs(name, monkeypatch):
+    _, _, text, figures = execute_notebook(name, monkeypatch)
+    const = float(re.search(r"constant predictor RMSE \(minutes\): ([0-9.]+)", text).group(1))
+    runs = re.findall(r"max_delay=(\d+): (\d+) updates, largest staleness (\d+), "
+                      r"final RMSE \(minutes\): ([0-9.]+)", text)
+    assert [int(tau) for tau, *_ in runs] == [0, 4, 16]
+    for tau, updates, staleness, rmse in runs:
+        assert int(updates) >= 2
+        assert int(staleness) <= int(tau)
+        assert float(rmse) < const - 0.5  # minutes: training improved on the constant predictor
+    # the straggler sleeps before every gradient, so the largest bound lets the fast worker run ahead
+    assert int(runs[-1][2]) >= 1
+    best = re.search(r"final RMSE \(minutes\): ([0-9.]+), NLPD \(minutes\): ([-0-9.]+), "
+                     r"95% interval coverage: ([0-9.]+)", text)
+    assert best is not None
+    assert float(best.group(1)) < const and 0.8 < float(best.group(3)) <= 1.0
+    assert len(figures) == 2  # RMSE against time, predictions
