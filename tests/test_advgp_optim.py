@@ -125,7 +125,8 @@ def proximal_groups(model, **kw):
 def test_pyro_and_numpyro_optimizers_agree_on_advgp():
     X, y, Z = data()
     pm = pyro_model(Z)
-    params = {n: jnp.asarray(p.detach().numpy()) for n, p in pm.named_parameters()}
+    # copies: jnp.asarray may alias a numpy buffer, which the torch optimizer updates in place
+    params = {n: jnp.array(p.detach().numpy(), copy=True) for n, p in pm.named_parameters()}
     opt = proximal_groups(pm, lr=2.0, rho=0.9)
     Xt, yt = torch.tensor(X), torch.tensor(y)
     nm = NumPyroADVGP(nk.RBF(2, VARIANCE, jnp.asarray(LENGTHSCALE)), jnp.asarray(Z), NOISE, jitter=1e-6)

@@ -153,7 +153,7 @@ def test_speed_quick_torch(tmp_path):
 
     rows = hgp_speed.main(["--quick", "--frameworks", "torch", "--out", str(tmp_path)])
     by = {r["method"]: r for r in rows}
-    assert set(by) == {"floor", "hgp", "autograd"}
+    assert set(by) == {"floor", "floor_split", "hgp", "autograd"}
     # ours and autograd through the Cholesky compute the same objective and gradient
     assert by["hgp"]["value"] == pytest.approx(by["autograd"]["value"], rel=1e-10)
     assert by["hgp"]["grad_norm"] == pytest.approx(by["autograd"]["grad_norm"], rel=1e-7)

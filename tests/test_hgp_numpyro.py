@@ -181,6 +181,7 @@ def _dense_hgp(name, X, Y, index, p):
     K = make_kernel(name, p["variance"], p["lengthscale"])(X[index]) + p["noise"] * jnp.eye(index.shape[1])
     L = jnp.linalg.cholesky(K)
     R = (Y - p["mean"])[..., index]  # (..., E, n)
+    L = jnp.broadcast_to(L, R.shape[:-1] + L.shape[-2:])  # jax < 0.10 does not broadcast batch dimensions
     alpha = jax.scipy.linalg.solve_triangular(L, R[..., None], lower=True)[..., 0]
     logdet = jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)).sum(-1)
     n = index.shape[1]
