@@ -27,7 +27,9 @@ def execute_notebook(name, monkeypatch):
                             resources={"metadata": {"path": TUTORIALS}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    # stdout only: a worker's stderr chunk may land inside a printed line
+    text = "".join(o.get("text", "") for o in outputs
+                   if o.get("output_type") == "stream" and o.get("name") == "stdout")
     figures = [o for o in outputs if o.get("output_type") in ("display_data", "execute_result")
                and "image/png" in o.get("data", {})]
     return nb, outputs, text, figures
