@@ -16,14 +16,12 @@ def test_advgp_tutorial_runs(name, monkeypatch):
     _, _, text, figures = execute_notebook(name, monkeypatch)
     const = float(re.search(r"constant predictor RMSE \(minutes\): ([0-9.]+)", text).group(1))
     runs = re.findall(r"max_delay=(\d+): (\d+) updates, largest staleness (\d+), "
-                      r"final RMSE \(minutes\): ([0-9.]+), best RMSE \(minutes\): ([0-9.]+)", text)
+                      r"final RMSE \(minutes\): ([0-9.]+)", text)
     assert [int(tau) for tau, *_ in runs] == [0, 4, 16]
-    for tau, updates, staleness, rmse, best_rmse in runs:
+    for tau, updates, staleness, rmse in runs:
         assert int(updates) >= 20
         assert int(staleness) <= int(tau)
-        # minutes: training improved on the constant predictor, and ends below it (stale gradients
-        # make the curve of a large bound fluctuate by a few tenths of a minute)
-        assert float(best_rmse) < const - 0.5 and float(rmse) < const
+        assert float(rmse) < const - 0.5  # minutes: training improved on the constant predictor
     # the straggler sleeps before every gradient, so the largest bound lets the fast worker run ahead
     assert int(runs[-1][2]) >= 1
     best = re.search(r"final RMSE \(minutes\): ([0-9.]+), NLPD \(minutes\): ([-0-9.]+), "
