@@ -69,12 +69,15 @@ def prox_kl_loc(v, gamma):
 def prox_kl_scale_tril(V, gamma):
     r"""Proximal operator of :math:`\gamma h` in :math:`U^\top` (lower triangular ``V``):
     off-diagonal :math:`v/(1+\gamma)`, diagonal the positive root of
-    :math:`(1+\gamma)u^2 - v u - \gamma = 0`; the strict upper triangle is zero."""
+    :math:`(1+\gamma)u^2 - v u - \gamma = 0`; the strict upper triangle is zero. For
+    :math:`v < 0` the root is taken as :math:`2\gamma/(s - v)`, :math:`s = \sqrt{v^2 + 4\gamma(1+\gamma)}`
+    (the same number), since :math:`v + s` cancels to zero when :math:`v^2 \gg \gamma`."""
     gamma = jnp.broadcast_to(gamma, V.shape)
     off = jnp.tril(V, -1) / (1.0 + jnp.tril(gamma, -1))
     v = jnp.diagonal(V)
     g = jnp.diagonal(gamma)
-    diag = (v + jnp.sqrt(v**2 + 4.0 * g * (1.0 + g))) / (2.0 * (1.0 + g))
+    s = jnp.sqrt(v**2 + 4.0 * g * (1.0 + g))
+    diag = jnp.where(v >= 0, (v + s) / (2.0 * (1.0 + g)), 2.0 * g / (s - v))
     return off + jnp.diag(diag)
 
 

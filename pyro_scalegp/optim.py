@@ -57,12 +57,15 @@ def prox_kl_loc(v: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
 def prox_kl_scale_tril(V: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     r"""Proximal operator of :math:`\gamma h` in :math:`U^\top` (lower triangular ``V``):
     off-diagonal :math:`v/(1+\gamma)`, diagonal the positive root of
-    :math:`(1+\gamma)u^2 - v u - \gamma = 0`; the strict upper triangle is zero."""
+    :math:`(1+\gamma)u^2 - v u - \gamma = 0`; the strict upper triangle is zero. For
+    :math:`v < 0` the root is taken as :math:`2\gamma/(s - v)`, :math:`s = \sqrt{v^2 + 4\gamma(1+\gamma)}`
+    (the same number), since :math:`v + s` cancels to zero when :math:`v^2 \gg \gamma`."""
     gamma = torch.as_tensor(gamma, dtype=V.dtype).expand(V.shape)
     off = V.tril(-1) / (1.0 + gamma.tril(-1))
     v = V.diagonal()
     g = gamma.diagonal()
-    diag = (v + (v**2 + 4.0 * g * (1.0 + g)).sqrt()) / (2.0 * (1.0 + g))
+    s = (v**2 + 4.0 * g * (1.0 + g)).sqrt()
+    diag = torch.where(v >= 0, (v + s) / (2.0 * (1.0 + g)), 2.0 * g / (s - v))
     return off + torch.diag_embed(diag)
 
 

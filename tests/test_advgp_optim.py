@@ -77,6 +77,24 @@ def test_prox_minimizes_gamma_h_plus_distance(framework):
     assert fun(ours) <= res.fun + 1e-12
 
 
+@pytest.mark.parametrize("framework", ["pyro", "numpyro"])
+def test_prox_diagonal_has_no_cancellation(framework):
+    # v**2 >> gamma: the textbook root (v + sqrt(v**2 + 4 gamma (1 + gamma))) / (2 (1 + gamma))
+    # rounds to 0 here, and log(0) would turn the unconstrained scale_tril into -inf
+    v = np.array([-1e5, -1e3, -1.0, 3.0])
+    g = np.array([1e-8, 1e-9, 1e-3, 1e-8])
+    V, G = np.diag(v), np.diag(g)
+    if framework == "pyro":
+        u = np.diag(poptim.prox_kl_scale_tril(torch.tensor(V), torch.tensor(G)).numpy())
+    else:
+        u = np.diag(np.asarray(noptim.prox_kl_scale_tril(jnp.asarray(V), jnp.asarray(G))))
+    assert np.all(u > 0)
+    # u solves (1 + g) u^2 - v u - g = 0, to rounding relative to the largest term
+    residual = (1.0 + g) * u**2 - v * u - g
+    assert np.all(np.abs(residual) <= 1e-14 * np.maximum(np.abs(v * u), g))
+    np.testing.assert_allclose(u[:2], -g[:2] / v[:2], rtol=1e-6)  # u ~ gamma / |v| for v << 0
+
+
 def test_plain_groups_equal_torch_and_optax_adadelta():
     rng = np.random.default_rng(1)
     A = rng.normal(size=(6, 6))
