@@ -32,7 +32,9 @@ proximal gradient descent, step for step). It then publishes :math:`\theta_{t+1}
 is recomputed on the newest parameters, so a synchronous run is unchanged); elsewhere
 (workers in other processes or machines) the server stops and raises
 :class:`PeerFailedError` naming it. A worker whose server dies raises
-:class:`PeerFailedError` naming the server.
+:class:`PeerFailedError` naming the server. A NaN or infinite loss or gradient is
+refused before it reaches the parameters: ``step`` raises ``FloatingPointError`` naming
+the workers that sent it.
 
 **Transports** carry the messages; a transport has ``num_workers``, ``restartable``,
 ``send(k, tag, flat)`` (parameters to worker ``k``, which is idle), ``poll(timeout)``
@@ -453,11 +455,24 @@ class ProximalServer:
         while not (got_new and self._ready()):
             got_new = self._receive(wait_start) or got_new
         grad = np.sum(self._grad, axis=0)
-        loss = float(sum(self._value)) + self._proximal_step(grad)
+        value = float(sum(self._value))
+        if not (np.isfinite(value) and np.all(np.isfinite(grad))):
+            self._refuse_non_finite()
+        loss = value + self._proximal_step(grad)
         self.staleness.append(self.version - min(self._used))
         self.version += 1
         self._publish()
         return loss
+
+    def _refuse_non_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the workers whose loss or gradient is NaN or
+        infinite; the parameters are not updated."""
+        bad = [f"{self._workers.describe(k)} (computed at version {self._used[k]})"
+               for k in range(self.num_workers)
+               if not (np.isfinite(self._value[k]) and np.all(np.isfinite(self._grad[k])))]
+        raise FloatingPointError(f"non-finite loss or gradient from {', '.join(bad)}; the server did not "
+                                 f"update and stays at version {self.version} (lower the learning rate, "
+                                 "or resume from an earlier state_dict)")
 
     def run(self, num_steps: int, *, progress_bar: bool = True) -> list[float]:
         """``num_steps`` updates with a progress bar; returns the loss estimates."""

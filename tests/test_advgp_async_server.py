@@ -184,6 +184,17 @@ def test_worker_error_stops_the_run_with_its_traceback():
         server.step()
 
 
+def test_non_finite_gradient_is_refused_naming_the_worker():
+    theta = np.zeros(3)
+    value, grad = gradient(theta, 1)
+    grad[2] = np.nan
+    workers = Scripted(2, [[grad_event(0, 1, theta), ("grad", 1, 1, value, grad)]])
+    server = QuadraticServer(workers, max_delay=0, stall_timeout=60)
+    with pytest.raises(FloatingPointError, match=r"from fake 1 \(computed at version 0\); .* stays at version 0"):
+        server.step()
+    assert server.version == 0 and server.used == [] and np.all(server.theta == 0)
+
+
 def test_stalled_worker_is_reported_once_and_only_while_awaited():
     theta = np.zeros(3)
     workers = Scripted(2, [[grad_event(0, 1, theta)], 0.2, 0.2, [], [grad_event(1, 1, theta)]])
