@@ -101,11 +101,12 @@ def _cholesky_escalating(K, jitter):
     factorization succeeded."""
     eye = jnp.eye(K.shape[-1], dtype=K.dtype)
 
-    def finite(L):
-        return jnp.all(jnp.isfinite(L), axis=(-2, -1))
+    def finite(L):  # a failed factorization comes back NaN throughout, so its diagonal tells
+        return jnp.all(jnp.isfinite(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
 
     L0 = jnp.linalg.cholesky(K)
     j0 = jnp.zeros(K.shape[:-2], dtype=K.dtype)
+    ok0 = finite(L0)
 
     def cond(state):
         _, _, ok, tries = state
@@ -118,8 +119,11 @@ def _cholesky_escalating(K, jitter):
         L = jnp.where(ok[..., None, None], L, L_new)
         return L, j, ok | finite(L_new), tries + 1
 
-    L, j, ok, _ = lax.while_loop(cond, body, (L0, j0, finite(L0), 0))
-    return L, j, ok
+    def escalate(_):
+        return lax.while_loop(cond, body, (L0, j0, ok0, 0))[:3]
+
+    # the loop's carry would copy every factor; skip it when no expert needs jitter
+    return lax.cond(jnp.all(ok0), lambda _: (L0, j0, ok0), escalate, None)
 
 
 def _cholesky_differentiable(K, jitter):
