@@ -75,26 +75,28 @@ def constant_rmse(data) -> float:
     return float(data.y_std * np.sqrt(np.mean(data.y_test**2)))
 
 
-def new_advgp(data, Z) -> ADVGP:
-    """An RBF ADVGP at the shared initial hyperparameters with inducing inputs ``Z``."""
+def new_advgp(data, Z, lengthscale: float | None = None) -> ADVGP:
+    """An RBF ADVGP at the shared initial hyperparameters (or the given initial
+    ``lengthscale``) with inducing inputs ``Z``."""
     pyro.clear_param_store()
     d = data.X_train.shape[1]
     kernel = gp.kernels.RBF(d, variance=torch.tensor(INIT["variance"]),
-                            lengthscale=torch.full((d,), INIT["lengthscale"]))
+                            lengthscale=torch.full((d,), INIT["lengthscale"] if lengthscale is None else lengthscale))
     return ADVGP(kernel, torch.as_tensor(Z), INIT["noise"])
 
 
 def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interval_s: float,
-              optim: dict | None = None, worker_sleep=0.0, threads: int | None = None) -> tuple[list[dict], float]:
+              optim: dict | None = None, worker_sleep=0.0, threads: int | None = None,
+              lengthscale: float | None = None) -> tuple[list[dict], float]:
     """Train ADVGP with :class:`AsyncProximalSVI` for ``budget_s`` seconds after its first update.
 
     The clock starts before the workers are spawned, so the curve's times include their start-up.
     ``threads`` (default: all cores) are split between the workers; ``worker_sleep`` is passed
     on (simulated stragglers). Returns the RMSE/NLPD curve (each checkpoint also records the
     largest staleness so far) and the start-up time: the clock when the first update was applied
-    (spawning the workers and their first gradients).
+    (spawning the workers and their first gradients). ``lengthscale``: see :func:`new_advgp`.
     """
-    model = new_advgp(data, Z)
+    model = new_advgp(data, Z, lengthscale)
     X, y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
     Xt = torch.as_tensor(data.X_test)
     threads = (os.cpu_count() or 1) if threads is None else threads

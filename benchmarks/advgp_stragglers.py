@@ -14,6 +14,8 @@ bounded delay gets there in at most half the synchronous run's time (``ratio`` <
 
     .venv/bin/python -m benchmarks.advgp_stragglers          # 40,000 rows, M = 50, 90 s per run
     .venv/bin/python -m benchmarks.advgp_stragglers --quick  # 2,000 rows, M = 10, seconds
+    .venv/bin/python -m benchmarks.advgp_stragglers --median-lengthscale  # lengthscales start at the
+                                                  # median distance between inputs (not INIT's 1.0)
 """
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ import os
 
 import numpy as np
 import torch
+from scipy.spatial.distance import pdist
 
 from benchmarks.advgp_flights import constant_rmse, plot_curves, run_advgp
-from benchmarks.baselines import kmeans_inducing
+from benchmarks.baselines import INIT, kmeans_inducing
 from benchmarks.common import parser, quick_mode, set_threads, write_results
 from scalegp.datasets import load_flights
 
@@ -45,6 +48,9 @@ def main(argv=None):
     p.add_argument("--sleeps", type=float, nargs="+", default=None,
                    help="the sleeps (s) workers draw from (default 0.1 0.5 1.0)")
     p.add_argument("--budget", type=float, default=None, help="training seconds per run")
+    p.add_argument("--median-lengthscale", action="store_true",
+                   help="start the lengthscales at the median distance between training inputs "
+                        "(default: the shared initial values of benchmarks.baselines.INIT)")
     args = p.parse_args(argv)
     quick = quick_mode(args)
     torch.set_default_dtype(torch.float64)
@@ -56,11 +62,13 @@ def main(argv=None):
     sleeps = np.random.default_rng(args.seed).choice(choices, size=args.workers).tolist()
     data = load_flights(seed=args.seed, test_size=2000 if quick else 10_000).subset(num_train, seed=args.seed)
     Z = kmeans_inducing(data.X_train, M, seed=args.seed)
+    lengthscale = float(np.median(pdist(data.X_train[:1000]))) if args.median_lengthscale else None
 
     curves, startups = {}, {}
     for tau in args.delays:
         curves[tau], startups[tau] = run_advgp(data, Z, workers=args.workers, max_delay=tau, budget_s=budget,
-                                interval_s=budget / 40, worker_sleep=sleeps, threads=threads)
+                                interval_s=budget / 40, worker_sleep=sleeps, threads=threads,
+                                lengthscale=lengthscale)
         print(f"max_delay={tau}: {curves[tau][-1]}", flush=True)
     sync = curves.get(0)
     rows = []
@@ -82,6 +90,7 @@ def main(argv=None):
     write_results("advgp_stragglers", rows, out=args.out,
                   meta={"n_train": num_train, "M": M, "workers": args.workers, "sleeps_s": sleeps,
                         "sleep_choices_s": choices, "budget_s": budget, "threads": threads, "quick": quick,
+                        "initial_lengthscale": INIT["lengthscale"] if lengthscale is None else lengthscale,
                         "curves": {str(t): c for t, c in curves.items()}},
                   notes=(f"{args.workers} workers on {num_train:,} flights rows, M={M}; each worker sleeps its own "
                          f"random time ({sleeps} s, drawn from {choices}) before every gradient. RMSE in minutes. "
