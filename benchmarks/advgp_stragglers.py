@@ -62,7 +62,7 @@ def main(argv=None):
     sleeps = np.random.default_rng(args.seed).choice(choices, size=args.workers).tolist()
     data = load_flights(seed=args.seed, test_size=2000 if quick else 10_000).subset(num_train, seed=args.seed)
     Z = kmeans_inducing(data.X_train, M, seed=args.seed)
-    lengthscale = float(np.median(pdist(data.X_train[:1000]))) if args.median_lengthscale else None
+    lengthscale = float(np.median(pdist(data.X_train[:1000]))) if args.median_lengthscale else INIT["lengthscale"]
 
     curves, startups = {}, {}
     for tau in args.delays:
@@ -90,7 +90,7 @@ def main(argv=None):
     write_results("advgp_stragglers", rows, out=args.out,
                   meta={"n_train": num_train, "M": M, "workers": args.workers, "sleeps_s": sleeps,
                         "sleep_choices_s": choices, "budget_s": budget, "threads": threads, "quick": quick,
-                        "initial_lengthscale": INIT["lengthscale"] if lengthscale is None else lengthscale,
+                        "initial_lengthscale": lengthscale,
                         "curves": {str(t): c for t, c in curves.items()}},
                   notes=(f"{args.workers} workers on {num_train:,} flights rows, M={M}; each worker sleeps its own "
                          f"random time ({sleeps} s, drawn from {choices}) before every gradient. RMSE in minutes. "
