@@ -79,6 +79,26 @@ def test_batched_kernels_equal_forward(name, autograd):
     assert _rel(C[0], ref) < 1e-9
 
 
+@pytest.mark.parametrize("autograd", [True, False], ids=["autograd", "in-place"])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_kernel_entries_below_1e_150_are_exact_zeros(name, autograd):
+    """Far-apart points (short lengthscales): entries below about 1e-150 come out exactly 0, never
+    subnormal (float64 arithmetic on subnormals is 10-20x slower); every larger entry is Pyro's."""
+    X = torch.randn(3, 10, D)
+    Z = torch.zeros(60, D)
+    Z[:, 0] = torch.linspace(0.0, 2000.0, 60)  # scaled distances from 0 to about 3000
+    k = _kernel(name)
+    with torch.set_grad_enabled(autograd):
+        C = cross(k, X, Z)
+    for e in range(3):
+        P = k.forward(X[e], Z).detach()
+        large, tiny = P > 1e-140, P < 1e-160
+        assert large.sum() >= 3 and tiny.sum() >= 100  # the check covers both kinds of entries
+        assert torch.allclose(C[e][large], P[large], rtol=1e-10, atol=0.0)
+        assert torch.all(C[e][tiny] == 0)
+        assert torch.all((C[e] == 0) | (C[e] >= 1e-160))
+
+
 def test_active_dims_and_generic_fallback():
     X = torch.randn(3, 6, 4)
     k = gk.Matern52(2, variance=torch.tensor(0.7), lengthscale=torch.tensor([0.5, 2.0]), active_dims=[1, 3])
