@@ -65,6 +65,8 @@ from numpyro.util import not_jax_tracer
 from scalegp import COMBINE_RULES, Experts, tree_leaves, tree_sum
 from scalegp.combine import combine as combine_predictions
 
+from . import kernels
+
 __all__ = [
     "HGPMarginal", "NotPositiveDefiniteError", "NotPositiveDefiniteWarning", "JitterWarning",
     "expert_log_likelihood", "gaussian_log_likelihood",
@@ -330,7 +332,9 @@ def _over_experts(fn, replicated, per_expert, *, mesh: Mesh | None, max_chunk: i
 
 
 def _gram(kernel, Xe, noise):
-    K = kernel(Xe).astype(Xe.dtype)  # float32 inputs compute in float32 whatever the parameters' dtype
+    # isotropic kernels: the written-out derivative (kernels.isotropic_gram), fewer passes over K
+    K = kernels.isotropic_gram(kernel, Xe) if getattr(kernel, "dprofile", None) else kernel(Xe)
+    K = K.astype(Xe.dtype)  # float32 inputs compute in float32 whatever the parameters' dtype
     return K + noise * jnp.eye(K.shape[-1], dtype=K.dtype)
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Kernel", "Isotropy", "RBF", "Exponential", "Matern32", "Matern52", "Periodic", "Linear", "Product"]
+__all__ = ["Kernel", "Isotropy", "RBF", "Exponential", "Matern32", "Matern52", "Periodic", "Linear", "Product",
+           "isotropic_gram"]
 
 
 def _safe_sqrt(r2):
@@ -94,6 +95,10 @@ class Isotropy(Kernel):
         """The kernel as a function of the squared scaled distance, with unit variance."""
         raise NotImplementedError
 
+    #: ``dprofile(r2)``: the derivative of :meth:`profile` with respect to ``r2`` (defined by
+    #: the kernels below; :func:`isotropic_gram` needs it)
+    dprofile = None
+
     def __call__(self, X, Z=None, diag=False):
         if diag:
             X = self._slice(X)
@@ -108,6 +113,9 @@ class RBF(Isotropy):
     def profile(self, r2):
         return jnp.exp(-0.5 * r2)
 
+    def dprofile(self, r2):
+        return -0.5 * jnp.exp(-0.5 * r2)
+
 
 @jax.tree_util.register_pytree_node_class
 class Exponential(Isotropy):
@@ -115,6 +123,10 @@ class Exponential(Isotropy):
 
     def profile(self, r2):
         return jnp.exp(-_safe_sqrt(r2))
+
+    def dprofile(self, r2):  # -exp(-r) / (2 r); 0 at r = 0, as autodiff through _safe_sqrt gives
+        r = _safe_sqrt(r2)
+        return jnp.where(r > 0, -0.5 * jnp.exp(-r) / jnp.where(r > 0, r, 1.0), 0.0)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -125,6 +137,9 @@ class Matern32(Isotropy):
         s = jnp.sqrt(3.0) * _safe_sqrt(r2)
         return (1.0 + s) * jnp.exp(-s)
 
+    def dprofile(self, r2):
+        return -1.5 * jnp.exp(-jnp.sqrt(3.0) * _safe_sqrt(r2))
+
 
 @jax.tree_util.register_pytree_node_class
 class Matern52(Isotropy):
@@ -133,6 +148,63 @@ class Matern52(Isotropy):
     def profile(self, r2):
         s = jnp.sqrt(5.0) * _safe_sqrt(r2)
         return (1.0 + s + s**2 / 3.0) * jnp.exp(-s)
+
+    def dprofile(self, r2):
+        s = jnp.sqrt(5.0) * _safe_sqrt(r2)
+        return -(5.0 / 6.0) * (1.0 + s) * jnp.exp(-s)
+
+
+@jax.custom_vjp
+def isotropic_gram(kernel: Isotropy, X):
+    r"""``kernel(X)`` for an :class:`Isotropy` kernel with :meth:`~Isotropy.dprofile`, whose
+    reverse-mode derivative is written out instead of traced (reverse mode only; no ``jvp``).
+
+    For a cotangent :math:`G` of :math:`K = \sigma^2 p(r^2)`, with :math:`\tilde x = x / \ell`
+    and :math:`W = \sigma^2 G \circ p'(r^2)` (zero where :math:`r^2 = 0`):
+
+    .. math::
+
+        \bar\sigma^2 = \textstyle\sum G \circ p, \quad
+        \bar{\tilde x}_i = 2 \big((\textstyle\sum_j W_{ij} + W_{ji})\, \tilde x_i
+            - ((W + W^\top) \tilde x)_i\big), \quad
+        \bar\ell = -\textstyle\sum_i \bar{\tilde x}_i \circ \tilde x_i / \ell, \quad
+        \bar x = \bar{\tilde x} / \ell.
+
+    The same values as autodiff of ``kernel(X)``, in fewer passes over the ``n x n`` entries
+    (measured inside the HGP gradient; see :mod:`numpyro_scalegp.hgp`).
+
+    .. note:: Cost: ``O(n^2 d)`` flops, as the forward pass.
+    """
+    return kernel(X)
+
+
+def _isotropic_gram_fwd(kernel, X):
+    r2 = kernel.square_scaled_dist(X)
+    p = kernel.profile(r2)
+    return kernel.variance * p, (kernel, X, r2, p)
+
+
+def _isotropic_gram_bwd(res, G):
+    kernel, X, r2, p = res
+    variance, lengthscale = jnp.asarray(kernel.variance), jnp.asarray(kernel.lengthscale)
+    Xs = kernel._slice(X) / lengthscale
+    W = jnp.where(r2 > 0, variance * G * kernel.dprofile(r2), 0.0)
+    rows = (W.sum(-1) + W.sum(-2))[..., None]
+    d_Xs = 2.0 * (rows * Xs - W @ Xs - jnp.swapaxes(W, -1, -2) @ Xs)
+    d_ls = -(d_Xs * Xs).reshape(-1, Xs.shape[-1]).sum(0) / lengthscale
+    d_cols = d_Xs / lengthscale
+    if X.ndim == 1:
+        d_X = d_cols[..., 0]
+    elif kernel.active_dims == tuple(range(X.shape[-1])):
+        d_X = d_cols
+    else:
+        d_X = jnp.zeros_like(X).at[..., jnp.array(kernel.active_dims)].add(d_cols)
+    d_var = jnp.sum(G * p).astype(variance.dtype).reshape(variance.shape)
+    d_ls = (d_ls if lengthscale.ndim else d_ls.sum()).astype(lengthscale.dtype).reshape(lengthscale.shape)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(kernel), [d_var, d_ls]), d_X.astype(X.dtype)
+
+
+isotropic_gram.defvjp(_isotropic_gram_fwd, _isotropic_gram_bwd)
 
 
 def _columns(X, active_dims):
