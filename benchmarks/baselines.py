@@ -171,8 +171,10 @@ def exact_gpytorch(data, *, num_train: int | None = None, kernel: str = "rbf", i
 
 def svgp_gpytorch(data, *, num_inducing: int = 500, kernel: str = "rbf", steps: int = 3000,
                   batch_size: int = 1024, lr: float = 0.01, seed: int = 0, predict_batch: int = 5000,
-                  show_progress: bool = True, keep_mean: bool = False) -> dict:
-    """GPyTorch SVGP with ``num_inducing`` learned inducing inputs (k-means init), minibatch Adam.
+                  show_progress: bool = True, keep_mean: bool = False, time_s: float | None = None) -> dict:
+    """GPyTorch SVGP with ``num_inducing`` learned inducing inputs (k-means init), minibatch Adam:
+    ``steps`` steps, or fewer if ``time_s`` seconds of training (k-means included) run out first
+    (the steps done are reported).
 
     ``keep_mean`` adds the test predictive means as ``test_mean``."""
     import gpytorch
@@ -204,7 +206,12 @@ def svgp_gpytorch(data, *, num_inducing: int = 500, kernel: str = "rbf", steps: 
         model.train(); lik.train()
         gen = torch.Generator().manual_seed(seed)
         perm, pos = torch.randperm(N, generator=gen), 0
-        for _ in progress(range(steps), desc=f"SVGP M={num_inducing}", disable=not show_progress):
+        done = 0
+        budget = "" if time_s is None else f", up to {time_s:.0f} s"
+        for _ in progress(range(steps), desc=f"SVGP M={num_inducing}{budget}", disable=not show_progress):
+            if time_s is not None and time.perf_counter() - t_train.start >= time_s:
+                break
+            done += 1
             if pos + batch_size > N:
                 perm, pos = torch.randperm(N, generator=gen), 0
             idx = perm[pos:pos + batch_size]
@@ -223,8 +230,8 @@ def svgp_gpytorch(data, *, num_inducing: int = 500, kernel: str = "rbf", steps: 
             variances.append(pred.variance)
     mean, var = torch.cat(means).numpy(), torch.cat(variances).numpy()
     out = _finish("SVGP (GPyTorch)", data, mean, var, t_train.seconds, t_pred.seconds,
-                  n_train=N, num_inducing=num_inducing, kernel=kernel, steps=steps,
-                  epochs=round(steps * batch_size / N, 2), optimizer=f"Adam lr={lr} batch={batch_size}",
+                  n_train=N, num_inducing=num_inducing, kernel=kernel, steps=done,
+                  epochs=round(done * batch_size / N, 2), optimizer=f"Adam lr={lr} batch={batch_size}",
                   noise=float(lik.noise.detach()))
     if keep_mean:
         out["test_mean"] = mean

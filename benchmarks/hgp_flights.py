@@ -8,7 +8,9 @@ In one run, on the same fixed split (243,853 training rows, 30,000 test rows, 8 
   default as it predicts better here; ``kdtree``: the paper's scheme), ARD kernel, L-BFGS for at most ``--max-iter`` iterations
   (a few tens, as in the paper); predictions with PoE, gPoE, BCM, rBCM and GRBCM side by side
   (GRBCM on a second partition with a communication expert, same hyperparameters: trained once);
-* GPyTorch SVGP with ``--inducing`` inducing points (k-means init), minibatch Adam;
+* GPyTorch SVGP with ``--inducing`` inducing points (k-means init), minibatch Adam on all
+  training rows for HGP with rBCM's wall time (training and prediction; at most ``--svgp-steps``
+  steps), so that the two are compared at the same cost;
 * Pyro ``SparseGPRegression`` (VFE) with ``--inducing`` inducing points, full-batch Adam, on
   ``--sgpr-train`` rows (it holds the ``M x N`` cross-covariance in memory);
 * an exact GP (GPyTorch, Cholesky) on the largest random subset that trains, in ``--exact-iters``
@@ -16,7 +18,8 @@ In one run, on the same fixed split (243,853 training rows, 30,000 test rows, 8 
 
 Metrics: test RMSE in minutes (standardized RMSE times ``y_std`` = 45.1 min), NLPD per test point
 of the noisy standardized targets (add ``log(45.12) = 3.81`` for minutes), wall time (train and
-predict). Targets (issue 2): HGP best on both metrics, wall time no more than SVGP's.
+predict). Targets (issue 2): HGP best on both metrics, wall time no more than SVGP's (SVGP is
+given HGP's wall time, so the question is which is more accurate at the same cost).
 
 Run: ``python -m benchmarks.hgp_flights`` (roughly 25-40 minutes on 2 cores), ``--quick`` for a smoke test.
 """
@@ -107,14 +110,14 @@ def main(argv=None) -> list[dict]:
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--kernel", default="matern52", choices=["rbf", "matern32", "matern52"])
-    p.add_argument("--expert-size", type=int, default=512)
+    p.add_argument("--expert-size", type=int, default=256)
     p.add_argument("--duplication", type=int, default=1)
     p.add_argument("--partition", default="local", choices=["local", "kdtree", "random"],
                    help="local: KD-tree cells as experts (scalegp.partition(method='local')); "
                         "kdtree: the paper's scheme (every expert spans the input space)")
     p.add_argument("--max-iter", type=int, default=40)
     p.add_argument("--inducing", type=int, default=500)
-    p.add_argument("--svgp-steps", type=int, default=4000)
+    p.add_argument("--svgp-steps", type=int, default=100_000, help="cap on SVGP's Adam steps")
     p.add_argument("--sgpr-steps", type=int, default=200)
     p.add_argument("--sgpr-train", type=int, default=50_000)
     p.add_argument("--exact-iters", type=int, default=50)
@@ -124,8 +127,7 @@ def main(argv=None) -> list[dict]:
     threads = args.threads or os.cpu_count() or 1
     data = load_flights()
     if quick_mode(args):
-        data = data.subset(3000, seed=args.seed)
-        data.X_test, data.y_test = data.X_test[:1000], data.y_test[:1000]
+        data = data.subset(3000, num_test=1000, seed=args.seed)
         args.expert_size, args.max_iter, args.inducing = 128, 5, 32
         args.svgp_steps, args.sgpr_steps, args.sgpr_train, args.exact_iters = 30, 10, 2000, 5
     skip = set(filter(None, args.skip.split(",")))
@@ -143,8 +145,9 @@ def main(argv=None) -> list[dict]:
 
     jobs = []
     if "svgp" not in skip:
+        hgp_wall = next(r["wall_s"] for r in hgp_rows if r["method"] == "HGP rbcm")
         jobs.append(("svgp_gpytorch", {"num_inducing": args.inducing, "kernel": args.kernel,
-                                       "steps": args.svgp_steps, "seed": args.seed}))
+                                       "steps": args.svgp_steps, "seed": args.seed, "time_s": hgp_wall}))
     if "sgpr" not in skip:
         jobs.append(("sgpr_pyro", {"num_inducing": args.inducing, "kernel": args.kernel, "steps": args.sgpr_steps,
                                    "num_train": args.sgpr_train, "seed": args.seed}))
@@ -174,8 +177,10 @@ def main(argv=None) -> list[dict]:
         verdict.append(f"HGP best on RMSE: {min(r['rmse'] for r in hgp_rows) < best_rmse}; "
                        f"on NLPD: {hgp_best['nlpd'] < best_nlpd}.")
         if svgp:
-            verdict.append(f"HGP wall {hgp_best['wall_s']:.0f} s vs SVGP {svgp[0]['wall_s']:.0f} s: "
-                           f"{'met' if hgp_best['wall_s'] <= svgp[0]['wall_s'] else 'NOT met'}.")
+            s = svgp[0]
+            ahead = hgp_best["rmse"] < s["rmse"] and hgp_best["nlpd"] < s["nlpd"] and hgp_best["wall_s"] <= s["wall_s"]
+            verdict.append(f"HGP wall {hgp_best['wall_s']:.0f} s vs SVGP {s['wall_s']:.0f} s ({s['steps']} steps): "
+                           f"HGP more accurate on both at no more wall time: {'met' if ahead else 'NOT met'}.")
     for v in verdict:
         print(v, flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -12,8 +12,8 @@ memory):
   variances by ``--variance-rank`` Lanczos steps (LOVE; conservative: never below the CG variances);
 * HGP (:func:`benchmarks.hgp_flights.hgp_job`): local experts of ``--expert-size`` points, L-BFGS,
   predictions by PoE, gPoE, BCM, rBCM and GRBCM;
-* GPyTorch SVGP, Pyro ``SparseGPRegression`` (VFE, on a subset) and a GPyTorch exact GP (on a
-  subset), with the shortened settings of ``make demo`` (:mod:`benchmarks.demo`).
+* GPyTorch SVGP (600 Adam steps), Pyro ``SparseGPRegression`` (VFE, on a subset) and a GPyTorch
+  exact GP (on a subset), with short settings that fit a few minutes each.
 
 All start from the same hyperparameters (:data:`benchmarks.baselines.INIT`). Metrics: test RMSE in
 minutes, NLPD per test point of the standardized noisy targets (add ``log(y_std) = 3.81`` for
@@ -114,7 +114,7 @@ def main(argv=None) -> list[dict]:
         data = data.subset(2000, seed=args.seed)
         args.test, args.steps, args.expert_size, args.max_iter, args.variance_rank = 300, 3, 128, 4, 20
         inducing, svgp_steps, sgpr_train, sgpr_steps, exact_train, exact_iters = 16, 5, 1000, 3, 300, 3
-    data.X_test, data.y_test = data.X_test[:args.test], data.y_test[:args.test]
+    data = data.subset(num_test=args.test, seed=args.seed)
     skip = set(filter(None, args.skip.split(",")))
     print(f"flights: {len(data.y_train)} training rows, {len(data.y_test)} test rows; {threads} threads", flush=True)
 
@@ -143,8 +143,8 @@ def main(argv=None) -> list[dict]:
              f"{np.log(data.y_std):.3f} for minutes); wall_s = train_s + predict_s. Simplex-GP: {args.steps} Adam "
              f"steps (lr {args.lr}) on all training rows, order {args.order}, {args.probes} probes, CG tolerance "
              f"{args.cg_tol}, preconditioner rank {args.precond_rank}; variances by {args.variance_rank} Lanczos "
-             "steps (LOVE, conservative). HGP: local experts, Matern 5/2, L-BFGS; the baselines with the shortened "
-             f"settings of `make demo`. Each method in its own process with {threads} threads; peak RSS of that "
+             "steps (LOVE, conservative). HGP: local experts, Matern 5/2, L-BFGS; the baselines shortened "
+             f"(SVGP {svgp_steps} Adam steps). Each method in its own process with {threads} threads; peak RSS of that "
              "process. Timings on a shared machine (other jobs running).")
     write_results(NAME, rows, out=args.out, notes=notes,
                   meta={k: v for k, v in vars(args).items() if k != "out"} | {"quick": quick_mode(args)},

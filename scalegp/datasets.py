@@ -45,12 +45,19 @@ class RegressionData:
     y_std: float
     feature_names: tuple
 
-    def subset(self, num_train: int, *, seed: int = 0) -> "RegressionData":
-        """The same split with a random subset of ``num_train`` training rows."""
-        if num_train >= len(self.y_train):
-            return self
-        idx = np.sort(np.random.default_rng(seed).choice(len(self.y_train), num_train, replace=False))
-        return RegressionData(self.X_train[idx], self.y_train[idx], self.X_test, self.y_test,
+    def subset(self, num_train: int | None = None, *, num_test: int | None = None,
+               seed: int = 0) -> "RegressionData":
+        """The same split with seeded random subsets of ``num_train`` training rows and
+        ``num_test`` test rows (``None``: all of them), kept in their original order. The
+        flights are in date order, so leading rows would be the first weeks of the year, not a
+        sample of it."""
+        def pick(total, size):
+            if size is None or size >= total:
+                return np.arange(total)
+            return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+
+        tr, te = pick(len(self.y_train), num_train), pick(len(self.y_test), num_test)
+        return RegressionData(self.X_train[tr], self.y_train[tr], self.X_test[te], self.y_test[te],
                               self.x_mean, self.x_std, self.y_mean, self.y_std, self.feature_names)
 
 

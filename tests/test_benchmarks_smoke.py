@@ -128,6 +128,10 @@ def test_baselines_tiny(float64_torch):
         assert r["rmse"] == pytest.approx(r["rmse_std"] * data.y_std)
         assert 20 < r["rmse"] < 80  # minutes: the delays' std is 45
     assert runs[0]["n_train"] == 300 and runs[2]["n_train"] == 400
+    assert runs[1]["steps"] == 3
+    budget = baselines.svgp_gpytorch(data, num_inducing=16, steps=10**6, batch_size=128, time_s=1.0,
+                                     show_progress=False)
+    assert 0 < budget["steps"] < 10**6 and 1.0 <= budget["train_s"] < 5.0  # stopped by the time budget
     n = baselines.exact_size_for_budget(data, 5.0, iters=10, probe=200)
     assert 200 <= n <= 400
 

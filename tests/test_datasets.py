@@ -93,7 +93,19 @@ def test_flights_num_train_subset(flights):
     full = {tuple(r) for r in flights.X_train}
     assert all(tuple(r) in full for r in sub.X_train[:200])
     np.testing.assert_array_equal(load_flights(num_train=5000).y_train, sub.y_train)
-    assert flights.subset(10**7) is flights
+    np.testing.assert_array_equal(flights.subset(10**7).X_train, flights.X_train)
+
+
+def test_flights_test_subset_samples_the_whole_year(flights):
+    sub = flights.subset(num_test=2000, seed=1)
+    assert sub.X_test.shape == (2000, 8) and sub.y_test.shape == (2000,)
+    np.testing.assert_array_equal(sub.X_train, flights.X_train)
+    rows = {tuple(r) for r in flights.X_test}
+    assert all(tuple(r) in rows for r in sub.X_test)
+    month = list(flights.feature_names).index("month")
+    assert len(np.unique(flights.X_test[:2000, month])) == 1  # leading rows: January only
+    assert len(np.unique(sub.X_test[:, month])) == 12
+    np.testing.assert_array_equal(flights.subset(num_test=2000, seed=1).y_test, sub.y_test)
 
 
 def test_gp_draws_exact_statistics():
