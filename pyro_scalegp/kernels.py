@@ -8,7 +8,8 @@ inputs ``X`` of shape ``(E, n, d)``: :func:`gram` gives ``(E, n, n)``,
 For :class:`~pyro.contrib.gp.kernels.RBF`, :class:`~pyro.contrib.gp.kernels.Matern32`,
 :class:`~pyro.contrib.gp.kernels.Matern52` and :class:`~pyro.contrib.gp.kernels.Exponential`
 a batched fast path evaluates the same formulas as their ``forward`` (including
-Pyro's ``sqrt(r^2 + 1e-12)``), with
+Pyro's ``sqrt(r^2 + 1e-12)``; entries below about 1e-150 are exactly 0, see
+:data:`_EXP_FLOOR`), with
 
 .. math::
 
