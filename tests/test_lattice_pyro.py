@@ -253,6 +253,21 @@ def test_marginal_predict_matches_dense_joint_posterior():
     torch.testing.assert_close(pred.variance, var, rtol=0, atol=1e-3)
     f = m.predict(y, X_new, noiseless=True)
     torch.testing.assert_close(f.variance, var - noise, rtol=0, atol=1e-3)
+    # preconditioned CG to a tight tolerance: equal to the dense posterior to rounding
+    tight = SimplexGPMarginal(kern, X, noise, cg_tol=1e-10)
+    torch.testing.assert_close(tight.predict(y, X_new, chunk=16).mean, mean, rtol=0, atol=1e-7)
+    torch.testing.assert_close(tight.predict(y, X_new, chunk=16).variance, var, rtol=0, atol=1e-7)
+    # Lanczos (LOVE) variances: never below the exact ones, and exact with the whole Krylov space
+    love = [tight.predict(y, X_new, variance_rank=r) for r in (10, 300)]
+    torch.testing.assert_close(love[0].mean, mean, rtol=0, atol=1e-7)
+    assert torch.all(love[0].variance >= var - 1e-9) and torch.all(love[1].variance >= var - 1e-9)
+    assert (love[0].variance - var).max() > 1e-6  # 10 steps do not span the cross-covariances
+    torch.testing.assert_close(love[1].variance, var, rtol=0, atol=1e-6)
+    for bad in (0, 301, 2.5):
+        with pytest.raises(ValueError, match="variance_rank"):
+            m.predict(y, X_new, variance_rank=bad)
+    with pytest.raises(ValueError, match="chunk"):
+        m.predict(y, X_new, chunk=0)
     with pytest.raises(ValueError, match="X_new"):
         m.predict(y, torch.randn(4, 2))
     with pytest.raises(ValueError, match="y"):

@@ -229,6 +229,13 @@ def test_agrees_with_pyro_marginal(float64, pyro_clean):
     pj = SimplexGPMarginal(k, X, 0.3, cg_tol=1e-6).predict(y, X_new)
     np.testing.assert_allclose(pj.mean, pt.mean.numpy(), atol=1e-4)
     np.testing.assert_allclose(pj.variance, pt.variance.numpy(), atol=1e-4)
+    # the Lanczos (LOVE) variances: the same Krylov space, so equal up to rounding
+    with torch.no_grad():
+        lt = PyroMarginal(kt, torch.tensor(X), torch.tensor(0.3), cg_tol=1e-6).predict(
+            torch.tensor(y), torch.tensor(X_new), variance_rank=12)
+    lj = SimplexGPMarginal(k, X, 0.3, cg_tol=1e-6).predict(y, X_new, variance_rank=12)
+    np.testing.assert_allclose(lj.variance, lt.variance.numpy(), rtol=0, atol=1e-8)
+    assert np.all(lj.variance >= pj.variance - 1e-4)
 
 
 def test_svi_under_jit_lowers_the_loss():
