@@ -504,7 +504,7 @@ def _check_terms(used, ll) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# input checks (only where values are concrete)
+# input checks (shapes and signs where values are concrete; NaN/inf also inside jit)
 # --------------------------------------------------------------------------------------
 
 def _concrete(value) -> bool:
@@ -513,9 +513,24 @@ def _concrete(value) -> bool:
     return not isinstance(value, jax.Array) or value.is_fully_addressable
 
 
-def _check_finite(name: str, value) -> None:
-    if _concrete(value) and not np.all(np.isfinite(np.asarray(value))):
+def _raise_non_finite(name: str, bad) -> None:
+    if np.any(bad):  # batched under vmap, where both branches of the cond run
         raise ValueError(f"{name}: contains NaN or inf")
+
+
+def _check_finite(name: str, value) -> None:
+    """``ValueError`` naming ``name`` if ``value`` holds NaN or inf: at once where the value is
+    concrete; inside ``jit``/``grad``/``vmap`` from a host callback when the compiled computation
+    runs (JAX raises it as a ``JaxRuntimeError`` that carries this message). Cost: one ``O(size)``
+    reduction; the callback runs only for bad values."""
+    if _concrete(value):
+        if not np.all(np.isfinite(np.asarray(value))):
+            raise ValueError(f"{name}: contains NaN or inf")
+        return
+    if not_jax_tracer(value):  # a global array of a multi-process run: its shards are checked where they live
+        return
+    bad = ~jnp.all(jnp.isfinite(value))
+    lax.cond(bad, lambda: jax.debug.callback(partial(_raise_non_finite, name), bad), lambda: None)
 
 
 def _check_positive(name: str, value) -> None:

@@ -52,7 +52,7 @@ from scalegp import krylov
 from scalegp import lattice as sl
 
 from . import kernels as nk
-from .hgp import _as_loc, _check_positive, _concrete
+from .hgp import _as_loc, _check_finite, _check_positive
 
 __all__ = ["LatticeKernelOperator", "SimplexGPMarginal", "kernel_name"]
 
@@ -548,8 +548,7 @@ class SimplexGPMarginal(Distribution):
         y = jnp.asarray(y, self.X.dtype)
         if y.shape != self.event_shape:
             raise ValueError(f"{name}: expected shape {tuple(self.event_shape)}, got {tuple(y.shape)}")
-        if _concrete(y) and not np.all(np.isfinite(np.asarray(y))):
-            raise ValueError(f"{name}: contains NaN or inf")
+        _check_finite(name, y)
         return y
 
     def probes(self):

@@ -61,22 +61,16 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jax.scipy.linalg import cho_solve, solve_triangular
 from numpyro import handlers
 from numpyro.distributions import constraints
 
+from .hgp import _check_finite
 from .kernels import Kernel
 
 __all__ = ["SVGPVAEGuide", "SVGPVAE", "ExactGPVAE"]
-
-
-def _is_concrete(x) -> bool:
-    """True for arrays with values (checked with numpy, so that a concrete constant closed over
-    inside ``jit`` is checked without creating a tracer); False for tracers."""
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _check_data(X, Y, num_data: int | None = None):
@@ -91,10 +85,8 @@ def _check_data(X, Y, num_data: int | None = None):
         raise ValueError("X: empty batch")
     if num_data is not None and X.shape[0] > num_data:
         raise ValueError(f"X: batch of {X.shape[0]} points exceeds num_data={num_data}")
-    if _is_concrete(X) and bool(np.isnan(np.asarray(X)).any()):
-        raise ValueError("X: contains NaN")
-    if _is_concrete(Y) and bool(np.isnan(np.asarray(Y)).any()):
-        raise ValueError("Y: contains NaN")
+    _check_finite("X", X)
+    _check_finite("Y", Y)
     return (X if X.ndim == 2 else X[:, None]), Y
 
 
@@ -102,8 +94,7 @@ def _check_X(X):
     X = jnp.asarray(X)
     if X.ndim not in (1, 2):
         raise ValueError(f"X_new: expected shape (n,) or (n, D), got {X.shape}")
-    if _is_concrete(X) and bool(np.isnan(np.asarray(X)).any()):
-        raise ValueError("X_new: contains NaN")
+    _check_finite("X_new", X)
     return X if X.ndim == 2 else X[:, None]
 
 

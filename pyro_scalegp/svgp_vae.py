@@ -74,6 +74,8 @@ import torch
 from pyro.nn.module import PyroModule, PyroParam, pyro_method
 from torch.distributions import constraints
 
+from .kernels import check_finite
+
 __all__ = ["SVGPVAEGuide", "SVGPVAE", "ExactGPVAE"]
 
 
@@ -88,18 +90,15 @@ def _check_data(X, Y, num_data: int | None = None):
         raise ValueError("X: empty batch")
     if num_data is not None and X.shape[0] > num_data:
         raise ValueError(f"X: batch of {X.shape[0]} points exceeds num_data={num_data}")
-    if torch.isnan(X).any():
-        raise ValueError("X: contains NaN")
-    if torch.isnan(Y).any():
-        raise ValueError("Y: contains NaN")
+    check_finite("X", X)
+    check_finite("Y", Y)
     return X if X.dim() == 2 else X.unsqueeze(-1)
 
 
 def _check_X(X):
     if not isinstance(X, torch.Tensor) or X.dim() not in (1, 2):
         raise ValueError(f"X_new: expected a tensor of shape (n,) or (n, D), got {getattr(X, 'shape', type(X))}")
-    if torch.isnan(X).any():
-        raise ValueError("X_new: contains NaN")
+    check_finite("X_new", X)
     return X if X.dim() == 2 else X.unsqueeze(-1)
 
 

@@ -474,6 +474,15 @@ def test_bad_input_raises_value_error_naming_argument(data):
     for fn, message in cases:
         with pytest.raises(ValueError, match=message):
             fn()
+    # traced under jit (and vmap): a host callback raises the message when the computation runs
+    lp = jax.jit(lambda v: HGPMarginal(k, X, NOISE, experts=experts).log_prob(v))
+    assert np.isfinite(float(lp(jnp.asarray(y))))
+    with pytest.raises(Exception, match="value: contains NaN or inf"):
+        jax.block_until_ready(lp(jnp.asarray(y).at[4].set(jnp.nan)))
+    batch = jnp.stack([jnp.asarray(y), jnp.asarray(y) + 1.0])
+    assert np.all(np.isfinite(np.asarray(jax.jit(jax.vmap(lp))(batch))))
+    with pytest.raises(Exception, match="value: contains NaN or inf"):
+        jax.block_until_ready(jax.jit(jax.vmap(lp))(batch.at[1, 0].set(jnp.inf)))
 
 
 def test_validate_args_masks_values_outside_support(data):

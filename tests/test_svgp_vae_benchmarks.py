@@ -1,5 +1,5 @@
-"""Smoke tests of the SVGP-VAE digits and epoch-timing benchmarks (--quick sizes) and of the
-digits benchmark's data split."""
+"""Smoke tests of the SVGP-VAE moving-ball, digits and epoch-timing benchmarks (--quick sizes)
+and of the digits benchmark's data split."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pyro
 import pytest
 import torch
 
-from benchmarks import svgp_vae_digits, svgp_vae_epoch
+from benchmarks import svgp_vae_ball, svgp_vae_digits, svgp_vae_epoch
 from scalegp.vae_data import rotated_digits
 
 
@@ -53,3 +53,12 @@ def test_epoch_quick(tmp_path):
     assert [(r["model"], r["N"]) for r in rows] == [("SVGP-VAE", 200), ("SVGP-VAE", 400),
                                                     ("exact GP-VAE", 200), ("exact GP-VAE", 400)]
     assert all(r["s_per_epoch"] > 0 and math.isfinite(r["fit_exponent"]) for r in rows)
+
+
+def test_ball_quick(tmp_path):
+    svgp_vae_ball.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "svgp_vae_ball.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["SVGP-VAE", "SVGP-VAE", "exact GP-VAE", "VAE"]
+    assert [r["M"] for r in rows[:2]] == [5, 15]
+    assert all(math.isfinite(r["rmse_px"]) and r["rmse_px"] > 0 for r in rows)
+    assert (tmp_path / "svgp_vae_ball.png").exists()

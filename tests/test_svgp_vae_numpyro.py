@@ -200,6 +200,25 @@ def test_svi_loss_on_a_batch_equals_eq10_and_pyro():
     assert np.isfinite(float(e))
 
 
+def test_hybrid_with_all_data_and_Z_equal_X_is_the_exact_posterior():
+    X, Y, jX, jY = data()
+    enc = Encoder()
+    guide = SVGPVAEGuide(jax_encoder(), nk.RBF(D, 1.3, jnp.array([0.9, 1.4])), jX, num_data=N, latent_dim=L,
+                         jitter=1e-10)
+    mu, A = handlers.substitute(guide.hybrid_posterior, data={"encoder$params": torch_encoder_params(enc)})(jX, jY)
+    yt, s2 = latent_set(enc, Y)
+    Kxx = kmat(X, X)
+    for l in range(L):
+        m_exact, _, _ = ref.gpvae_exact_terms(Kxx, yt[:, l], s2[:, l])
+        C = Kxx + np.diag(s2[:, l])
+        np.testing.assert_allclose(np.asarray(mu[l]), m_exact, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(A[l]), Kxx - Kxx @ np.linalg.solve(C, Kxx), rtol=1e-6, atol=1e-7)
+        # the Hensman bound at this optimum is the Titsias bound, which here is log Z
+        hb = ref.hensman_bound(Kxx + 1e-10 * np.eye(N), Kxx, np.full(N, 1.3), yt[:, l], s2[:, l],
+                               np.asarray(mu[l]), np.asarray(A[l]))
+        assert hb == pytest.approx(ref._log_normal(yt[:, l], C), rel=1e-6)
+
+
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
 def test_all_data_Z_equal_X_equals_exact_gpvae(likelihood):
     X, Y, jX, jY = data(binary=likelihood == "bernoulli")
@@ -246,6 +265,29 @@ def test_gradients_reach_every_parameter_and_svi_runs_under_jit():
         for a, b in zip(jax.tree_util.tree_leaves(p0[name]), jax.tree_util.tree_leaves(p1[name])):
             moved = np.asarray(a) != np.asarray(b)
             assert moved.all() if name.startswith(("guide.Z", "guide.kernel")) else moved.any(), name
+
+
+def test_loss_gradients_are_finite_nonzero_and_match_central_differences():
+    # every parameter leaf and the inputs X (a learned embedding, as in the digits model, gets its
+    # gradient through X) against central differences of the same loss (fixed key: the
+    # reparameterized z is a deterministic function of the parameters)
+    from jax.flatten_util import ravel_pytree
+
+    X, Y, jX, jY = data()
+    _, nv, params, _ = twins(X.numpy()[:5] + 0.1)
+    key = jax.random.PRNGKey(2)
+    flat, unravel = ravel_pytree((params, jX[:8]))
+    loss = jax.jit(lambda v: Trace_ELBO().loss(key, unravel(v)[0], nv.model, nv.guide, unravel(v)[1], jY[:8]))
+    g = jax.grad(lambda v: Trace_ELBO().loss(key, unravel(v)[0], nv.model, nv.guide, unravel(v)[1], jY[:8]))(flat)
+    g_params, g_X = unravel(g)
+    for name, leaf in g_params.items():
+        for a in jax.tree_util.tree_leaves(leaf):
+            assert np.all(np.isfinite(np.asarray(a))) and np.any(np.asarray(a) != 0), name
+    assert np.all(np.isfinite(np.asarray(g_X))) and np.all(np.asarray(g_X) != 0)
+    eps = 1e-6
+    basis = np.eye(flat.size)
+    fd = np.array([(float(loss(flat + eps * e)) - float(loss(flat - eps * e))) / (2 * eps) for e in basis])
+    np.testing.assert_allclose(np.asarray(g), fd, rtol=1e-5, atol=1e-6)
 
 
 def test_condition_and_generate_match_the_exact_posterior():
@@ -301,6 +343,24 @@ def test_bad_input_raises_value_errors():
     bad = SVGPVAE(jax_encoder(), jax_linear(L, K), nk.RBF(D), jX[:4], num_data=6, latent_dim=L + 1)
     with pytest.raises(ValueError, match="encoder"):
         handlers.seed(bad.elbo, 0)(jX[:5], jY[:5])
+    with pytest.raises(ValueError, match="num_data"):
+        handlers.substitute(nv.guide.hybrid_posterior, data=params)(jX[:7], jY[:7])
+    ex = ExactGPVAE(jax_encoder(), jax_linear(L, K), nk.RBF(D), latent_dim=L)
+    with pytest.raises(ValueError, match="Y"):
+        handlers.seed(ex.elbo, 0)(jX[:5], jY[:3])
+    nv.condition(jX[:5], jY[:5], params=params)
+    with pytest.raises(ValueError, match="X_new: contains NaN"):
+        nv.generate(jX[:2].at[0, 0].set(jnp.nan))
+    # inside jit the data are traced: a host callback raises the same message when the step runs
+    jitted = jax.jit(lambda x, y: elbo(x, y, rng_key=key))
+    assert np.isfinite(float(jitted(jX[:5], jY[:5])))
+    with pytest.raises(Exception, match="Y: contains NaN or inf"):
+        jax.block_until_ready(jitted(jX[:5], jY[:5].at[0, 0].set(jnp.nan)))
+    with pytest.raises(Exception, match="X: contains NaN or inf"):
+        jax.block_until_ready(jitted(jX[:5].at[1, 0].set(jnp.inf), jY[:5]))
+    grad = jax.jit(jax.grad(lambda y: elbo(jX[:5], y, rng_key=key)))
+    with pytest.raises(Exception, match="Y: contains NaN or inf"):
+        jax.block_until_ready(grad(jY[:5].at[0, 0].set(jnp.nan)))
 
 
 def test_product_kernel_parameters_and_hybrid_posterior_match_pyro():

@@ -345,3 +345,7 @@ def test_bad_input_raises_value_errors():
     ex = ExactGPVAE(enc, dec, make_kernel(), latent_dim=L)
     with pytest.raises(ValueError, match="Y"):
         ex.elbo(X[:5], Y[:3])
+    with torch.no_grad():
+        vae.condition(X[:5], Y[:5])
+    with pytest.raises(ValueError, match="X_new"):
+        vae.generate(torch.full((2, X.shape[1]), float("nan")))
