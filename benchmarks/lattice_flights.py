@@ -1,7 +1,7 @@
 """Simplex-GP on the 2013 NYC flights, trained on all training rows, beside HGP and the baselines of the HGP benchmark.
 
 In one run, on the same split (``scalegp.load_flights()``: 243,853 standardized training rows, 8
-features) and the same first ``--test`` test rows, each method in a fresh subprocess (for its peak
+features) and the same ``--test`` test rows (a seeded random subset), each method in a fresh subprocess (for its peak
 memory):
 
 * Simplex-GP (:class:`numpyro_scalegp.lattice.SimplexGPMarginal`): an exact-GP marginal likelihood

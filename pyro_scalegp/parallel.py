@@ -527,8 +527,11 @@ class ExpertPool:
     def _dead(self, rank: int) -> WorkerError:
         proc = self._procs[rank]
         proc.join(1.0)
+        starting = not self.pids or self.pids[rank] is None
+        hint = (" while starting (spawned workers re-import the main module: in a script, create the "
+                "pool under `if __name__ == \"__main__\":`)") if starting else ""
         error = WorkerError(
-            f"HGP worker {rank} (pid {proc.pid}) died: {_describe_exit(proc.exitcode)}; "
+            f"HGP worker {rank} (pid {proc.pid}) died{hint}: {_describe_exit(proc.exitcode)}; "
             f"the pool is closed"
         )
         self.close(grace=0.2)

@@ -29,7 +29,9 @@ proximal gradient descent, step for step). It then publishes :math:`\theta_{t+1}
 ``stall_timeout`` seconds is reported once (:class:`StalledWorkerWarning`, recorded in
 ``stalls``). A worker that dies is restarted on its own shard where the transport can
 (local processes: :class:`ProcessWorkers`; recorded in ``restarts``; its lost gradient
-is recomputed on the newest parameters, so a synchronous run is unchanged); elsewhere
+is recomputed on the newest parameters, so a synchronous run is unchanged; a worker that
+dies more than ``MAX_RESTARTS`` times without sending a gradient in between, or whose new
+process exits while starting, stops the run with :class:`PeerFailedError`); elsewhere
 (workers in other processes or machines) the server stops and raises
 :class:`PeerFailedError` naming it. A worker whose server dies raises
 :class:`PeerFailedError` naming the server. A NaN or infinite loss or gradient is
@@ -69,11 +71,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 __all__ = [
-    "ConnectionChannel", "ConnectionWorkers", "PeerFailedError", "ProcessWorkers", "ProximalServer",
+    "MAX_RESTARTS", "ConnectionChannel", "ConnectionWorkers", "PeerFailedError", "ProcessWorkers", "ProximalServer",
     "StalledWorkerWarning", "accept_workers", "check_options", "connect_to_server", "serve_gradients",
 ]
 
 _POLL_SECONDS = 0.05
+#: a worker that dies more often than this without sending a gradient in between stops the run
+MAX_RESTARTS = 3
 
 
 class StalledWorkerWarning(RuntimeWarning):
@@ -227,8 +231,9 @@ class ConnectionWorkers:
             conn.close()
 
 
-def _process_main(make_compute, X, y, conn, sleep) -> None:
+def _process_main(conn, sleep) -> None:
     try:
+        make_compute, X, y = conn.recv()  # handed over by ProcessWorkers once this process runs
         serve_gradients(ConnectionChannel(conn), make_compute, X, y, sleep=sleep)
     except Exception:  # already reported to the server (or the server is gone)
         pass
@@ -240,10 +245,16 @@ class ProcessWorkers(ConnectionWorkers):
     picklable callable) on its shard ``data[k] = (X_k, y_k)``; joined by a duplex pipe.
     A dead worker is restartable on its shard.
 
+    ``make_compute`` and the shard go over the worker's own pipe once the process runs, not
+    with the spawn arguments: a process that exits while starting (a spawned process re-imports
+    the main module, so a script that creates the workers outside
+    ``if __name__ == "__main__":`` fails there) breaks that pipe and is reported as
+    :class:`PeerFailedError`, whereas ``multiprocessing`` would wait forever to write spawn
+    arguments larger than a pipe buffer to a process that is gone.
+
     .. note:: Starting a worker costs an interpreter start-up plus ``make_compute``
-       (imports, compilation): seconds. Parameters larger than a pipe buffer (64 KiB,
-       about 8,000 float64) are handed over only once the worker reads them, so the server
-       waits for a restarted worker's start-up before it goes on.
+       (imports, compilation): seconds; the workers start in parallel, and a restarted
+       worker's start-up is waited for (its shard is handed over when it reads it).
     """
 
     restartable = True
@@ -254,17 +265,34 @@ class ProcessWorkers(ConnectionWorkers):
         self.processes: list = [None] * len(self._data)
         super().__init__([None] * len(self._data), [""] * len(self._data))
         for k in range(self.num_workers):
-            self._start(k)
+            self._spawn(k)
+        for k in range(self.num_workers):
+            self._hand_over(k)
 
-    def _start(self, k: int) -> None:
+    def _spawn(self, k: int) -> None:
         conn, child = self._context.Pipe(duplex=True)
-        X, y = self._data[k]
-        proc = self._context.Process(target=_process_main, daemon=True,
-                                     args=(self._make_compute, X, y, child, self._sleeps[k]))
+        proc = self._context.Process(target=_process_main, daemon=True, args=(child, self._sleeps[k]))
         proc.start()
         child.close()
         self.processes[k], self._conns[k] = proc, conn
         self._names[k] = f"worker {k} (pid {proc.pid})"
+
+    def _hand_over(self, k: int) -> None:
+        """Send worker ``k`` its ``make_compute`` and shard (returns once it has read them);
+        :class:`PeerFailedError` naming it, after stopping every worker, if it exited first."""
+        try:
+            self._conns[k].send((self._make_compute, *self._data[k]))
+        except OSError:
+            self.processes[k].join(timeout=5.0)
+            message = (f"{self._names[k]} exited while starting (exit code {self.processes[k].exitcode}); "
+                       "its own traceback is above. Spawned workers re-import the main module: in a script, "
+                       "create them under `if __name__ == \"__main__\":`")
+            self.close(abort=message)
+            raise PeerFailedError(message) from None
+
+    def _start(self, k: int) -> None:
+        self._spawn(k)
+        self._hand_over(k)
 
     def _sentinels(self) -> dict:
         return {proc.sentinel: k for k, proc in enumerate(self.processes)}
@@ -367,6 +395,7 @@ class ProximalServer:
         self._busy = [False] * n  # holds parameters, gradient not back yet
         self._heard = [time.monotonic()] * n
         self._stall_reported = [False] * n
+        self._deaths = [0] * n  # deaths of each worker since its last gradient
         self._tag = 0
         self._first_valid_tag = 1
         self._closed = False
@@ -412,6 +441,7 @@ class ProximalServer:
             if kind == "grad":
                 tag, value, grad = payload
                 self._busy[k] = False
+                self._deaths[k] = 0
                 self._heard[k] = time.monotonic()
                 self._stall_reported[k] = False
                 if tag >= self._first_valid_tag:  # else computed on parameters replaced by a load
@@ -437,7 +467,15 @@ class ProximalServer:
         name = self._workers.describe(k)
         if not self._workers.restartable:
             self._abort(f"{name} died ({reason}); the server stopped at version {self.version}")
-        self._workers.restart(k)
+        self._deaths[k] += 1
+        if self._deaths[k] > MAX_RESTARTS:
+            self._abort(f"{name} died {self._deaths[k]} times without sending a gradient in between "
+                        f"(last: {reason}); the server stopped at version {self.version}")
+        try:
+            self._workers.restart(k)
+        except PeerFailedError as exc:  # the new process exited while starting; the workers are stopped
+            self._closed = True
+            raise PeerFailedError(f"{exc} (restarting {name} at version {self.version})") from None
         self.restarts.append((k, self.version))
         warnings.warn(f"{name} died ({reason}); restarted on its shard at version {self.version}",
                       RuntimeWarning)

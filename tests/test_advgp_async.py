@@ -132,3 +132,29 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y[:-1])
     with pytest.raises(ValueError, match="worker_sleep"):
         AsyncProximalSVI(model, X, y, worker_sleep=-1.0)
+
+
+SCRIPT_WITHOUT_MAIN_GUARD = """
+import numpy as np, torch, pyro.contrib.gp as gp
+from pyro_scalegp import ADVGP, AsyncProximalSVI
+torch.set_default_dtype(torch.float64)
+rng = np.random.default_rng(0)
+X, y = torch.tensor(rng.normal(size=(20_000, 2))), torch.tensor(rng.normal(size=20_000))
+model = ADVGP(gp.kernels.RBF(2), X[:5].clone(), 0.2)
+with AsyncProximalSVI(model, X, y, num_workers=2) as svi:  # spawned workers re-import this script
+    svi.run(3)
+"""
+
+
+def test_script_without_main_guard_fails_naming_the_worker_instead_of_hanging(tmp_path):
+    # each shard (10,000 rows) is larger than a pipe buffer: passed with the spawn arguments, the
+    # parent would wait forever to write it to a worker that died re-importing the script
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(SCRIPT_WITHOUT_MAIN_GUARD)
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert run.returncode != 0
+    assert "PeerFailedError: worker" in run.stderr and "exited while starting" in run.stderr, run.stderr[-3000:]
+    assert 'if __name__ == "__main__":' in run.stderr

@@ -12,7 +12,7 @@ from multiprocessing import AuthenticationError, Pipe
 import numpy as np
 import pytest
 
-from scalegp.async_server import (ConnectionChannel, ConnectionWorkers, PeerFailedError, ProximalServer,
+from scalegp.async_server import (MAX_RESTARTS, ConnectionChannel, ConnectionWorkers, PeerFailedError, ProximalServer,
                                   StalledWorkerWarning, accept_workers, check_options, connect_to_server,
                                   serve_gradients)
 
@@ -165,6 +165,23 @@ def test_dead_worker_is_restarted_counted_and_resent_the_newest_parameters():
     assert workers.restarted == [1] and server.restarts == [(1, 0)]
     assert workers.sent[:3] == [(0, 1), (1, 1), (1, 1)]  # resent version 0 after the restart
     assert server.version == 1
+
+
+def test_worker_that_keeps_dying_without_a_gradient_stops_the_run():
+    theta = np.zeros(3)
+    dead = [("dead", 1, "exit code 1")]
+    # a gradient in between resets the count: three deaths, a gradient, three more deaths
+    workers = Scripted(2, [[grad_event(0, 1, theta)], dead, dead, dead, [grad_event(1, 1, theta)]])
+    server = QuadraticServer(workers, max_delay=0, stall_timeout=60)
+    with pytest.warns(RuntimeWarning, match="restarted"):
+        server.step()
+    assert server.version == 1 and workers.restarted == [1, 1, 1]
+    workers.script = [dead, dead, dead, dead]
+    with pytest.warns(RuntimeWarning, match="restarted"), pytest.raises(
+            PeerFailedError, match=rf"fake 1 died {MAX_RESTARTS + 1} times without sending a gradient in between "
+                                   r"\(last: exit code 1\); the server stopped at version 1"):
+        server.step()
+    assert workers.restarted == [1] * (2 * MAX_RESTARTS) and workers.closed[0] == "abort"
 
 
 def test_dead_worker_that_cannot_be_restarted_stops_the_run_naming_it():

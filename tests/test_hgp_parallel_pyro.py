@@ -365,3 +365,21 @@ def test_bad_input(data):
         parallel.ExpertPool(X, experts, 0)
     with pytest.raises(ValueError, match="X"):
         parallel.ExpertPool(X[0], experts, 1)
+
+
+def test_script_without_main_guard_names_the_worker_that_died_starting(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "import numpy as np, torch, pyro.contrib.gp as gp\n"
+        "from pyro_scalegp import HGPMarginal, partition\n"
+        "X = np.random.default_rng(0).normal(size=(400, 2))\n"
+        "m = HGPMarginal(gp.kernels.RBF(2), torch.tensor(X), torch.tensor(0.2), experts=partition(X, expert_size=50),\n"
+        "                workers=2)  # spawned workers re-import this script\n"
+        "print(m.log_prob(torch.zeros(400, dtype=torch.float64)))\n")
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert run.returncode != 0
+    assert "WorkerError: HGP worker" in run.stderr and "died while starting" in run.stderr, run.stderr[-3000:]
+    assert 'if __name__ == "__main__":' in run.stderr
