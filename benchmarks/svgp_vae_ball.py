@@ -12,9 +12,12 @@ over all test frames; reported is the RMSE of the mapped latents in pixels, and 
 kernel lengthscale (the generating one is 2). All models: same encoder / decoder architecture,
 same initialization, same number of steps, Bernoulli likelihood, latent dimension 2.
 
-``svgp_vae_ball.png`` plots the error against ``M`` with the two baselines as horizontal lines.
+With ``--seeds``, every model runs once per seed (its own videos and network initialization) and
+rows with seed ``mean`` average the error over the seeds (one seed's ranking is not robust).
+``svgp_vae_ball.png`` plots the mean error against ``M`` (+-1 sd) with the two baselines as
+horizontal lines.
 
-Run: ``python -m benchmarks.svgp_vae_ball`` (``--quick`` or ``CI`` for a smoke test).
+Run: ``python -m benchmarks.svgp_vae_ball --seeds 0 1 2`` (``--quick`` or ``CI`` for a smoke test).
 """
 from __future__ import annotations
 
@@ -126,8 +129,19 @@ def run_vae(train_set, test_set, args, size):
             "train_s": secs, "s_per_epoch": secs / args.steps * len(batches)}
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (model, M) over the seeds: mean and sample standard deviation of the error."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["M"]) for r in rows):
+        errs = np.array([r["rmse_px"] for r in rows if (r["model"], r["M"]) == key])
+        out.append({"model": key[0], "M": key[1], "seed": "mean", "rmse_px": float(errs.mean()),
+                    "rmse_sd": float(errs.std(ddof=1)) if len(errs) > 1 else 0.0, "seeds": len(errs)})
+    return out
+
+
 def plot(rows, path):
-    """Trajectory RMSE against the number of inducing points; the baselines as horizontal lines."""
+    """Trajectory RMSE against the number of inducing points (mean over seeds, +-1 sd); the
+    baselines as horizontal lines with their +-1 sd bands."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,11 +149,14 @@ def plot(rows, path):
 
     sv = [r for r in rows if r["model"] == "SVGP-VAE"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot([r["M"] for r in sv], [r["rmse_px"] for r in sv], "o-", label="SVGP-VAE")
+    ax.errorbar([r["M"] for r in sv], [r["rmse_px"] for r in sv], yerr=[r["rmse_sd"] for r in sv], fmt="o-",
+                capsize=3, label="SVGP-VAE")
     for r, style in zip([r for r in rows if r["model"] != "SVGP-VAE"], ("C1--", "C2:")):
         ax.axhline(r["rmse_px"], color=style[:2], linestyle=style[2:], label=r["model"])
+        ax.axhspan(r["rmse_px"] - r["rmse_sd"], r["rmse_px"] + r["rmse_sd"], color=style[:2], alpha=0.12)
     ax.set_xlabel("inducing points M")
     ax.set_ylabel("trajectory RMSE after affine map (pixels)")
+    ax.set_title(f"mean over {sv[0]['seeds']} seed(s)" if sv else "")
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.tight_layout()
@@ -147,20 +164,10 @@ def plot(rows, path):
     plt.close(fig)
 
 
-def main(argv=None):
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--videos", type=int, default=35, help="training videos (as many test videos)")
-    p.add_argument("--steps", type=int, default=6000, help="SVI steps (one video each)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--init-lengthscale", type=float, default=1.0)
-    p.add_argument("--inducing", type=int, nargs="+", default=[5, 10, 15, 20, 30])
-    args = p.parse_args(argv)
-    if quick_mode(args):
-        args.videos, args.steps, args.hidden, args.inducing = 4, 20, 32, [5, 15]
-    set_threads(args.threads)
-    torch.set_default_dtype(torch.float64)
-    data = moving_ball(2 * args.videos, seed=args.seed)
+def run_seed(args, seed: int) -> list[dict]:
+    """Every model on the videos of one seed (data and network initialization)."""
+    args.seed = seed
+    data = moving_ball(2 * args.videos, seed=seed)
     train_set = type(data)(data.videos[:args.videos], data.trajectories[:args.videos],
                            data.paths[:args.videos], data.times)
     test_set = type(data)(data.videos[args.videos:], data.trajectories[args.videos:],
@@ -171,13 +178,40 @@ def main(argv=None):
     rows.append(run_gpvae("exact", None, train_set, test_set, t, args, size))
     rows.append(run_vae(train_set, test_set, args, size))
     for r in rows:
+        r["seed"] = seed
         print(r, flush=True)
-    notes = (f"{args.videos} training and {args.videos} test videos, {args.steps} SVI steps (one video "
+    return rows
+
+
+def main(argv=None):
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--videos", type=int, default=35, help="training videos (as many test videos)")
+    p.add_argument("--steps", type=int, default=6000, help="SVI steps (one video each)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--init-lengthscale", type=float, default=1.0)
+    p.add_argument("--inducing", type=int, nargs="+", default=[5, 10, 15, 20, 30])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every model once per seed (videos and initialization); default: --seed")
+    args = p.parse_args(argv)
+    if quick_mode(args):
+        args.videos, args.steps, args.hidden, args.inducing = 4, 20, 32, [5, 15]
+    seeds = args.seeds or [args.seed]
+    set_threads(args.threads)
+    torch.set_default_dtype(torch.float64)
+    rows = [r for seed in seeds for r in run_seed(args, seed)]
+    summary = summarize(rows)
+    for r in summary:
+        print(r, flush=True)
+    notes = (f"{args.videos} training and {args.videos} test videos per seed, {args.steps} SVI steps (one video "
              f"each), Adam lr {args.lr}, hidden {args.hidden}, initial lengthscale {args.init_lengthscale}; "
              "rmse_px: RMSE in pixels of the test posterior mean latents after one least-squares affine map "
-             "to the true trajectories.")
-    write_results("svgp_vae_ball", rows, out=args.out, meta=vars(args), notes=notes)
-    plot(rows, os.path.join(args.out, "svgp_vae_ball.png"))
+             f"to the true trajectories. Seeds {seeds} (each: its own videos and network initialization); "
+             "the rows with seed 'mean' average them (rmse_sd: sample standard deviation).")
+    write_results("svgp_vae_ball", rows + summary, out=args.out, meta=vars(args) | {"seeds": seeds}, notes=notes,
+                  columns=["model", "M", "seed", "rmse_px", "rmse_sd", "lengthscale", "final_loss", "train_s",
+                           "s_per_epoch"])
+    plot(summary, os.path.join(args.out, "svgp_vae_ball.png"))
 
 
 if __name__ == "__main__":

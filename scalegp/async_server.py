@@ -285,14 +285,10 @@ class ProcessWorkers(ConnectionWorkers):
         except OSError:
             self.processes[k].join(timeout=5.0)
             message = (f"{self._names[k]} exited while starting (exit code {self.processes[k].exitcode}); "
-                       "its own traceback is above. Spawned workers re-import the main module: in a script, "
+                       "its own output, if any, is above. Spawned workers re-import the main module: in a script, "
                        "create them under `if __name__ == \"__main__\":`")
             self.close(abort=message)
             raise PeerFailedError(message) from None
-
-    def _start(self, k: int) -> None:
-        self._spawn(k)
-        self._hand_over(k)
 
     def _sentinels(self) -> dict:
         return {proc.sentinel: k for k, proc in enumerate(self.processes)}
@@ -308,7 +304,8 @@ class ProcessWorkers(ConnectionWorkers):
             old.kill()
             old.join()
         self._conns[k].close()
-        self._start(k)
+        self._spawn(k)
+        self._hand_over(k)
 
     def close(self, abort: str | None = None) -> None:
         super().close(abort)

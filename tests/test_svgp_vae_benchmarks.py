@@ -56,9 +56,14 @@ def test_epoch_quick(tmp_path):
 
 
 def test_ball_quick(tmp_path):
-    svgp_vae_ball.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    svgp_vae_ball.main(["--quick", "--threads", "1", "--seeds", "0", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "svgp_vae_ball.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == ["SVGP-VAE", "SVGP-VAE", "exact GP-VAE", "VAE"]
+    per_seed = ["SVGP-VAE", "SVGP-VAE", "exact GP-VAE", "VAE"]
+    assert [(r["model"], r["seed"]) for r in rows] == ([(m, 0) for m in per_seed] + [(m, 1) for m in per_seed]
+                                                       + [(m, "mean") for m in per_seed])
     assert [r["M"] for r in rows[:2]] == [5, 15]
     assert all(math.isfinite(r["rmse_px"]) and r["rmse_px"] > 0 for r in rows)
+    for k, mean in enumerate(rows[8:]):
+        errs = [rows[k]["rmse_px"], rows[4 + k]["rmse_px"]]
+        assert mean["rmse_px"] == pytest.approx(np.mean(errs)) and mean["rmse_sd"] == pytest.approx(np.std(errs, ddof=1))
     assert (tmp_path / "svgp_vae_ball.png").exists()
