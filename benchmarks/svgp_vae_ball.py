@@ -17,11 +17,15 @@ rows with seed ``mean`` average the error over the seeds (one seed's ranking is 
 ``svgp_vae_ball.png`` plots the mean error against ``M`` (+-1 sd) with the two baselines as
 horizontal lines.
 
-Run: ``python -m benchmarks.svgp_vae_ball --seeds 0 1 2`` (``--quick`` or ``CI`` for a smoke test).
+Run: ``python -m benchmarks.svgp_vae_ball --seeds 0 1 2 3 4 5 --jobs 2 --threads 1`` (``--jobs``: seeds
+in parallel processes; ``--quick`` or ``CI`` for a smoke test).
 """
 from __future__ import annotations
 
+import argparse
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pyro
@@ -165,8 +169,11 @@ def plot(rows, path):
 
 
 def run_seed(args, seed: int) -> list[dict]:
-    """Every model on the videos of one seed (data and network initialization)."""
-    args.seed = seed
+    """Every model on the videos of one seed (data and network initialization); ``args.threads``
+    torch threads (also when it runs in a ``--jobs`` worker process)."""
+    args = argparse.Namespace(**vars(args) | {"seed": seed})
+    set_threads(args.threads)
+    torch.set_default_dtype(torch.float64)
     data = moving_ball(2 * args.videos, seed=seed)
     train_set = type(data)(data.videos[:args.videos], data.trajectories[:args.videos],
                            data.paths[:args.videos], data.times)
@@ -193,13 +200,17 @@ def main(argv=None):
     p.add_argument("--inducing", type=int, nargs="+", default=[5, 10, 15, 20, 30])
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run every model once per seed (videos and initialization); default: --seed")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process")
     args = p.parse_args(argv)
     if quick_mode(args):
         args.videos, args.steps, args.hidden, args.inducing = 4, 20, 32, [5, 15]
     seeds = args.seeds or [args.seed]
-    set_threads(args.threads)
-    torch.set_default_dtype(torch.float64)
-    rows = [r for seed in seeds for r in run_seed(args, seed)]
+    if args.jobs > 1:  # seeds in parallel processes (each with --threads threads)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=context) as pool:
+            rows = [r for rs in pool.map(run_seed, [args] * len(seeds), seeds) for r in rs]
+    else:
+        rows = [r for seed in seeds for r in run_seed(args, seed)]
     summary = summarize(rows)
     for r in summary:
         print(r, flush=True)

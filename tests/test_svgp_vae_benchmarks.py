@@ -56,7 +56,7 @@ def test_epoch_quick(tmp_path):
 
 
 def test_ball_quick(tmp_path):
-    svgp_vae_ball.main(["--quick", "--threads", "1", "--seeds", "0", "1", "--out", str(tmp_path)])
+    svgp_vae_ball.main(["--quick", "--threads", "1", "--seeds", "0", "1", "--jobs", "2", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "svgp_vae_ball.json").read_text())["rows"]
     per_seed = ["SVGP-VAE", "SVGP-VAE", "exact GP-VAE", "VAE"]
     assert [(r["model"], r["seed"]) for r in rows] == ([(m, 0) for m in per_seed] + [(m, 1) for m in per_seed]
