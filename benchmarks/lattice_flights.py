@@ -126,7 +126,8 @@ def main(argv=None) -> list[dict]:
     rows.append(row | {"peak_rss_mib": peak})
     if "hgp" not in skip:
         hgp_rows, peak = run_isolated(hgp_job, data, kernel="matern52", expert_size=args.expert_size, duplication=1,
-                                      max_iter=args.max_iter, threads=threads, seed=args.seed, show_progress=False)
+                                      max_iter=args.max_iter, threads=threads, seed=args.seed, calibration_rows=0,
+                                      show_progress=False)
         rows += [r | {"peak_rss_mib": peak} for r in hgp_rows]
     jobs = [("svgp", "svgp_gpytorch", {"num_inducing": inducing, "steps": svgp_steps}),
             ("sgpr", "sgpr_pyro", {"num_inducing": min(inducing, 200), "num_train": sgpr_train, "steps": sgpr_steps}),

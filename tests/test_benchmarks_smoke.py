@@ -112,6 +112,56 @@ def test_fit_and_predict_rules_match_hgp_predict(method, float64_torch):
         assert np.sqrt(np.mean((mean - y[600:]) ** 2)) < 0.5
 
 
+def test_variance_scale_is_the_hgp_with_scaled_amplitude(float64_torch):
+    """The calibrated predictor is the HGP with kernel variance and noise times s, for every rule,
+    and s minimizes the held-out NLPD."""
+    import pyro
+    import pyro.contrib.gp as gp
+    import torch
+
+    from benchmarks.common import gaussian_metrics
+    from benchmarks.hgp_fit import variance_scale
+    from pyro_scalegp import HGPMarginal
+    from scalegp import gp_draws, partition
+
+    X, y, _ = gp_draws(500, 2, lengthscale=0.7, noise=0.05, method="exact", seed=3)
+    X, y = torch.as_tensor(X), torch.as_tensor(y)
+    experts = partition(X[:400].numpy(), expert_size=50, method="local", communication=True, seed=0)
+    s = 2.7
+    for rule in ("poe", "gpoe", "bcm", "rbcm", "grbcm"):
+        preds = []
+        for a in (1.0, s):
+            pyro.clear_param_store()  # a PyroModule kernel reads its parameters from the store
+            kernel = gp.kernels.Matern52(2, variance=torch.tensor(a * 1.3), lengthscale=torch.tensor([0.5, 0.9]))
+            preds.append(HGPMarginal(kernel, X[:400], a * 0.05, experts=experts).predict(y[:400], X[400:], combine=rule))
+        torch.testing.assert_close(preds[1].mean, preds[0].mean, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(preds[1].variance, s * preds[0].variance, rtol=1e-9, atol=0)
+    mean, var = preds[0].mean.numpy(), preds[0].variance.numpy()
+    best = variance_scale(y[400:].numpy(), mean, var)
+    nlpd = [gaussian_metrics(y[400:].numpy(), mean, c * best * var)["nlpd"] for c in (0.9, 1.0, 1.1)]
+    assert nlpd[1] < nlpd[0] and nlpd[1] < nlpd[2]
+    assert variance_scale(np.array([1.0, -2.0]), np.zeros(2), np.array([1.0, 4.0])) == pytest.approx(1.0)
+
+
+def test_fit_and_evaluate_holds_out_and_calibrates(float64_torch):
+    from benchmarks.hgp_fit import fit_and_evaluate
+    from scalegp import load_flights
+
+    data = load_flights(num_train=1500)
+    data.X_test, data.y_test = data.X_test[:300], data.y_test[:300]
+    fit, rows, means = fit_and_evaluate(data, rules=("rbcm", "gpoe"), calibration_rows=300, expert_size=100,
+                                        max_iter=3, show_progress=False)
+    assert [r["method"] for r in rows] == ["HGP rbcm", "HGP rbcm cal", "HGP gpoe", "HGP gpoe cal"]
+    assert len(fit.y) == 1200 and all(r["n_train"] == 1200 for r in rows)
+    for plain, cal in (rows[:2], rows[2:]):
+        assert cal["rmse"] == plain["rmse"] and plain["scale"] == 1.0 and cal["scale"] > 0
+        assert cal["train_s"] > plain["train_s"] and cal["predict_s"] == plain["predict_s"]
+    assert means["rbcm"].shape == (300,)
+    _, rows, _ = fit_and_evaluate(data, rules=("rbcm",), calibration_rows=0, expert_size=100, max_iter=2,
+                                  show_progress=False)
+    assert [r["method"] for r in rows] == ["HGP rbcm"] and rows[0]["n_train"] == 1500
+
+
 def test_baselines_tiny(float64_torch):
     from benchmarks import baselines
     from scalegp import load_flights
@@ -143,7 +193,8 @@ def test_demo_quick(tmp_path, monkeypatch, float64_torch):
     monkeypatch.setenv("CI", "true")
     rows = demo.main(["--out", str(tmp_path), "--threads", "2"])
     methods = [r["method"] for r in rows]
-    assert [m for m in methods if m.startswith("HGP")] == [f"HGP {r}" for r in ("poe", "gpoe", "bcm", "rbcm", "grbcm")]
+    assert [m for m in methods if m.startswith("HGP")] == [f"HGP {r}{c}" for r in ("poe", "gpoe", "bcm", "rbcm", "grbcm")
+                                                          for c in ("", " cal")]
     assert any(m.startswith("SVGP") for m in methods) and any(m.startswith("SGPR") for m in methods)
     assert any(m.startswith("exact") for m in methods)
     assert os.path.getsize(tmp_path / "demo.png") > 10_000
