@@ -176,8 +176,8 @@ def predict_rules(fit: HGPFit, X_test, *, rules=("poe", "gpoe", "bcm", "rbcm", "
 
 def variance_scale(y, mean, var) -> float:
     """The factor ``s`` that minimizes the mean negative log density of ``N(mean, s var)`` over
-    held-out targets ``y``: ``s = mean((y - mean)^2 / var)`` (variance calibration by one scale,
-    "sigma scaling", Levi et al. 2019).
+    held-out targets ``y``: ``s = mean((y - mean)^2 / var)`` (a one-parameter recalibration,
+    as in Levi et al. 2019 and Laves et al. 2020).
 
     For the HGP this is a re-estimate of the amplitude: multiplying the kernel variance and the
     noise by ``s`` leaves every expert's predictive mean unchanged and multiplies every expert's
