@@ -209,16 +209,19 @@ def fit_and_evaluate(data, *, rules=("poe", "gpoe", "bcm", "rbcm", "grbcm"), cal
     fit = fit_hgp(data.X_train[~held], data.y_train[~held], seed=seed, show_progress=show_progress, **fit_kwargs)
     X_pred = np.concatenate([data.X_train[held], data.X_test])
     n_test = len(data.y_test)
+    n_fit = int((~held).sum())
     rows, means = [], {}
     for rule, (mean, var, secs) in predict_rules(fit, X_pred, rules=rules,
                                                  show_progress=show_progress).items():
-        scale = variance_scale(data.y_train[held], mean[:-n_test], var[:-n_test]) if calibration_rows else 1.0
         test_s = secs * n_test / len(X_pred)  # the held-out rows' share of the prediction is calibration
-        for name, s in [(f"HGP {rule}", 1.0)] + ([(f"HGP {rule} cal", scale)] if calibration_rows else []):
-            row = {"method": name, "n_train": int((~held).sum()), "scale": s}
-            row.update(gaussian_metrics(data.y_test, mean[-n_test:], s * var[-n_test:], y_std=data.y_std))
-            row.update({"train_s": fit.train_s + (secs - test_s if s != 1.0 else 0.0), "predict_s": test_s})
-            row["wall_s"] = row["train_s"] + row["predict_s"]
-            rows.append(row)
         means[rule] = mean[-n_test:]
+        versions = [(f"HGP {rule}", 1.0, fit.train_s)]
+        if calibration_rows:
+            scale = variance_scale(data.y_train[held], mean[:-n_test], var[:-n_test])
+            versions.append((f"HGP {rule} cal", scale, fit.train_s + secs - test_s))
+        for name, scale, train_s in versions:
+            row = {"method": name, "n_train": n_fit, "scale": scale}
+            row.update(gaussian_metrics(data.y_test, mean[-n_test:], scale * var[-n_test:], y_std=data.y_std))
+            row.update({"train_s": train_s, "predict_s": test_s, "wall_s": train_s + test_s})
+            rows.append(row)
     return fit, rows, means

@@ -52,8 +52,8 @@ def hgp_job(data, *, kernel: str, expert_size: int, duplication: int, max_iter: 
 
     torch.set_num_threads(threads)
     fit, rows, _ = fit_and_evaluate(data, rules=RULES, calibration_rows=calibration_rows, seed=seed,
-                                 show_progress=show_progress, kernel=kernel, expert_size=expert_size,
-                                 duplication=duplication, method=partition, max_iter=max_iter)
+                                    show_progress=show_progress, kernel=kernel, expert_size=expert_size,
+                                    duplication=duplication, method=partition, max_iter=max_iter)
     for row in rows:
         row.update({"iterations": fit.iterations, "evaluations": fit.evaluations})
         row.update(fit.settings)
@@ -148,7 +148,8 @@ def main(argv=None) -> list[dict]:
     rows += hgp_rows
     hgp_train = hgp_rows[0]["train_s"]
     # SVGP gets the wall time of rBCM (calibrated where there is calibration) and is compared with it
-    rbcm = next(r for r in hgp_rows[::-1] if r["method"].startswith("HGP rbcm"))
+    rbcm_name = "HGP rbcm cal" if args.calibration_rows else "HGP rbcm"
+    rbcm = next(r for r in hgp_rows if r["method"] == rbcm_name)
 
     jobs = []
     if "svgp" not in skip:
