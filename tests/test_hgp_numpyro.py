@@ -135,17 +135,21 @@ def test_gaussian_log_likelihood_and_its_vjp():
         np.testing.assert_allclose(float(jnp.sum(gK * dK) + jnp.sum(gr * dr)), float(fd), rtol=1e-7)
 
 
-def test_inverse_from_cholesky_recursive_blocks():
-    """K^-1 from the Cholesky factor by recursive halving (sizes above the block size, odd splits
-    included) equals numpy's inverse, and is exactly symmetric."""
-    from numpyro_scalegp.hgp import _INVERSE_BLOCK, _inverse_from_cholesky
+def test_cholesky_inverses_by_blocks():
+    """K^-1 and L^-1 r from the Cholesky factor by blocks (one block, several, and a last block
+    shorter than the others) equal numpy's, and K^-1 is exactly symmetric."""
+    from numpyro_scalegp.hgp import _INVERSE_BLOCK, _cholesky_inverses
     rng = np.random.default_rng(13)
     for n in (_INVERSE_BLOCK - 3, 2 * _INVERSE_BLOCK + 45):
         A = rng.standard_normal((2, n, n))
         K = A @ A.transpose(0, 2, 1) / n + 0.5 * np.eye(n)
-        K_inv = np.asarray(_inverse_from_cholesky(jnp.linalg.cholesky(jnp.asarray(K))))
+        r = rng.standard_normal((2, n, 3))
+        L = np.linalg.cholesky(K)
+        alpha, K_inv = (np.asarray(t) for t in _cholesky_inverses(jnp.asarray(L), jnp.asarray(r)))
         np.testing.assert_allclose(K_inv, np.linalg.inv(K), rtol=1e-10, atol=1e-10 * np.abs(K_inv).max())
         np.testing.assert_array_equal(K_inv, K_inv.transpose(0, 2, 1))
+        np.testing.assert_allclose(alpha, np.linalg.solve(L, r), rtol=1e-10, atol=1e-10 * np.abs(alpha).max())
+        np.testing.assert_array_equal(np.asarray(_cholesky_inverses(jnp.asarray(L))), K_inv)
 
 
 # ------------------------------------------------------------------ combination rules
@@ -427,6 +431,16 @@ def test_jitter_raised_with_warning_then_error(data):
     with pytest.warns(JitterWarning, match=r"expert\(s\) \[0, 1, 2\]"):
         np.testing.assert_allclose(float(f(1.0)), expected, rtol=1e-8)
         jax.effects_barrier()
+    # the gradient path factors without jitter first and redoes the chunks only when one failed:
+    # it must take the jitter too, and differentiate the jittered objective
+    with pytest.warns(JitterWarning, match=r"expert\(s\) \[0, 1, 2\]"):
+        value, grad = jax.jit(jax.value_and_grad(f))(1.0)
+        jax.effects_barrier()
+    np.testing.assert_allclose(float(value), expected, rtol=1e-8)
+    h = 1e-3  # the objective is ill-conditioned (cond(K) ~ 1e7): smaller steps drown in round-off
+    fd = (ref.hgp_log_marginal("rbf", X, y, experts.index, 1.0 + h, 100.0, 1e-20 + 1e-6)
+          - ref.hgp_log_marginal("rbf", X, y, experts.index, 1.0 - h, 100.0, 1e-20 + 1e-6)) / (2 * h)
+    np.testing.assert_allclose(float(grad), fd, rtol=1e-5)
     # a kernel that is not positive definite at any jitter (negative variance)
     bad = HGPMarginal(make_kernel("rbf", -1.0), X, 1e-3, experts=experts)
     with pytest.raises(NotPositiveDefiniteError, match=r"expert\(s\) \[0, 1, 2\].*jitter 1.0e-01") as err:
