@@ -26,8 +26,8 @@ with respect to the kernel parameters, the noise, the inputs and the residuals i
 one pass (one Cholesky and one inverse per expert, ``G = 1/2 (a a^T - K^-1)``, and
 the derivative of the kernel construction applied to ``G``: written out for isotropic
 kernels, JAX's reverse mode for the others); the backward rule only weights the stored
-gradients by the cotangent. JAX never
-differentiates the Cholesky, and nothing is recomputed.
+gradients by the cotangent. JAX never differentiates the Cholesky, and nothing is
+recomputed (unless some expert needs jitter: :func:`_retrying`).
 
 Experts are evaluated in chunks (:func:`jax.lax.map`), so memory stays bounded by
 one chunk of ``n x n`` matrices whatever ``N``, gradient included (the stored
@@ -130,15 +130,16 @@ def _cholesky_escalating(K, jitter):
 
 
 def _retrying(compute):
-    """``compute(escalate)`` (a pytree whose first leaf is the ``(E, B)`` log likelihoods,
-    ``-inf`` for an expert whose factorization failed) run with plain factorizations and,
-    only if some expert failed, again with jitter escalation (:func:`_cholesky_escalating`).
+    """``compute(escalate)`` (a pytree whose first leaf holds per-expert results that are not
+    finite for an expert whose factorization failed: log likelihoods ``-inf``, predictive
+    means NaN) run with plain factorizations and, only if some expert failed, again with
+    jitter escalation (:func:`_cholesky_escalating`).
 
     The common case pays for no escalation machinery: a :func:`jax.lax.cond` or loop
     around the factors would copy every ``n x n`` block and block XLA's fusions (E = 200,
-    n = 512: value + gradient about 25% slower); the cond here passes only the outputs."""
+    n = 512: value + gradient about 20% slower); the cond here passes only the outputs."""
     out = compute(False)
-    failed = jnp.any(jnp.isneginf(jax.tree_util.tree_leaves(out)[0]))
+    failed = ~jnp.all(jnp.isfinite(jax.tree_util.tree_leaves(out)[0]))
     return lax.cond(failed, lambda _: compute(True), lambda o: o, out)
 
 
@@ -477,10 +478,11 @@ def _expert_terms(kernel, X, noise, resid, jitter, *, layout, mesh, max_chunk):
     return ll[layout.inverse], used[layout.inverse]
 
 
-def _predict_chunk(rep, chunk):
+def _predict_chunk(rep, chunk, *, escalate: bool):
     kernel, noise, jitter, Xs = rep
     Xe, re = chunk
-    L = _cholesky_differentiable(_gram(kernel, Xe, noise), jitter)
+    K = _gram(kernel, Xe, noise)
+    L = _cholesky_differentiable(K, jitter) if escalate else _cholesky(K)[0]
     Ks = kernel(Xe, Xs).astype(Xe.dtype)  # (B, n, T)
     alpha = _solve_lower(L, _solve_lower(L, re[..., None]), transpose=True)[..., 0]
     mean = jnp.einsum("bnt,bn->bt", Ks, alpha)
@@ -493,8 +495,9 @@ def _predict_chunk(rep, chunk):
 def _expert_predictions(kernel, X, noise, resid, jitter, Xs, *, layout, mesh, max_chunk):
     """Latent means and variances ``(E, T)`` of the experts at ``Xs`` (residual space)."""
     index = layout.index[layout.order]
-    means, variances = _over_experts(_predict_chunk, (kernel, noise, jitter, Xs), (X[index], resid[index]),
-                                     mesh=mesh, max_chunk=max_chunk)
+    means, variances = _retrying(lambda escalate: _over_experts(
+        partial(_predict_chunk, escalate=escalate), (kernel, noise, jitter, Xs), (X[index], resid[index]),
+        mesh=mesh, max_chunk=max_chunk))
     return means[layout.inverse], variances[layout.inverse]
 
 

@@ -441,6 +441,16 @@ def test_jitter_raised_with_warning_then_error(data):
     fd = (ref.hgp_log_marginal("rbf", X, y, experts.index, 1.0 + h, 100.0, 1e-20 + 1e-6)
           - ref.hgp_log_marginal("rbf", X, y, experts.index, 1.0 - h, 100.0, 1e-20 + 1e-6)) / (2 * h)
     np.testing.assert_allclose(float(grad), fd, rtol=1e-5)
+    # predict factors plainly too, then with jitter where that failed: the same predictions as
+    # the model whose noise includes that jitter
+    Xs = data[2]
+    jittered = HGPMarginal(k, X, 1e-20 + 1e-6, experts=experts).predict(y, Xs, noiseless=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", JitterWarning)
+        pred = d.predict(y, Xs, noiseless=True)
+    assert np.all(np.isfinite(np.asarray(pred.mean)))
+    np.testing.assert_allclose(np.asarray(pred.mean), np.asarray(jittered.mean), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(pred.variance), np.asarray(jittered.variance), rtol=1e-6)
     # a kernel that is not positive definite at any jitter (negative variance)
     bad = HGPMarginal(make_kernel("rbf", -1.0), X, 1e-3, experts=experts)
     with pytest.raises(NotPositiveDefiniteError, match=r"expert\(s\) \[0, 1, 2\].*jitter 1.0e-01") as err:
