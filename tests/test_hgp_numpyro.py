@@ -451,6 +451,12 @@ def test_jitter_raised_with_warning_then_error(data):
     assert np.all(np.isfinite(np.asarray(pred.mean)))
     np.testing.assert_allclose(np.asarray(pred.mean), np.asarray(jittered.mean), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(pred.variance), np.asarray(jittered.variance), rtol=1e-6)
+    # sample, likewise: finite draws with each expert's covariance (without the retry: NaN)
+    draws = np.asarray(d.sample(jax.random.PRNGKey(1), (20000,)))
+    assert np.all(np.isfinite(draws))
+    idx = experts.index[0]
+    cov = ref.kernel_matrix("rbf", X[idx], X[idx], 1.0, 100.0) + (1e-20 + 1e-6) * np.eye(len(idx))
+    np.testing.assert_allclose(np.cov(draws[:, idx].T), cov, atol=0.06)
     # a kernel that is not positive definite at any jitter (negative variance)
     bad = HGPMarginal(make_kernel("rbf", -1.0), X, 1e-3, experts=experts)
     with pytest.raises(NotPositiveDefiniteError, match=r"expert\(s\) \[0, 1, 2\].*jitter 1.0e-01") as err:
