@@ -194,7 +194,8 @@ class AsyncProximalSVI(_Server):
 def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: int = 0,
                              optim: dict | None = None, shards: Sequence | None = None,
                              params: dict | None = None, host: str = "127.0.0.1",
-                             stall_timeout: float = 60.0, connect_timeout: float = 60.0) -> dict | None:
+                             stall_timeout: float = 60.0, connect_timeout: float = 60.0,
+                             checkpoint: str | None = None) -> dict | None:
     """The same delayed proximal gradient algorithm across the processes of a
     ``jax.distributed`` job: call it in every process (after
     ``jax.distributed.initialize``; on CPU with
@@ -214,6 +215,12 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     ``heartbeat_timeout_seconds`` (default 100 s), and its shutdown at exit then waits up to
     ``shutdown_timeout_seconds`` or aborts the process: pass short ones to
     ``jax.distributed.initialize`` for a quick exit after a failure.
+
+    With ``checkpoint`` (a file path that process 0 can write), ``num_steps`` counts updates
+    in all and the run is resumable (:meth:`scalegp.async_server.ProximalServer.run_checkpointed`):
+    relaunched after a failure (by a job scheduler, or by hand), every process (the dead
+    worker on its own shard) starts again and process 0 goes on from the last update
+    written; the result then also holds ``resumed_from``.
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` and ``O(K P)`` on the
        server, plus two messages of ``P`` numbers per worker and update.
@@ -241,5 +248,7 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
         return None
     workers = accept_workers(listening, authkey, world - 1, timeout=connect_timeout)
     with _Server(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout) as server:
+        if checkpoint is not None:
+            return server.run_checkpointed(num_steps, checkpoint)
         losses = server.run(num_steps, progress_bar=False)
         return {"losses": losses, "staleness": server.staleness, "state": server.state_dict()}

@@ -297,7 +297,7 @@ class _DistributedChannel:
 
 def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: int = 0,
                              optim: dict | None = None, shards: Sequence | None = None,
-                             stall_timeout: float = 60.0) -> dict | None:
+                             stall_timeout: float = 60.0, checkpoint: str | None = None) -> dict | None:
     """The same delayed proximal gradient algorithm over ``torch.distributed`` point-to-point
     messages (gloo): call it in every process of an initialized process group with the same
     model, data and arguments. Rank 0 is the server; rank ``k >= 1`` is the worker of
@@ -311,6 +311,15 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     workers. A rank that dies makes the others raise :class:`PeerFailedError` naming it
     (within a poll interval of its connection closing); the server reports a silent
     worker after ``stall_timeout`` seconds (:class:`StalledWorkerWarning`).
+
+    With ``checkpoint`` (a file path that rank 0 can write), ``num_steps`` counts updates in
+    all and the run is resumable (:meth:`scalegp.async_server.ProximalServer.run_checkpointed`):
+    under ``torchrun --max-restarts=R`` a rank that dies takes the job down, torchrun restarts
+    every rank (the dead worker on its own shard), and rank 0 goes on from the last update
+    written; the result then also holds ``resumed_from``. torchrun's rendezvous store outlives
+    a failed attempt, so initialize the group with a prefix per attempt,
+    ``dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)``, or gloo
+    reads the dead attempt's addresses (see the README).
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` and ``O(K P)`` on the
        server, plus two messages of ``P`` numbers per worker and update.
@@ -333,5 +342,7 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
         return None
     with _Server(advgp, optim, _DistributedWorkers(world - 1, size), max_delay=max_delay,
                  stall_timeout=stall_timeout) as server:
+        if checkpoint is not None:
+            return server.run_checkpointed(num_steps, checkpoint)
         losses = server.run(num_steps, progress_bar=False)
         return {"losses": losses, "staleness": server.staleness, "state": server.state_dict()}

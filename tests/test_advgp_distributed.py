@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
@@ -21,6 +24,8 @@ from tests.test_advgp_async_server import crash_after
 
 
 pytestmark = pytest.mark.usefixtures("float64", "pyro_clean")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port() -> int:
@@ -111,3 +116,62 @@ def test_a_rank_that_dies_is_named_within_seconds(tmp_path):
     assert worker["message"].startswith("rank 0 (the server) stopped the run")
     assert server["time"] - killed["time"] < 3.0 and worker["time"] - killed["time"] < 3.0
     assert time.time() - start < 90
+
+
+# argv: output file, checkpoint file, num_steps; rank 2 crashes after its 3rd gradient in the first attempt
+TORCHRUN_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    import torch.distributed as dist
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    from pyro_scalegp import async_svi
+    from tests.test_advgp_async import OPTIM, data, new_model
+    from tests.test_advgp_async_server import crash_after
+
+    out, checkpoint, num_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    # the agent's store outlives an attempt: a prefix per attempt keeps the last one's addresses out
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt{attempt}", store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    if dist.get_rank() == 2 and attempt == 0:
+        crash_after(async_svi._DistributedChannel, "send", 3, lambda **_: None)
+    X, y, Z = data()
+    result = async_svi.distributed_proximal_svi(new_model(Z), X, y, num_steps, optim=OPTIM, checkpoint=checkpoint)
+    if dist.get_rank() == 0:
+        torch.save(dict(result, attempt=attempt), out)
+    dist.destroy_process_group()
+""")
+
+
+def test_torchrun_restarts_the_ranks_after_a_worker_dies_and_the_run_goes_on(tmp_path):
+    """A worker crashes; ``torchrun --max-restarts=1`` restarts every rank and the server goes on from
+    the checkpoint: the run ends exactly as uninterrupted synchronous proximal gradient descent."""
+    steps = 6
+    out, checkpoint = tmp_path / "result.pt", tmp_path / "advgp.ckpt"
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "--max-restarts=1",
+         "--monitor-interval=0.5", str(script), str(out), str(checkpoint), str(steps)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = torch.load(out, weights_only=False)
+    assert result["attempt"] == 1  # the second attempt finished the run
+    assert result["resumed_from"] in (2, 3)  # the worker died after its gradient of version 2
+    assert result["state"]["version"] == steps and result["staleness"] == [0] * steps
+    X, y, Z = data()
+    history = proximal_gd(Z, X, y, steps)
+    for name, value in result["state"]["params"].items():
+        np.testing.assert_allclose(value.numpy(), history[-1][name].numpy(), rtol=1e-10, atol=1e-13, err_msg=name)
+    # the loss of update t is the negative ELBO at theta_t, before and after the restart
+    model = new_model(Z)
+    expected_losses = [model.loss(X, y).item()]
+    for params in history[:-1]:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(params[name])
+        expected_losses.append(model.loss(X, y).item())
+    np.testing.assert_allclose(result["losses"], expected_losses, rtol=1e-10)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("jax_x64")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# argv: rank, coordinator port, num_steps, max_delay, gradients after which rank 2 kills itself (0: never)
+# argv: rank, coordinator port, num_steps, max_delay, gradients after which rank 2 kills itself (0: never),
+# checkpoint file ("": none)
 SCRIPT = textwrap.dedent("""
     import json, sys, time
     import numpy as np
@@ -29,6 +30,7 @@ SCRIPT = textwrap.dedent("""
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     rank, port, num_steps, max_delay, die_after = (int(a) for a in sys.argv[1:6])
+    checkpoint = sys.argv[6] or None
     # short jax.distributed timeouts: after a process died, its own shutdown gives up quickly
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=3, process_id=rank,
                                initialization_timeout=60, heartbeat_timeout_seconds=10,
@@ -45,13 +47,14 @@ SCRIPT = textwrap.dedent("""
         crash_after(ConnectionChannel, "send", die_after, report)
     X, y, Z = data()
     try:
-        result = distributed_proximal_svi(new_model(Z), X, y, num_steps, max_delay=max_delay, optim=OPTIM)
+        result = distributed_proximal_svi(new_model(Z), X, y, num_steps, max_delay=max_delay, optim=OPTIM,
+                                          checkpoint=checkpoint)
     except PeerFailedError as exc:
         report(event="error", message=str(exc))
         raise SystemExit(1)  # jax.distributed's own shutdown then gives up within its timeouts
     if rank == 0:
         report(event="done", losses=result["losses"], staleness=result["staleness"],
-               version=result["state"]["version"],
+               version=result["state"]["version"], resumed_from=result.get("resumed_from"),
                params={k: np.asarray(v).tolist() for k, v in result["state"]["params"].items()})
 """)
 
@@ -62,10 +65,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(num_steps: int, max_delay: int, die_after: int = 0, timeout: float = 150) -> list[list[dict]]:
+def _launch(num_steps: int, max_delay: int, die_after: int = 0, timeout: float = 150,
+            checkpoint: str = "") -> list[list[dict]]:
     """Run the 3 processes; the JSON lines each printed, by rank."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    args = [str(_free_port()), str(num_steps), str(max_delay), str(die_after)]
+    args = [str(_free_port()), str(num_steps), str(max_delay), str(die_after), checkpoint]
     procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(rank), *args], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(3)]
     outputs = []
@@ -88,6 +92,11 @@ def test_three_processes_synchronous_equal_proximal_gradient_descent_step_for_st
     assert rc == 0, err[-3000:]
     assert all(w[1] == 0 for w in workers), [w[2][-2000:] for w in workers]
     (done,) = server
+    _assert_proximal_gradient_descent(done, steps)
+
+
+def _assert_proximal_gradient_descent(done: dict, steps: int) -> None:
+    """The server's report equals ``steps`` of in-process synchronous proximal gradient descent."""
     assert done["version"] == steps and done["staleness"] == [0] * steps
     X, y, Z = data()
     model = new_model(Z)
@@ -119,6 +128,21 @@ def test_a_rank_that_dies_is_named_within_seconds():
     # notices the dead process too); the whole run, start-up included, stays well under a minute or two
     assert rc0 != 0 and rc1 != 0
     assert time.time() - start < 120
+
+
+def test_relaunched_after_a_crash_the_run_goes_on_from_its_checkpoint(tmp_path):
+    """A worker crashes mid-run; relaunching the job (as a scheduler would) restarts every process,
+    the dead worker on its own shard, and the server resumes from the checkpoint: the run ends
+    exactly as uninterrupted synchronous proximal gradient descent, losses included."""
+    steps, checkpoint = 6, str(tmp_path / "advgp.ckpt")
+    (server, rc0, err0), _, (dying, rc2, _) = _launch(steps, 0, die_after=3, checkpoint=checkpoint)
+    assert rc2 == 3 and rc0 != 0 and server[0]["event"] == "error", err0[-3000:]
+    (server, rc, err), *workers = _launch(steps, 0, checkpoint=checkpoint)
+    assert rc == 0, err[-3000:]
+    assert all(w[1] == 0 for w in workers), [w[2][-2000:] for w in workers]
+    (done,) = server
+    assert done["resumed_from"] in (2, 3)  # the worker died after its gradient of version 2
+    _assert_proximal_gradient_descent(done, steps)
 
 
 def test_requires_jax_distributed():
