@@ -154,7 +154,8 @@ def predict_rules(fit: HGPFit, X_test, *, rules=("poe", "gpoe", "bcm", "rbcm", "
                 n = fit.experts.expert_size
                 chunk = max(1, (1 << 24) // (n * n))  # experts per batch and test points per block,
                 test_chunk = max(1, (1 << 24) // (n * chunk))  # the sizes HGPMarginal.predict uses
-                means, variances = dist._expert_predictions(fit.y, index, Xt, prior_mean, test_chunk)
+                with progress(total=len(index), desc="HGP experts", unit="expert", disable=not show_progress) as bar:
+                    means, variances = dist._expert_predictions(fit.y, index, Xt, prior_mean, test_chunk, bar)
                 prior_var = dist.kernel.diag(Xt)
         for rule in progress(rules, desc="HGP predict", disable=not show_progress):
             with Timer() as t:

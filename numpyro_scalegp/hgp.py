@@ -49,6 +49,7 @@ References:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import warnings
@@ -62,6 +63,7 @@ from jax.sharding import Mesh, PartitionSpec
 from numpyro.distributions import Distribution, Normal, constraints
 from numpyro.distributions.util import validate_sample
 from numpyro.util import not_jax_tracer
+from tqdm.auto import tqdm
 
 from scalegp import COMBINE_RULES, Experts, tree_leaves, tree_sum
 from scalegp.combine import combine as combine_predictions
@@ -185,7 +187,7 @@ _INVERSE_BLOCK = 128
 
 
 def _cholesky_inverses(L, r=None):
-    """``K^-1 = L^-T L^-1`` from the Cholesky factor ``L (..., n, n)`` of ``K``, and
+    r"""``K^-1 = L^-T L^-1`` from the Cholesky factor ``L (..., n, n)`` of ``K``, and
     ``alpha = L^-1 r`` for ``r (..., n, B)`` if given: the counterpart of LAPACK's ``trtri``
     and ``lauum`` (``potri``) built from matrix products on blocks of :data:`_INVERSE_BLOCK`
     rows, ``P = L^-1`` block by block
@@ -487,7 +489,33 @@ def _expert_terms(kernel, X, noise, resid, jitter, *, layout, mesh, max_chunk):
     return ll[layout.inverse], used[layout.inverse]
 
 
-def _predict_chunk(rep, chunk, *, escalate: bool):
+#: the progress bars of the predictions running, innermost last (host side; see HGPMarginal.predict)
+_PROGRESS_BARS: list = []
+
+
+@contextlib.contextmanager
+def _progress_bar(experts: int, enabled: bool):
+    """A bar over ``experts`` that :func:`_tick` advances while the block's computations run
+    (it waits for their callbacks before closing)."""
+    with tqdm(total=experts, desc="HGP predict", unit="expert", disable=not enabled) as bar:
+        _PROGRESS_BARS.append(bar)
+        try:
+            yield
+            if enabled:
+                jax.effects_barrier()
+        finally:
+            _PROGRESS_BARS.remove(bar)
+
+
+def _tick(experts, _done):
+    """Host callback of a finished chunk of ``experts`` (``_done``: a value of its result, so
+    that the callback waits for it)."""
+    if _PROGRESS_BARS:
+        bar = _PROGRESS_BARS[-1]
+        bar.update(min(int(experts), bar.total - bar.n))  # padding experts are not counted
+
+
+def _predict_chunk(rep, chunk, *, escalate: bool, progress: bool = False):
     kernel, noise, jitter, Xs = rep
     Xe, re = chunk
     K = _gram(kernel, Xe, noise)
@@ -497,16 +525,19 @@ def _predict_chunk(rep, chunk, *, escalate: bool):
     mean = jnp.einsum("bnt,bn->bt", Ks, alpha)
     V = _solve_lower(L, Ks)
     var = kernel(Xs, diag=True).astype(Xe.dtype) - jnp.sum(V**2, -2)
+    if progress and not escalate:  # a retry with jitter runs without ticking
+        jax.debug.callback(_tick, Xe.shape[0], mean[0, 0])
     return mean, jnp.maximum(var, jnp.finfo(var.dtype).tiny)
 
 
-@partial(jax.jit, static_argnames=("layout", "mesh", "max_chunk"))
-def _expert_predictions(kernel, X, noise, resid, jitter, Xs, *, layout, mesh, max_chunk):
-    """Latent means and variances ``(E, T)`` of the experts at ``Xs`` (residual space)."""
+@partial(jax.jit, static_argnames=("layout", "mesh", "max_chunk", "progress"))
+def _expert_predictions(kernel, X, noise, resid, jitter, Xs, *, layout, mesh, max_chunk, progress=False):
+    """Latent means and variances ``(E, T)`` of the experts at ``Xs`` (residual space); with
+    ``progress``, each finished chunk ticks the innermost of :data:`_PROGRESS_BARS`."""
     index = layout.index[layout.order]
     means, variances = _retrying(lambda escalate: _over_experts(
-        partial(_predict_chunk, escalate=escalate), (kernel, noise, jitter, Xs), (X[index], resid[index]),
-        mesh=mesh, max_chunk=max_chunk))
+        partial(_predict_chunk, escalate=escalate, progress=progress), (kernel, noise, jitter, Xs),
+        (X[index], resid[index]), mesh=mesh, max_chunk=max_chunk))
     return means[layout.inverse], variances[layout.inverse]
 
 
@@ -836,7 +867,8 @@ class HGPMarginal(Distribution):
         flat = jnp.zeros((S, N), dtype).at[:, index.reshape(-1)].set(jnp.moveaxis(draws, -1, 0).reshape(S, -1))
         return (flat + self.mean).reshape(tuple(sample_shape) + self.event_shape)
 
-    def predict(self, y, X_new, *, combine: str = "rbcm", noiseless: bool = False, mean_new=None):
+    def predict(self, y, X_new, *, combine: str = "rbcm", noiseless: bool = False, mean_new=None,
+                progress_bar: bool = False):
         """Predictive distribution at ``X_new`` from the experts conditioned on ``y``.
 
         Each expert ``k`` predicts the latent ``f(x*)`` exactly from its own data (mean
@@ -858,6 +890,9 @@ class HGPMarginal(Distribution):
         :param X_new: ``(T, d)`` or ``(T,)`` test inputs.
         :param mean_new: prior mean at ``X_new``; required when ``mean`` is a per-point
             vector, else the scalar mean is used.
+        :param progress_bar: show a progress bar over the experts (for many test points;
+            ticked from the running computation by :func:`jax.debug.callback`, so not inside
+            ``jit``, where the bar would close before the computation runs).
         :returns: ``numpyro.distributions.Normal(mean, scale).to_event(1)`` over ``(T,)``.
 
         .. note:: Cost: ``O(E n^3 + E n^2 T)`` time; ``O(E T)`` memory plus one
@@ -887,19 +922,21 @@ class HGPMarginal(Distribution):
         resid = jnp.asarray(y, dtype) - self.mean
         noise, jitter = jnp.asarray(self.noise, dtype), jnp.asarray(self.jitter, dtype)
         n = self.experts.expert_size
-        means, variances = _expert_predictions(
-            self.kernel, X, noise, resid, jitter, Xs, layout=self._static.layout, mesh=_mesh(self.workers),
-            max_chunk=_max_chunk(self.chunk_size, n * (n + T)),
-        )
-        if combine == "grbcm":
-            comm = self.experts.communication
-            prior_mean, prior_var = _expert_predictions(
-                self.kernel, X, noise, resid, jitter, Xs, layout=_Layout(comm[None]), mesh=None, max_chunk=1,
+        with _progress_bar(self.experts.index.shape[0] + (combine == "grbcm"), progress_bar):
+            means, variances = _expert_predictions(
+                self.kernel, X, noise, resid, jitter, Xs, layout=self._static.layout, mesh=_mesh(self.workers),
+                max_chunk=_max_chunk(self.chunk_size, n * (n + T)), progress=progress_bar,
             )
-            prior_mean, prior_var = prior_mean[0], prior_var[0]
-        else:
-            prior_mean = jnp.zeros((T,), dtype)
-            prior_var = jnp.broadcast_to(self.kernel(Xs, diag=True), (T,)).astype(dtype)
+            if combine == "grbcm":
+                comm = self.experts.communication
+                prior_mean, prior_var = _expert_predictions(
+                    self.kernel, X, noise, resid, jitter, Xs, layout=_Layout(comm[None]), mesh=None, max_chunk=1,
+                    progress=progress_bar,
+                )
+                prior_mean, prior_var = prior_mean[0], prior_var[0]
+            else:
+                prior_mean = jnp.zeros((T,), dtype)
+                prior_var = jnp.broadcast_to(self.kernel(Xs, diag=True), (T,)).astype(dtype)
         mu, var = combine_predictions(jnp, combine, means, variances, prior_mean, prior_var,
                                       tree=self.experts.tree)
         if not noiseless:

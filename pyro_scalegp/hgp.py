@@ -43,6 +43,7 @@ import torch
 from pyro.distributions.torch_distribution import TorchDistribution
 from torch.autograd.function import once_differentiable
 from torch.distributions import constraints
+from tqdm.auto import tqdm
 
 from scalegp.combine import COMBINE_RULES, combine as combine_predictions, tree_sum
 from scalegp.partition import Experts
@@ -531,9 +532,9 @@ class HGPMarginal(TorchDistribution):
                 flat[:, idx] = draw
         return out
 
-    def _expert_predictions(self, y, index, X_new, prior_mean, test_chunk):
+    def _expert_predictions(self, y, index, X_new, prior_mean, test_chunk, bar):
         """Latent means and variances ``(E, T)`` of the experts ``index (E, n)`` at ``X_new``;
-        chunks of experts run over threads (:func:`map_chunks`)."""
+        chunks of experts run over threads (:func:`map_chunks`), each ticking ``bar`` once done."""
         E, n = index.shape
         T = X_new.shape[0]
         means = torch.empty(E, T, dtype=self.X.dtype, device=self.X.device)
@@ -555,11 +556,13 @@ class HGPMarginal(TorchDistribution):
                     torch.bmm(alpha.transpose(-1, -2), Ks)[:, 0])
                 V = torch.linalg.solve_triangular(L, Ks, upper=False)
                 variances[start:start + step, t:t + test_chunk] = kss[t:t + test_chunk] - V.mul_(V).sum(-2)
+            bar.update(idx.shape[0])
 
         map_chunks(experts, E, step)
         return means, variances.clamp_min(torch.finfo(variances.dtype).tiny)
 
-    def predict(self, y, X_new, *, combine: str = "rbcm", noiseless: bool = False, mean_new=None):
+    def predict(self, y, X_new, *, combine: str = "rbcm", noiseless: bool = False, mean_new=None,
+                progress_bar: bool = False):
         """Predictive distribution at ``X_new`` from the experts conditioned on ``y``.
 
         Each expert ``k`` predicts the latent ``f(x*)`` exactly from its own data
@@ -574,6 +577,7 @@ class HGPMarginal(TorchDistribution):
         :param X_new: ``(T, d)`` or ``(T,)`` test inputs.
         :param mean_new: prior mean at ``X_new``; required when ``mean`` is a
             per-point vector, else the scalar mean is used.
+        :param progress_bar: show a progress bar over the experts (for many test points).
         :returns: ``pyro.distributions.Normal(mean, scale).to_event(1)`` over ``(T,)``.
             Computed without gradients.
 
@@ -606,13 +610,14 @@ class HGPMarginal(TorchDistribution):
         n = self.experts.expert_size
         test_chunk = max(1, _CHUNK_ELEMENTS // (n * _chunk(self.chunk_size, n, self.experts.index.shape[0])))
         index = torch.as_tensor(self.experts.index, device=self.X.device)
-        with torch.no_grad():
+        experts = index.shape[0] + (combine == "grbcm")
+        with torch.no_grad(), tqdm(total=experts, desc="HGP predict", unit="expert", disable=not progress_bar) as bar:
             y = y.detach()
-            means, variances = self._expert_predictions(y, index, X_new, prior_mean, test_chunk)
+            means, variances = self._expert_predictions(y, index, X_new, prior_mean, test_chunk, bar)
             if combine == "grbcm":
                 comm = torch.as_tensor(self.experts.communication, device=self.X.device)[None]
                 prior_mean, prior_var = (v[0] for v in self._expert_predictions(y, comm, X_new, prior_mean,
-                                                                                 test_chunk))
+                                                                                 test_chunk, bar))
             else:
                 prior_var = self.kernel.diag(X_new)
             mean, var = combine_predictions(torch, combine, means, variances, prior_mean, prior_var,

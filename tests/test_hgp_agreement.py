@@ -117,3 +117,29 @@ def test_predictions_agree(data, rule):
         b = jp.predict(y, Xs, combine=rule, noiseless=noiseless)
         np.testing.assert_allclose(a.mean.numpy(), np.asarray(b.mean), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(a.variance.numpy(), np.asarray(b.variance), rtol=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["rbcm", "grbcm"])
+def test_predict_progress_bar_counts_every_expert_and_changes_nothing(data, rule, capsys):
+    """``predict(..., progress_bar=True)``: a bar over the experts that reaches their number (the
+    communication expert included for GRBCM), ticked chunk by chunk, and the same predictions."""
+    import pyro.contrib.gp.kernels as pk
+    import pyro_scalegp
+    from numpyro_scalegp import HGPMarginal, kernels
+    X, y, Xs = data
+    experts = partition(X, expert_size=12, method="random", seed=4, communication=8 if rule == "grbcm" else None)
+    total = experts.num_experts + (rule == "grbcm")
+    k = pk.Matern52(2, variance=torch.tensor(VARIANCE), lengthscale=torch.tensor(LENGTHSCALE))
+    tp = pyro_scalegp.HGPMarginal(k, torch.tensor(X), torch.tensor(NOISE), experts=experts, chunk_size=2)
+    jp = HGPMarginal(kernels.Matern52(2, VARIANCE, jnp.asarray(LENGTHSCALE)), X, NOISE, experts=experts,
+                     chunk_size=2)
+    for predict, as_np in ((lambda **kw: tp.predict(torch.tensor(y), torch.tensor(Xs), combine=rule, **kw),
+                            lambda t: t.numpy()),
+                           (lambda **kw: jp.predict(y, Xs, combine=rule, **kw), np.asarray)):
+        plain = predict()
+        assert "HGP predict" not in capsys.readouterr().err  # no bar by default
+        shown = predict(progress_bar=True)
+        err = capsys.readouterr().err
+        assert "HGP predict" in err and f"{total}/{total}" in err, err[-500:]
+        np.testing.assert_array_equal(as_np(shown.mean), as_np(plain.mean))
+        np.testing.assert_array_equal(as_np(shown.variance), as_np(plain.variance))
