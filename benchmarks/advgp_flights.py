@@ -300,6 +300,7 @@ def main(argv=None):
             if name.startswith("ADVGP"):
                 row["share_ahead"], row["ahead_since_s"] = share_ahead(curve, baselines)
             rows.append(row)
+        os.makedirs(args.out, exist_ok=True)
         plot_curves(curves[M], os.path.join(args.out, f"advgp_flights_M{M}.png"),
                     title=f"flights, N={n:,}, M={M}", hline=(constant_rmse(data), "constant predictor"))
     write_results("advgp_flights", rows, out=args.out,

@@ -153,11 +153,21 @@ def test_torchrun_restarts_the_ranks_after_a_worker_dies_and_the_run_goes_on(tmp
     script = tmp_path / "train.py"
     script.write_text(TORCHRUN_SCRIPT)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "--max-restarts=1",
          "--monitor-interval=0.5", str(script), str(out), str(checkpoint), str(steps)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:  # a hang must not leave ranks behind: on SIGTERM torchrun stops its ranks (own sessions)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, stderr[-4000:]
     result = torch.load(out, weights_only=False)
     assert result["attempt"] == 1  # the second attempt finished the run
     assert result["resumed_from"] in (2, 3)  # the worker died after its gradient of version 2
