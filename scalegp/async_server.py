@@ -361,6 +361,11 @@ def connect_to_server(address: tuple, authkey: bytes, k: int, *, timeout: float)
 
 
 # ---- the server ------------------------------------------------------------------------------------
+def _check_num_steps(num_steps) -> None:
+    if not isinstance(num_steps, int) or num_steps < 0:
+        raise ValueError(f"num_steps: expected a non-negative integer, got {num_steps!r}")
+
+
 class ProximalServer:
     """The server of the protocol (module docstring) over a transport ``workers``.
 
@@ -513,8 +518,7 @@ class ProximalServer:
 
     def run(self, num_steps: int, *, progress_bar: bool = True) -> list[float]:
         """``num_steps`` updates with a progress bar; returns the loss estimates."""
-        if not isinstance(num_steps, int) or num_steps < 0:
-            raise ValueError(f"num_steps: expected a non-negative integer, got {num_steps!r}")
+        _check_num_steps(num_steps)
         losses = []
         with tqdm(total=num_steps, disable=not progress_bar, desc="ADVGP") as bar:
             for _ in range(num_steps):
@@ -534,8 +538,7 @@ class ProximalServer:
         ``resumed_from`` the version the file held (``None`` for a fresh start).
 
         .. note:: Cost: one pickle of the parameters and optimizer state per update."""
-        if not isinstance(num_steps, int) or num_steps < 0:
-            raise ValueError(f"num_steps: expected a non-negative integer, got {num_steps!r}")
+        _check_num_steps(num_steps)
         done = {"losses": [], "staleness": []}
         resumed_from = None
         if os.path.exists(checkpoint):
@@ -547,10 +550,10 @@ class ProximalServer:
         while self.version < num_steps:
             losses.append(self.step())
             staleness.append(self.staleness[-1])
-            partial = f"{checkpoint}.partial"
-            with open(partial, "wb") as f:
+            written = f"{checkpoint}.partial"
+            with open(written, "wb") as f:
                 pickle.dump({"state": self.state_dict(), "losses": losses, "staleness": staleness}, f)
-            os.replace(partial, checkpoint)
+            os.replace(written, checkpoint)
         return {"losses": losses, "staleness": staleness, "state": self.state_dict(), "resumed_from": resumed_from}
 
     # ---- checkpoints ---------------------------------------------------------------------------
