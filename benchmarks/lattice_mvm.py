@@ -48,7 +48,6 @@ import numpy as np
 import torch
 from pyro.contrib.gp import kernels as gpk
 
-import kernels_cuda.cpu
 from pyro_scalegp.lattice import LatticeKernelOperator
 from scalegp import load_flights
 
@@ -130,7 +129,7 @@ def run_case(label, X, ell, variance, orders, repeats, exact_rows, peer):
             t_b8, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V8, repeats)
             op = LatticeKernelOperator(X, kern, order=order)
             lat = op.lattice
-            t_cal, _ = _median_time(lambda: lat.impl.local_gram(lat.coef), repeats)
+            t_cal, _ = _median_time(lambda: lat.impl.calibrate(lat.coef), repeats)
             t_p1, out = _median_time(lambda: op @ V1, repeats)
             t_p8, _ = _median_time(lambda: op @ V8, repeats)
             threads = torch.get_num_threads()
@@ -139,8 +138,8 @@ def run_case(label, X, ell, variance, orders, repeats, exact_rows, peer):
             torch.set_num_threads(2)
             t_thr2, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V8, repeats)
             torch.set_num_threads(threads)
-        exact_cal = kernels_cuda.cpu.probe_plan(lat.impl.m, d, order, kernels_cuda.cpu.CALIBRATION_PROBES, 8)[1]
-        row = dict(data=label, n=n, d=d, order=order, vertices=lat.impl.m, calibration="exact" if exact_cal else "probes",
+        row = dict(data=label, n=n, d=d, order=order, vertices=lat.impl.m,
+                   calibration="exact" if lat.calibration.exact else "probes",
                    build_plus_1col_s=t_b1, build_plus_8col_s=t_b8, ratio_8_over_1=t_b8 / t_b1, calibration_s=t_cal,
                    product_1col_s=t_p1, product_8col_s=t_p8, threads_speedup=t_thr1 / t_thr2,
                    exact_rows=rows.numel(), exact_scaled=rows.numel() < n, exact_1col_s=t_exact,

@@ -3,7 +3,8 @@
 .. note:: Cost: building is ``O(N d^2)`` for the embedding plus ``O(N d^2)`` hash work and
    ``O(M d^2 r)`` for the neighbour table (``M <= N (d+1)`` vertices, ``r`` the stencil order);
    each product is ``O(N d c + M d r c)`` for ``c`` columns; the calibration (:meth:`CpuLattice.local_gram`)
-   ``O(M^2 d r)`` exact, or ``O(S (M d r + N d^2))`` for ``S`` probes where that is cheaper. Memory: see
+   ``O(M^2 d r)`` exact, or ``O(S (M d r + P))`` for ``S`` probes and ``P`` distinct vertex pairs where that
+   is cheaper, plus ``O(U d^2)`` hash work for ``U`` distinct simplices and ``O(N d^2)`` to fill the Grams. Memory: see
    :func:`scalegp.lattice.memory_estimate`.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from .build import cpu_library_path
 
-__all__ = ["CALIBRATION_PROBES", "EXACT_MIN", "CpuLattice", "distinct_rows", "load_library", "probe_plan"]
+__all__ = ["CALIBRATION_PROBES", "EXACT_MIN", "Calibration", "CpuLattice", "load_library", "number_rows", "probe_plan"]
 
 _LIB = None
 _LOCK = threading.Lock()
@@ -39,10 +40,13 @@ def _sigs():
             None, [tp, tp, _i64, _int, _int, _i32p, tp, ctypes.c_int32, _i32p, _int, tp, tp, tp])
         sig[f"sgp_splat_blur_{suffix}"] = (
             None, [tp, _i64, _int, _int, _i32p, tp, ctypes.c_int32, _i32p, _int, tp, tp, tp])
-        sig[f"sgp_probe_gram_{suffix}"] = (
-            None, [ctypes.POINTER(_i64), _i64, _int, _i32p, ctypes.c_int32, _i32p, _int, tp, _i64, _int, _int, tp])
+        sig[f"sgp_pair_gram_{suffix}"] = (None, [_i32p, _i64, _int, ctypes.c_int32, _i32p, _int, tp, _i64, _int, _int, tp])
+        sig[f"sgp_gram_from_pairs_{suffix}"] = (None, [_i32p, _i64, _i32p, tp, _int, tp])
+        sig[f"sgp_diag_from_pairs_{suffix}"] = (None, [_i32p, _i64, _i32p, tp, tp, _int, tp])
     sig["sgp_build_table"] = (ctypes.c_int32, [_i32p, _i64, _int, _i32p, _i64, _i32p, _i32p, _i32p, _i32p])
     sig["sgp_build_neighbours"] = (None, [ctypes.c_int32, _int, _i32p, _i32p, _i32p, _i64, _i32p, _int, _i32p])
+    sig["sgp_number_rows"] = (ctypes.c_int32, [_i32p, _i64, _int, _i32p, _i32p])
+    sig["sgp_pair_keys"] = (None, [_i32p, _i64, _int, _i32p, _i32p])
     sig["sgp_max_d"] = (_int, [])
     return sig
 
@@ -67,36 +71,34 @@ def _ptr(a: np.ndarray):
     return a.ctypes.data_as(ctypes.POINTER(ct))
 
 
-def probe_plan(m: int, d: int, order: int, probes: int, itemsize: int, exact=None, simplices=None
+def probe_plan(m: int, d: int, order: int, probes: int, itemsize: int, exact=None, pairs=None
                ) -> tuple[int, bool, int]:
-    """``(columns, exact, block)`` of the calibration of a lattice of ``m`` vertices and ``simplices``
-    distinct simplices (default ``m``). Exact (the ``m`` columns of ``B``) when ``exact`` is true, or, for
-    ``exact=None``, when that costs no more element-operations than the probes,
-    ``2 (d+1)(2r+1) m^2 <= max(EXACT_MIN, S ((d+1)(2r+1) m + (d+1)(d+2)/2 simplices))``; else
-    ``probes`` Rademacher columns. ``block`` columns per blur pass: at most 64 (measured fastest: the
-    buffers stay in cache), and the two ``m x block`` buffers of a thread under 64 MiB."""
+    """``(columns, exact, block)`` of the calibration of a lattice of ``m`` vertices whose simplices have
+    ``pairs`` distinct vertex pairs (default ``m``). Exact (the ``m`` columns of ``B``) when ``exact`` is
+    true, or, for ``exact=None``, when that costs no more element-operations than the probes,
+    ``2 (d+1)(2r+1) m^2 <= max(EXACT_MIN, S ((d+1)(2r+1) m + pairs))``; else ``probes`` Rademacher
+    columns. ``block`` columns per blur pass: at most 64 (measured fastest: the buffers stay in cache),
+    and the two ``m x block`` buffers of a thread under 64 MiB."""
     if int(probes) != probes or probes < 1:
         raise ValueError(f"probes: must be a positive integer, got {probes!r}")
     if exact is None:
         taps = (d + 1) * (2 * order + 1)
-        u = m if simplices is None else simplices
-        exact = 2 * taps * m * m <= max(EXACT_MIN, probes * (taps * m + (d + 1) * (d + 2) // 2 * u))
+        exact = 2 * taps * m * m <= max(EXACT_MIN, probes * (taps * m + (m if pairs is None else pairs)))
     total = m if exact else int(probes)
     block = int(max(1, min(64, total, _PROBE_BUFFER_BYTES // (2 * m * itemsize))))
     return total, bool(exact), block
 
 
-def distinct_rows(vid, xp=np):
-    """``(first, inverse)``: one point index per distinct simplex (row of ``vid``) and, for every point, the
-    position of its simplex in ``first``. Rows are keyed by a 64-bit hash and the grouping is checked
-    against the rows themselves (a hash collision would raise)."""
-    mult = xp.asarray(np.random.default_rng(0).integers(1, 2**62, size=vid.shape[1], dtype=np.int64) | 1)
-    h = (vid.astype(np.int64) * mult).sum(1)
-    _, first, inverse = xp.unique(h, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if not bool((vid[first][inverse] == vid).all()):
-        raise RuntimeError("kernels_cuda: simplex hash collision (internal error)")
-    return first.astype(np.int64), inverse
+def number_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, ids)`` of the rows of an int32 array ``keys`` (``n x len``): the distinct rows numbered
+    ``0..K-1`` in the order of their first occurrence (by hashing), ``first`` (``K``) the index of each
+    one's first row and ``ids`` (``n``) every row's number, so that ``keys[first][ids] == keys``."""
+    keys = np.ascontiguousarray(keys, np.int32)
+    owner, ids = np.empty(keys.shape[0], np.int32), np.empty(keys.shape[0], np.int32)
+    k = load_library().sgp_number_rows(_ptr(keys), keys.shape[0], keys.shape[1], _ptr(owner), _ptr(ids))
+    if k < 0:
+        raise RuntimeError("kernels_cuda: row hash table overflowed (internal error)")
+    return owner[:k].copy(), ids
 
 
 def table_capacity(n_pv: int) -> int:
@@ -194,20 +196,59 @@ class CpuLattice:
             self.order, _ptr(coef), _ptr(buf0), _ptr(buf1))
         return out.reshape(np.shape(v))
 
-    def local_gram(self, coef: np.ndarray, *, probes: int = CALIBRATION_PROBES, exact=None) -> np.ndarray:
-        """Local Gram matrices ``N x (d+1) x (d+1)`` of the one-pass blur ``C`` between each point's
-        simplex vertices, ``G_i[k, l] = <C e_{a_ik}, C e_{a_il}> = B[a_ik, a_il]`` (``B = C^T C``), so that
-        ``diag(W^T B W)_i = w_i^T G_i w_i``: exact from the ``m`` columns of ``B`` (cost
-        ``2 (d+1)(2r+1) m^2``), or the unbiased estimate ``Z_{a_ik} . Z_{a_il} / S`` from ``Z = C^T P``
-        with ``S = probes`` Rademacher columns ``P`` (cost ``(d+1)(2r+1) m S + (d+1)^2 U S`` for ``U``
-        distinct simplices; relative error of ``w^T G w`` about ``sqrt(2 / S)`` per point, correlated
-        between nearby points). ``exact=None`` picks the cheaper (see :func:`probe_plan`)."""
+    def calibrate(self, coef: np.ndarray, *, probes: int = CALIBRATION_PROBES, exact=None) -> "Calibration":
+        """The values of ``B = C^T C`` (``C`` the one-pass blur) at every distinct vertex pair ``(a, b)``
+        of the distinct simplices (``P`` pairs), from which :class:`Calibration` gives each point's local
+        Gram ``G_i[k, l] = B[a_ik, a_il]`` and diagonal ``diag(W^T B W)_i = w_i^T G_i w_i``. Exact from the
+        ``m`` columns of ``B`` (cost ``2 (d+1)(2r+1) m^2``), or the unbiased estimate ``Z_a . Z_b / S``
+        from ``Z = C^T P`` with ``S = probes`` Rademacher columns (cost ``((d+1)(2r+1) m + P) S``;
+        relative error of ``w^T G w`` about ``sqrt(2 / S)`` per point, correlated between nearby points).
+        ``exact=None`` picks the cheaper (see :func:`probe_plan`)."""
         _, coef, _ = self._cols(np.zeros((self.n, 1), self.dtype), coef)
-        first, inverse = distinct_rows(self.vid)
-        total, exact, block = probe_plan(self.m, self.d, self.order, probes, self.dtype.itemsize, exact, first.size)
-        dp1 = self.d + 1
-        gram = np.empty((first.size, dp1, dp1), self.dtype)
-        getattr(load_library(), f"sgp_probe_gram_{self.suffix}")(
-            _ptr(first), first.size, self.d, _ptr(self.vid), self.m, _ptr(self.nbr), self.order, _ptr(coef), total,
-            int(exact), block, _ptr(gram))
-        return gram[inverse]
+        lib = load_library()
+        first, simplex = number_rows(self.vid)
+        all_keys = np.empty((first.size * (self.d + 1) * (self.d + 2) // 2, 2), np.int32)
+        lib.sgp_pair_keys(_ptr(first), first.size, self.d, _ptr(self.vid), _ptr(all_keys))
+        owner, pid = number_rows(all_keys)
+        keys = np.ascontiguousarray(all_keys[owner])
+        total, exact, block = probe_plan(self.m, self.d, self.order, probes, self.dtype.itemsize, exact, owner.size)
+        values = np.empty(owner.size, self.dtype)
+        getattr(lib, f"sgp_pair_gram_{self.suffix}")(
+            _ptr(keys), owner.size, self.d, self.m, _ptr(self.nbr), self.order, _ptr(coef), total, int(exact), block,
+            _ptr(values))
+        return Calibration(self, simplex, pid.reshape(first.size, -1), values, exact)
+
+    def local_gram(self, coef: np.ndarray, **kwargs) -> np.ndarray:
+        """``self.calibrate(coef, **kwargs).gram()``: the local Grams ``N x (d+1) x (d+1)``."""
+        return self.calibrate(coef, **kwargs).gram()
+
+    def _from_pairs(self, what: str, cal: "Calibration", bary):
+        lib = load_library()
+        if what == "gram":
+            out = np.empty((self.n, self.d + 1, self.d + 1), self.dtype)
+            getattr(lib, f"sgp_gram_from_pairs_{self.suffix}")(
+                _ptr(cal.simplex), self.n, _ptr(cal.pid), _ptr(cal.values), self.d, _ptr(out))
+        else:
+            out = np.empty(self.n, self.dtype)
+            bary = np.ascontiguousarray(bary, dtype=self.dtype)
+            getattr(lib, f"sgp_diag_from_pairs_{self.suffix}")(
+                _ptr(cal.simplex), self.n, _ptr(cal.pid), _ptr(cal.values), _ptr(bary), self.d, _ptr(out))
+        return out
+
+
+class Calibration:
+    """The diagonal calibration of a lattice (CPU or GPU, see :meth:`CpuLattice.calibrate`): each point's
+    distinct simplex ``simplex`` (``N``), the pair ids ``pid`` (``U x (d+1)(d+2)/2``, entries ``k <= l``
+    row by row) and the values of ``B`` at the ``P`` distinct pairs ``values``; ``exact`` says how they
+    were obtained. Costs: :meth:`diagonal` ``O(N d^2)``; :meth:`gram` the same, and ``N (d+1)^2`` memory."""
+
+    def __init__(self, lattice, simplex, pid, values, exact: bool):
+        self.lattice, self.simplex, self.pid, self.values, self.exact = lattice, simplex, pid, values, bool(exact)
+
+    def gram(self):
+        """The local Grams ``G_i`` (``N x (d+1) x (d+1)``), for the gradient of the diagonal in the weights."""
+        return self.lattice._from_pairs("gram", self, None)
+
+    def diagonal(self, bary=None):
+        """``w_i^T G_i w_i`` (``N``) for the weights ``bary`` (default: the lattice's own)."""
+        return self.lattice._from_pairs("diagonal", self, self.lattice.bary if bary is None else bary)

@@ -6,7 +6,7 @@ the order of the CPU build. No machine this project is tested on has a GPU: CI c
 ``sgp_lattice.cu`` with nvcc and tests this dispatch with CuPy mocked; the CUDA path itself is
 compiled, not run.
 
-Vertex ids are numbered by an atomic counter here (in point order on the CPU), so where the calibration
+Vertex ids are numbered by an atomic counter here (in order of first occurrence on the CPU), so where the calibration
 uses Rademacher probes (signs hashed from vertex ids) its estimate differs from run to run, with the
 same distribution.
 
@@ -20,15 +20,16 @@ import importlib
 import numpy as np
 
 from .build import SOURCE_DIR
-from .cpu import CALIBRATION_PROBES, distinct_rows, probe_plan
+from .cpu import CALIBRATION_PROBES, Calibration, probe_plan, table_capacity
 
 __all__ = ["GpuLattice", "KERNEL_NAMES", "module"]
 
 KERNEL_NAMES = (
     "sgp_embed_f32", "sgp_embed_f64", "sgp_fill_i32", "sgp_insert_all", "sgp_number_owners", "sgp_resolve_vids",
     "sgp_build_neighbours", "sgp_zero_f32", "sgp_zero_f64", "sgp_splat_f32", "sgp_splat_f64", "sgp_blur_f32",
-    "sgp_blur_f64", "sgp_slice_f32", "sgp_slice_f64", "sgp_probe_fill_f32", "sgp_probe_fill_f64", "sgp_probe_gram_f32",
-    "sgp_probe_gram_f64", "sgp_gram_extract_f32", "sgp_gram_extract_f64",
+    "sgp_blur_f64", "sgp_slice_f32", "sgp_slice_f64", "sgp_pair_keys", "sgp_probe_fill_f32", "sgp_probe_fill_f64",
+    "sgp_pair_dot_f32", "sgp_pair_dot_f64", "sgp_pair_extract_f32", "sgp_pair_extract_f64", "sgp_gram_from_pairs_f32",
+    "sgp_gram_from_pairs_f64", "sgp_diag_from_pairs_f32", "sgp_diag_from_pairs_f64",
 )
 _THREADS = 256
 
@@ -53,6 +54,26 @@ def _launch(name, n, *args):
     module().get_function(name)((blocks,), (_THREADS,), args)
 
 
+def _hash_rows(keys):
+    """``(table, ids_by_owner, first, ids)``: the distinct rows of the int32 array ``keys`` (``n x len``)
+    hashed into ``table`` and numbered ``0..K-1`` in the order the atomic counter hands out;
+    ``ids_by_owner`` the number held by each row that owns its key, ``first`` (``K``) a row holding each
+    key and ``ids`` (``n``) every row's number (the device twin of :func:`kernels_cuda.cpu.number_rows`)."""
+    cp = _cupy()
+    n, length = keys.shape
+    cap = table_capacity(n)
+    table = cp.empty(cap, np.int32)
+    _launch("sgp_fill_i32", cap, table, np.int64(cap), np.int32(-1))
+    rep, ids_by_owner, first, ids = (cp.empty(n, np.int32) for _ in range(4))
+    failed, counter = cp.zeros(1, np.int32), cp.zeros(1, np.int32)
+    _launch("sgp_insert_all", n, keys, np.int64(n), np.int32(length), table, np.int64(cap - 1), rep, failed)
+    _launch("sgp_number_owners", n, rep, np.int64(n), ids_by_owner, first, counter)
+    _launch("sgp_resolve_vids", n, rep, np.int64(n), ids_by_owner, ids)
+    if int(failed[0]) != 0:
+        raise RuntimeError("kernels_cuda: hash table overflowed (internal error)")
+    return table, ids_by_owner, first[: int(counter[0])], ids
+
+
 class GpuLattice:
     """Device twin of :class:`~kernels_cuda.cpu.CpuLattice` (same attributes, CuPy arrays)."""
 
@@ -72,26 +93,13 @@ class GpuLattice:
         pv_keys = cp.empty((n_pv, d), np.int32)
         _launch(f"sgp_embed_{self.suffix}", n, z, np.int64(n), np.int32(d), scale, self.bary, self.rank,
                 self.greedy, pv_keys)
-        cap = 1 << max(4, int(2 * n_pv - 1).bit_length())
-        mask = np.int64(cap - 1)
-        table = cp.empty(cap, np.int32)
-        _launch("sgp_fill_i32", cap, table, np.int64(cap), np.int32(-1))
-        rep = cp.empty(n_pv, np.int32)
-        failed = cp.zeros(1, np.int32)
-        _launch("sgp_insert_all", n_pv, pv_keys, np.int64(n_pv), np.int32(d), table, mask, rep, failed)
-        owner_vid = cp.empty(n_pv, np.int32)
-        vertex_owner = cp.empty(n_pv, np.int32)
-        counter = cp.zeros(1, np.int32)
-        _launch("sgp_number_owners", n_pv, rep, np.int64(n_pv), owner_vid, vertex_owner, counter)
-        self.vid = cp.empty((n, dp1), np.int32)
-        _launch("sgp_resolve_vids", n_pv, rep, np.int64(n_pv), owner_vid, self.vid)
-        if int(failed[0]) != 0:
-            raise RuntimeError("kernels_cuda: lattice hash table overflowed (internal error)")
-        self.m = int(counter[0])
-        self.capacity = cap
+        table, owner_vid, vertex_owner, vid = _hash_rows(pv_keys)
+        self.vid = vid.reshape(n, dp1)
+        self.m = int(vertex_owner.shape[0])
+        self.capacity = int(table.shape[0])
         self.nbr = cp.empty((self.m, dp1, 2 * self.order), np.int32)
         _launch("sgp_build_neighbours", self.m * dp1, np.int32(self.m), np.int32(d), vertex_owner, pv_keys, table,
-                mask, owner_vid, np.int32(self.order), self.nbr)
+                np.int64(self.capacity - 1), owner_vid, np.int32(self.order), self.nbr)
 
     def _cols(self, v, coef, bary):
         cp = _cupy()
@@ -129,16 +137,20 @@ class GpuLattice:
                 np.int32(self.d), self.vid, bary_)
         return out.reshape(v.shape)
 
-    def local_gram(self, coef, *, probes: int = CALIBRATION_PROBES, exact=None):
-        """Local Gram matrices ``N x (d+1) x (d+1)`` of the blur between each point's simplex vertices,
-        exact or from ``probes`` Rademacher columns (see the CPU twin), once per distinct simplex."""
+    def calibrate(self, coef, *, probes: int = CALIBRATION_PROBES, exact=None) -> Calibration:
+        """The diagonal calibration, exact or from ``probes`` Rademacher columns (see the CPU twin)."""
         cp = _cupy()
-        first, inverse = distinct_rows(self.vid, cp)
-        total, exact, block = probe_plan(self.m, self.d, self.order, probes, self.dtype.itemsize, exact, first.size)
         dp1 = self.d + 1
+        first, simplex = _hash_rows(self.vid)[2:]
+        u = int(first.shape[0])
+        all_keys = cp.empty((u * dp1 * (dp1 + 1) // 2, 2), np.int32)
+        _launch("sgp_pair_keys", u, first, np.int64(u), self.vid, np.int32(self.d), all_keys)
+        owner, pid = _hash_rows(all_keys)[2:]
+        keys = cp.ascontiguousarray(all_keys[owner])
+        npairs = int(owner.shape[0])
+        total, exact, block = probe_plan(self.m, self.d, self.order, probes, self.dtype.itemsize, exact, npairs)
         coef = cp.asarray(coef, dtype=self.dtype)
-        gram = cp.empty((first.size, dp1, dp1), self.dtype)
-        _launch(f"sgp_zero_{self.suffix}", gram.size, gram, np.int64(gram.size))
+        values = cp.zeros(npairs, self.dtype)
         buf0 = cp.empty(self.m * block, self.dtype)
         buf1 = cp.empty(self.m * block, self.dtype)
         for col0 in range(0, total, block):
@@ -152,9 +164,25 @@ class GpuLattice:
                         np.int32(self.d), self.nbr, np.int32(self.order), coef)
                 src, dst = dst, src
             if exact:
-                _launch(f"sgp_gram_extract_{self.suffix}", first.size, first, np.int64(first.size), src,
-                        np.int64(col0), np.int32(nc), np.int32(self.d), self.vid, gram)
+                _launch(f"sgp_pair_extract_{self.suffix}", npairs, np.int64(npairs), keys, src, np.int64(col0),
+                        np.int32(nc), values)
             else:
-                _launch(f"sgp_probe_gram_{self.suffix}", first.size, first, np.int64(first.size), src, np.int32(nc),
-                        np.int32(self.d), self.vid, self.dtype.type(1.0 / total), gram)
-        return gram[inverse]
+                _launch(f"sgp_pair_dot_{self.suffix}", npairs, np.int64(npairs), keys, src, np.int32(nc),
+                        self.dtype.type(1.0 / total), values)
+        return Calibration(self, simplex, pid.reshape(u, -1), values, exact)
+
+    def local_gram(self, coef, **kwargs):
+        """``self.calibrate(coef, **kwargs).gram()``."""
+        return self.calibrate(coef, **kwargs).gram()
+
+    def _from_pairs(self, what: str, cal: Calibration, bary):
+        cp = _cupy()
+        if what == "gram":
+            out = cp.empty((self.n, self.d + 1, self.d + 1), self.dtype)
+            _launch(f"sgp_gram_from_pairs_{self.suffix}", self.n, cal.simplex, np.int64(self.n), cal.pid, cal.values,
+                    np.int32(self.d), out)
+        else:
+            out = cp.empty(self.n, self.dtype)
+            _launch(f"sgp_diag_from_pairs_{self.suffix}", self.n, cal.simplex, np.int64(self.n), cal.pid, cal.values,
+                    cp.ascontiguousarray(bary, dtype=self.dtype), np.int32(self.d), out)
+        return out

@@ -2,7 +2,7 @@
 // sgp_lattice.h (the same functions the OpenMP loops of sgp_lattice_cpu.cpp run). Kernels are
 // extern "C" so CuPy's RawModule (NVRTC) finds them by name; kernels_cuda/gpu.py launches them in
 // the same order as the CPU build: embed, clear/insert/number/resolve, neighbours, then per product
-// zero + splat + 2(d+1) blurs + slice, and for the calibration per block fill + blurs + extract / gram.
+// zero + splat + 2(d+1) blurs + slice, and for the calibration pair keys + hash, per block fill + blurs + pair values, then the Grams.
 // One thread per element; grid-stride loops.
 #include "sgp_lattice.h"
 
@@ -80,30 +80,52 @@ __global__ void sgp_slice_f64(const double* vals, double* out, int64_t n, int nc
     SGP_LOOP(i, n) sgp_slice_point<double>(i, vals, out, nc, d, vid, bary);
 }
 
-// Diagonal calibration (see sgp_lattice.h): fill one block of nc columns (m x nc), blur them (2(d+1) passes for
-// exact columns of B, d+1 along axes d..0 for Rademacher probes), then extract or accumulate every point's Gram.
+// Diagonal calibration (see sgp_lattice.h): the distinct simplices and then the keys of their vertex pairs, each
+// hashed and numbered by sgp_insert_all / sgp_number_owners / sgp_resolve_vids (key lengths d+1 and 2); per block of nc
+// columns (m x nc) fill, blur (2(d+1) passes for exact columns of B, d+1 along axes d..0 for Rademacher probes)
+// and extract or accumulate the value of every distinct pair (one thread per pair: no atomics); finally every
+// point's diagonal (or Gram) from its simplex's pairs.
+__global__ void sgp_pair_keys(const int32_t* idx, int64_t u, const int32_t* vid, int d, int32_t* keys) {
+    SGP_LOOP(j, u) sgp_pair_keys_simplex(j, idx, vid, d, keys);
+}
 __global__ void sgp_probe_fill_f32(int32_t m, int64_t col0, int nc, int identity, float* out) {
     SGP_LOOP(v, m) sgp_probe_fill_vertex<float>((int32_t)v, col0, nc, identity, out);
 }
 __global__ void sgp_probe_fill_f64(int32_t m, int64_t col0, int nc, int identity, double* out) {
     SGP_LOOP(v, m) sgp_probe_fill_vertex<double>((int32_t)v, col0, nc, identity, out);
 }
-__global__ void sgp_probe_gram_f32(const int64_t* idx, int64_t n, const float* z, int nc, int d, const int32_t* vid,
-                                   float scale, float* gram) {
-    SGP_LOOP(j, n) sgp_probe_gram_point<float>(j, idx, z, nc, d, vid, scale, gram);
+__global__ void sgp_pair_dot_f32(int64_t npairs, const int32_t* keys, const float* z, int nc, float scale,
+                                 float* acc) {
+    SGP_LOOP(p, npairs) sgp_pair_dot<float>(p, keys, z, nc, scale, acc);
 }
-__global__ void sgp_probe_gram_f64(const int64_t* idx, int64_t n, const double* z, int nc, int d,
-                                   const int32_t* vid, double scale, double* gram) {
-    SGP_LOOP(j, n) sgp_probe_gram_point<double>(j, idx, z, nc, d, vid, scale, gram);
+__global__ void sgp_pair_dot_f64(int64_t npairs, const int32_t* keys, const double* z, int nc, double scale,
+                                 double* acc) {
+    SGP_LOOP(p, npairs) sgp_pair_dot<double>(p, keys, z, nc, scale, acc);
+}
+__global__ void sgp_pair_extract_f32(int64_t npairs, const int32_t* keys, const float* bcols, int64_t col0, int nc,
+                                     float* acc) {
+    SGP_LOOP(p, npairs) sgp_pair_extract<float>(p, keys, bcols, col0, nc, acc);
+}
+__global__ void sgp_pair_extract_f64(int64_t npairs, const int32_t* keys, const double* bcols, int64_t col0, int nc,
+                                     double* acc) {
+    SGP_LOOP(p, npairs) sgp_pair_extract<double>(p, keys, bcols, col0, nc, acc);
+}
+__global__ void sgp_gram_from_pairs_f32(const int32_t* simplex, int64_t n, const int32_t* pid, const float* acc, int d,
+                                        float* gram) {
+    SGP_LOOP(i, n) sgp_gram_from_pairs_point<float>(i, simplex, pid, acc, d, gram);
+}
+__global__ void sgp_gram_from_pairs_f64(const int32_t* simplex, int64_t n, const int32_t* pid, const double* acc,
+                                        int d, double* gram) {
+    SGP_LOOP(i, n) sgp_gram_from_pairs_point<double>(i, simplex, pid, acc, d, gram);
 }
 
-__global__ void sgp_gram_extract_f32(const int64_t* idx, int64_t n, const float* bcols, int64_t col0, int nc, int d,
-                                     const int32_t* vid, float* gram) {
-    SGP_LOOP(j, n) sgp_gram_extract_point<float>(j, idx, bcols, col0, nc, d, vid, gram);
+__global__ void sgp_diag_from_pairs_f32(const int32_t* simplex, int64_t n, const int32_t* pid, const float* acc,
+                                        const float* bary, int d, float* diag) {
+    SGP_LOOP(i, n) sgp_diag_from_pairs_point<float>(i, simplex, pid, acc, bary, d, diag);
 }
-__global__ void sgp_gram_extract_f64(const int64_t* idx, int64_t n, const double* bcols, int64_t col0, int nc,
-                                     int d, const int32_t* vid, double* gram) {
-    SGP_LOOP(j, n) sgp_gram_extract_point<double>(j, idx, bcols, col0, nc, d, vid, gram);
+__global__ void sgp_diag_from_pairs_f64(const int32_t* simplex, int64_t n, const int32_t* pid, const double* acc,
+                                        const double* bary, int d, double* diag) {
+    SGP_LOOP(i, n) sgp_diag_from_pairs_point<double>(i, simplex, pid, acc, bary, d, diag);
 }
 
 }  // extern "C"

@@ -140,7 +140,9 @@ SGP_HD inline int32_t sgp_lookup(const int32_t* key, const int32_t* pv_keys, int
     return -1;
 }
 
-// Owners take the next vertex id.
+// Owners take the next id from an atomic counter (the CUDA build; ids then depend on scheduling). The CPU
+// build numbers keys serially in the order of their first occurrence instead (number_keys), so its ids,
+// and the probe signs hashed from them, are the same in every run.
 SGP_HD inline void sgp_number_owner(int32_t j, const int32_t* rep, int32_t* owner_vid, int32_t* vertex_owner,
                                     int32_t* counter) {
     if (rep[j] == j) {
@@ -150,7 +152,7 @@ SGP_HD inline void sgp_number_owner(int32_t j, const int32_t* rep, int32_t* owne
     }
 }
 
-// Every point-vertex reads its owner's vertex id.
+// Every point-vertex (or key occurrence) reads its owner's id.
 SGP_HD inline void sgp_resolve_vid(int32_t j, const int32_t* rep, const int32_t* owner_vid, int32_t* vid) {
     vid[j] = owner_vid[rep[j]];
 }
@@ -220,12 +222,18 @@ SGP_HD inline void sgp_slice_point(int64_t i, const T* values, T* out, int nc, i
 
 // ---- diagonal calibration: the local Gram of the blur between each point's simplex vertices -------
 // G_i[k][l] = <C e_{a_ik}, C e_{a_il}> = B[a_ik][a_il] (C = one blur pass along axes 0..d on the lattice
-// actually built, B = C^T C), so that diag(W^T B W)_i = w_i^T G_i w_i. Exact: blocks of columns of B
-// (identity columns through all 2(d+1) blurs), from which every point reads the entries of its
-// vertices (sgp_gram_extract_point). Estimated: Z = C^T P for S Rademacher columns P (d+1 blurs), and
-// G_i[k][l] ~= Z_{a_ik} . Z_{a_il} / S (sgp_probe_gram_point). Probes are filled block by block
-// (columns col0 .. col0+nc-1); a Rademacher sign is a hash of (vertex id, column), so no probe matrix
-// is ever stored whole.
+// actually built, B = C^T C), so that diag(W^T B W)_i = w_i^T G_i w_i. Neighbouring simplices share most
+// vertex pairs (on the 8-D flights inputs 125k distinct pairs serve 3.7M entries of 82k distinct simplices),
+// so B is evaluated once per distinct pair (a <= b) and the Grams are filled from those values:
+//   1. the distinct simplices (rows of vid) are found by hashing (sgp_insert with key length d+1);
+//      sgp_pair_keys_simplex writes the (d+1)(d+2)/2 keys (a, b) of each, and these are hashed
+//      (key length 2) and numbered like the vertices;
+//   2. per block of columns: exact, the block's columns of B (identity columns through all 2(d+1) blurs)
+//      and sgp_pair_extract; estimated, Z = C^T P for S Rademacher columns P (d+1 blurs) and
+//      sgp_pair_dot, B[a][b] ~= Z_a . Z_b / S;
+//   3. sgp_diag_from_pairs_point computes every point's diagonal w_i^T G_i w_i from its simplex's pairs, and
+//      sgp_gram_from_pairs_point fills its Gram where the gradient needs it.
+// A Rademacher sign is a hash of (vertex id, column), so no probe matrix is ever stored whole.
 SGP_HD inline uint64_t sgp_mix64(uint64_t x) {  // splitmix64 finalizer
     x += 0x9e3779b97f4a7c15ULL;
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -244,40 +252,67 @@ SGP_HD inline void sgp_probe_fill_vertex(int32_t v, int64_t col0, int nc, int id
     }
 }
 
-// gram_j += scale * Z_{a_i}^T Z_{a_i} for point i = idx[j] and one block of nc probe columns (z: m x nc);
-// the caller lists one point per distinct simplex (points sharing a simplex share its Gram).
-template <typename T>
-SGP_HD inline void sgp_probe_gram_point(int64_t j, const int64_t* idx, const T* z, int nc, int d,
-                                        const int32_t* vid, T scale, T* gram) {
+// Pairs k <= l of a simplex's d+1 vertices, in row-major upper-triangle order.
+SGP_HD inline int sgp_pairs_per_simplex(int d) { return (d + 1) * (d + 2) / 2; }
+
+// keys[j][t] = (min, max) vertex ids of pair t of the simplex of point idx[j].
+SGP_HD inline void sgp_pair_keys_simplex(int64_t j, const int32_t* idx, const int32_t* vid, int d, int32_t* keys) {
     const int dp1 = d + 1;
-    const int64_t i = idx[j];
-    T* g = gram + j * dp1 * dp1;
-    for (int k = 0; k < dp1; ++k) {
-        const T* zk = z + (int64_t)vid[i * dp1 + k] * nc;
-        for (int l = k; l < dp1; ++l) {
-            const T* zl = z + (int64_t)vid[i * dp1 + l] * nc;
-            T acc = 0;
-            for (int c = 0; c < nc; ++c) acc += zk[c] * zl[c];
-            acc *= scale;
-            g[k * dp1 + l] += acc;
-            if (l != k) g[l * dp1 + k] += acc;
+    const int32_t* a = vid + (int64_t)idx[j] * dp1;
+    int32_t* out = keys + j * sgp_pairs_per_simplex(d) * 2;
+    for (int k = 0; k < dp1; ++k)
+        for (int l = k; l < dp1; ++l, out += 2) {
+            out[0] = a[k] < a[l] ? a[k] : a[l];
+            out[1] = a[k] < a[l] ? a[l] : a[k];
         }
-    }
 }
 
-// gram_j[k][l] = B[a_ik][a_il] for point i = idx[j] and the vertices a_il among the block's columns
-// col0 .. col0+nc-1 (bcols: m x nc, column c = B e_{col0 + c}).
+// acc[p] += scale * Z_a . Z_b for distinct pair p = (a, b) (keys: P x 2, z: m x nc).
 template <typename T>
-SGP_HD inline void sgp_gram_extract_point(int64_t j, const int64_t* idx, const T* bcols, int64_t col0, int nc,
-                                          int d, const int32_t* vid, T* gram) {
+SGP_HD inline void sgp_pair_dot(int64_t p, const int32_t* keys, const T* z, int nc, T scale, T* acc) {
+    const T* za = z + (int64_t)keys[2 * p] * nc;
+    const T* zb = z + (int64_t)keys[2 * p + 1] * nc;
+    T s = 0;
+    for (int c = 0; c < nc; ++c) s += za[c] * zb[c];
+    acc[p] += scale * s;
+}
+
+// acc[p] = B[a][b] if column b of pair p = (a, b) is among the block's columns col0 .. col0+nc-1
+// (bcols: m x nc, column c = B e_{col0 + c}); every pair is written by exactly one block.
+template <typename T>
+SGP_HD inline void sgp_pair_extract(int64_t p, const int32_t* keys, const T* bcols, int64_t col0, int nc, T* acc) {
+    const int64_t c = (int64_t)keys[2 * p + 1] - col0;
+    if (c >= 0 && c < nc) acc[p] = bcols[(int64_t)keys[2 * p] * nc + c];
+}
+
+// gram_i[k][l] = gram_i[l][k] = acc[pid[simplex[i]][t]] for pair t = (k, l) of point i's simplex.
+template <typename T>
+SGP_HD inline void sgp_gram_from_pairs_point(int64_t i, const int32_t* simplex, const int32_t* pid, const T* acc,
+                                             int d, T* gram) {
     const int dp1 = d + 1;
-    const int64_t i = idx[j];
-    T* g = gram + j * dp1 * dp1;
-    for (int l = 0; l < dp1; ++l) {
-        const int64_t c = (int64_t)vid[i * dp1 + l] - col0;
-        if (c < 0 || c >= nc) continue;
-        for (int k = 0; k < dp1; ++k) g[k * dp1 + l] = bcols[(int64_t)vid[i * dp1 + k] * nc + c];
+    const int32_t* p = pid + (int64_t)simplex[i] * sgp_pairs_per_simplex(d);
+    T* g = gram + i * dp1 * dp1;
+    for (int k = 0; k < dp1; ++k)
+        for (int l = k; l < dp1; ++l) {
+            const T v = acc[*p++];
+            g[k * dp1 + l] = v;
+            g[l * dp1 + k] = v;
+        }
+}
+
+// diag_i = w_i^T G_i w_i from the pair values of point i's simplex, without forming G_i.
+template <typename T>
+SGP_HD inline void sgp_diag_from_pairs_point(int64_t i, const int32_t* simplex, const int32_t* pid, const T* acc,
+                                             const T* bary, int d, T* diag) {
+    const int dp1 = d + 1;
+    const int32_t* p = pid + (int64_t)simplex[i] * sgp_pairs_per_simplex(d);
+    const T* w = bary + i * dp1;
+    T s = 0;
+    for (int k = 0; k < dp1; ++k) {
+        s += w[k] * w[k] * acc[*p++];
+        for (int l = k + 1; l < dp1; ++l) s += (T)2 * w[k] * w[l] * acc[*p++];
     }
+    diag[i] = s;
 }
 
 #endif  // SGP_LATTICE_H

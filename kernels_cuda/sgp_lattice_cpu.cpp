@@ -69,29 +69,27 @@ T* blur_block(T* buf0, T* buf1, int32_t m, int nc, int d, const int32_t* nbr, in
     return src;
 }
 
-// Local Gram matrices of the points idx[0..n) (see sgp_lattice.h). Exact (identity): blocks of `block` columns
-// of B = C^T C (all 2(d+1) blurs), each block entirely on one thread with its own buffers (the blocks write
-// disjoint entries, so threads never wait on each other), entries read by every point. Else `total`
-// Rademacher columns: Z = C^T P (d+1 blurs along axes d..0) per block, each thread accumulating its blocks'
-// Z_{a_i}^T Z_{a_i} / S into its own copy of the Grams; the copies are summed in thread order (static
-// schedule: the same result for the same thread count).
+// Values of B = C^T C at the P distinct vertex pairs (keys: P x 2) into acc. Exact (identity): blocks of `block`
+// columns of B (all 2(d+1) blurs), each block entirely on one thread with its own buffers; every pair is written
+// by the one block holding its column. Else `total` Rademacher columns: Z = C^T P (d+1 blurs along axes d..0) per
+// block, each thread accumulating its blocks' Z_a . Z_b / S into its own copy of acc; the copies are summed in
+// thread order (static schedule: the same result for the same thread count).
 template <typename T>
-void probe_gram(const int64_t* idx, int64_t n, int d, const int32_t* vid, int32_t m, const int32_t* nbr, int r,
-                const T* coef, int64_t total, int identity, int block, T* gram) {
+void pair_gram(const int32_t* keys, int64_t npairs, int d, int32_t m, const int32_t* nbr, int r, const T* coef,
+               int64_t total, int identity, int block, T* acc) {
     const int dp1 = d + 1;
-    const int64_t ng = n * dp1 * dp1;
     const int64_t nblocks = (total + block - 1) / block;
     const T scale = (T)1 / (T)total;
-    for (int64_t e = 0; e < ng; ++e) gram[e] = 0;
+    for (int64_t p = 0; p < npairs; ++p) acc[p] = 0;
     std::vector<std::vector<T>> parts;
 #pragma omp parallel if (nblocks > 1 && (int64_t)m * block * (2 * r + 1) * dp1 >= kParallelMin)
     {
 #pragma omp single
         parts.resize(identity ? 0 : omp_get_num_threads());
         std::vector<T> buf0((size_t)m * block), buf1((size_t)m * block);
-        T* own = nullptr;
+        T* own = acc;
         if (!identity) {
-            parts[omp_get_thread_num()].assign((size_t)ng, (T)0);
+            parts[omp_get_thread_num()].assign((size_t)npairs, (T)0);
             own = parts[omp_get_thread_num()].data();
         }
 #pragma omp for schedule(static, 1)
@@ -101,13 +99,53 @@ void probe_gram(const int64_t* idx, int64_t n, int d, const int32_t* vid, int32_
             for (int32_t v = 0; v < m; ++v) sgp_probe_fill_vertex<T>(v, col0, nc, identity, buf0.data());
             T* z = blur_block<T>(buf0.data(), buf1.data(), m, nc, d, nbr, r, coef, identity ? 0 : dp1);
             if (identity)
-                for (int64_t j = 0; j < n; ++j) sgp_gram_extract_point<T>(j, idx, z, col0, nc, d, vid, gram);
+                for (int64_t p = 0; p < npairs; ++p) sgp_pair_extract<T>(p, keys, z, col0, nc, own);
             else
-                for (int64_t j = 0; j < n; ++j) sgp_probe_gram_point<T>(j, idx, z, nc, d, vid, scale, own);
+                for (int64_t p = 0; p < npairs; ++p) sgp_pair_dot<T>(p, keys, z, nc, scale, own);
         }
     }
     for (const std::vector<T>& part : parts)
-        for (int64_t e = 0; e < ng; ++e) gram[e] += part[e];
+        for (int64_t p = 0; p < npairs; ++p) acc[p] += part[p];
+}
+
+template <typename T>
+void gram_from_pairs(const int32_t* simplex, int64_t n, const int32_t* pid, const T* acc, int d, T* gram) {
+#pragma omp parallel for schedule(static) if (n * (d + 1) * (d + 1) >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) sgp_gram_from_pairs_point<T>(i, simplex, pid, acc, d, gram);
+}
+
+template <typename T>
+void diag_from_pairs(const int32_t* simplex, int64_t n, const int32_t* pid, const T* acc, const T* bary, int d,
+                     T* diag) {
+#pragma omp parallel for schedule(static) if (n * (d + 1) * (d + 1) >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) sgp_diag_from_pairs_point<T>(i, simplex, pid, acc, bary, d, diag);
+}
+
+// Hash the n keys (key length `len`) into table (cap = mask + 1 slots), number the distinct keys 0..K-1 in the
+// order of their first occurrence (whichever occurrence won the slot, so ids do not depend on thread scheduling)
+// and write each occurrence's id. Returns K, or -1 if the table overflowed (cannot happen for cap >= 2 n).
+// rep and first_id are scratch of n entries; owner_of (n entries) maps an id to an occurrence holding its key.
+int32_t number_keys(const int32_t* keys, int64_t n, int len, int32_t* table, int64_t mask, int32_t* rep,
+                    int32_t* first_id, int32_t* owner_of, int32_t* id) {
+#pragma omp parallel for schedule(static) if (mask >= kParallelMin)
+    for (int64_t s = 0; s <= mask; ++s) table[s] = -1;
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed) if (n * len >= kParallelMin)
+    for (int64_t j = 0; j < n; ++j) {
+        rep[j] = sgp_insert((int32_t)j, keys, len, table, mask);
+        failed |= rep[j] < 0;
+        first_id[j] = -1;
+    }
+    if (failed) return -1;
+    int32_t count = 0;
+    for (int64_t j = 0; j < n; ++j)
+        if (first_id[rep[j]] < 0) {
+            first_id[rep[j]] = count;
+            owner_of[count++] = rep[j];
+        }
+#pragma omp parallel for schedule(static) if (n >= kParallelMin)
+    for (int64_t j = 0; j < n; ++j) sgp_resolve_vid((int32_t)j, rep, first_id, id);
+    return count;
 }
 
 }  // namespace
@@ -131,22 +169,7 @@ void sgp_embed_f64(const double* z, int64_t n, int d, const double* scale, doubl
 // vertex_owner (n_pv entries) maps a vertex id to the point-vertex holding its key.
 int32_t sgp_build_table(const int32_t* pv_keys, int64_t n_pv, int d, int32_t* table, int64_t mask, int32_t* rep,
                         int32_t* owner_vid, int32_t* vertex_owner, int32_t* vid) {
-#pragma omp parallel for schedule(static) if (mask >= kParallelMin)
-    for (int64_t s = 0; s <= mask; ++s) table[s] = -1;
-    int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed) if (n_pv * d >= kParallelMin)
-    for (int64_t j = 0; j < n_pv; ++j) {
-        rep[j] = sgp_insert((int32_t)j, pv_keys, d, table, mask);
-        failed |= rep[j] < 0;
-    }
-    if (failed) return -1;
-    // numbered serially, in point order: vertex ids (and so the probe signs keyed by them) do not depend on
-    // thread scheduling (a counter shared by threads would only serialize on the atomic anyway)
-    int32_t counter = 0;
-    for (int64_t j = 0; j < n_pv; ++j) sgp_number_owner((int32_t)j, rep, owner_vid, vertex_owner, &counter);
-#pragma omp parallel for schedule(static) if (n_pv >= kParallelMin)
-    for (int64_t j = 0; j < n_pv; ++j) sgp_resolve_vid((int32_t)j, rep, owner_vid, vid);
-    return counter;
+    return number_keys(pv_keys, n_pv, d, table, mask, rep, owner_vid, vertex_owner, vid);
 }
 
 void sgp_build_neighbours(int32_t m, int d, const int32_t* vertex_owner, const int32_t* pv_keys,
@@ -179,16 +202,52 @@ void sgp_splat_blur_f64(const double* v, int64_t n, int nc, int d, const int32_t
     splat_blur<double>(v, n, nc, d, vid, bary, m, nbr, r, coef, vals, buf);
 }
 
-// Local Gram matrices G_i = [<C e_{a_ik}, C e_{a_il}>]_{kl} of the points idx[0..n) into gram (n x (d+1) x (d+1)):
-// exact from the total = m columns of B if identity, else estimated from `total` Rademacher probes; `block`
-// columns at a time (two m x block buffers per thread).
-void sgp_probe_gram_f32(const int64_t* idx, int64_t n, int d, const int32_t* vid, int32_t m, const int32_t* nbr,
-                        int r, const float* coef, int64_t total, int identity, int block, float* gram) {
-    probe_gram<float>(idx, n, d, vid, m, nbr, r, coef, total, identity, block, gram);
+// Number the distinct rows of keys (n x len) 0..K-1 in the order of their first occurrence: id[j] is row j's
+// number, owner_of[k] a row holding key k. Returns K, or -1 if the table overflowed (cannot happen). Used for the
+// distinct simplices (rows of vid) and the distinct vertex pairs (rows of sgp_pair_keys).
+int32_t sgp_number_rows(const int32_t* keys, int64_t n, int len, int32_t* owner_of, int32_t* id) {
+    int64_t cap = 16;  // load <= 1/2
+    while (cap < 2 * n) cap <<= 1;
+    std::vector<int32_t> table((size_t)cap), rep((size_t)n), first_id((size_t)n);
+    return number_keys(keys, n, len, table.data(), cap - 1, rep.data(), first_id.data(), owner_of, id);
 }
-void sgp_probe_gram_f64(const int64_t* idx, int64_t n, int d, const int32_t* vid, int32_t m, const int32_t* nbr,
-                        int r, const double* coef, int64_t total, int identity, int block, double* gram) {
-    probe_gram<double>(idx, n, d, vid, m, nbr, r, coef, total, identity, block, gram);
+
+// keys (u (d+1)(d+2)/2 x 2): the vertex pairs (a <= b) of the simplices of the points idx[0..u).
+void sgp_pair_keys(const int32_t* idx, int64_t u, int d, const int32_t* vid, int32_t* keys) {
+#pragma omp parallel for schedule(static) if (u * (d + 1) * (d + 2) >= kParallelMin)
+    for (int64_t j = 0; j < u; ++j) sgp_pair_keys_simplex(j, idx, vid, d, keys);
+}
+
+// acc (P) = B at the P distinct pairs (keys: P x 2): exact from the total = m columns of B if identity, else
+// estimated from `total` Rademacher probes; `block` columns at a time (two m x block buffers per thread).
+void sgp_pair_gram_f32(const int32_t* keys, int64_t npairs, int d, int32_t m, const int32_t* nbr, int r,
+                       const float* coef, int64_t total, int identity, int block, float* acc) {
+    pair_gram<float>(keys, npairs, d, m, nbr, r, coef, total, identity, block, acc);
+}
+void sgp_pair_gram_f64(const int32_t* keys, int64_t npairs, int d, int32_t m, const int32_t* nbr, int r,
+                       const double* coef, int64_t total, int identity, int block, double* acc) {
+    pair_gram<double>(keys, npairs, d, m, nbr, r, coef, total, identity, block, acc);
+}
+
+// gram (n x (d+1) x (d+1)): point i's Gram from the pair values acc of its simplex simplex[i] (pid: the pair ids
+// of each distinct simplex's (d+1)(d+2)/2 entries).
+void sgp_gram_from_pairs_f32(const int32_t* simplex, int64_t n, const int32_t* pid, const float* acc, int d,
+                             float* gram) {
+    gram_from_pairs<float>(simplex, n, pid, acc, d, gram);
+}
+void sgp_gram_from_pairs_f64(const int32_t* simplex, int64_t n, const int32_t* pid, const double* acc, int d,
+                             double* gram) {
+    gram_from_pairs<double>(simplex, n, pid, acc, d, gram);
+}
+
+// diag (n) = w_i^T G_i w_i for the weights bary (n x (d+1)), from the same pair values.
+void sgp_diag_from_pairs_f32(const int32_t* simplex, int64_t n, const int32_t* pid, const float* acc,
+                             const float* bary, int d, float* diag) {
+    diag_from_pairs<float>(simplex, n, pid, acc, bary, d, diag);
+}
+void sgp_diag_from_pairs_f64(const int32_t* simplex, int64_t n, const int32_t* pid, const double* acc,
+                             const double* bary, int d, double* diag) {
+    diag_from_pairs<double>(simplex, n, pid, acc, bary, d, diag);
 }
 
 }  // extern "C"

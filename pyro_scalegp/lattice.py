@@ -23,9 +23,11 @@ backward is
 
 References: [1] Kapoor, Finzi, Wang, Wilson, ICML 2021.
 
-.. note:: Cost: building ``O(N d^2 + M d r)`` plus the diagonal calibration, ``O(M^2 d r)`` exact or
-   ``O(S (M d r + N d^2))`` with ``S = 256`` probes (see :mod:`scalegp.lattice`); each product
-   ``O((N d + M d r) c)`` for ``c`` columns; memory ``O(N d^2 + M d r + M c)``.
+.. note:: Cost: building ``O(N d^2 + M d r)`` plus the diagonal calibration, ``O(U d^2)`` for the
+   ``P`` distinct vertex pairs of the ``U`` distinct simplices, then ``O(M^2 d r)`` exact or
+   ``O(S (M d r + P))`` with ``S = 256`` probes (see :mod:`scalegp.lattice`); each product
+   ``O((N d + M d r) c)`` for ``c`` columns; memory ``O(N d + U d^2 + M d r + M c)``, and ``N (d+1)^2``
+   more for the Gram blocks of the first gradient in ``X`` or the lengthscales.
 """
 from __future__ import annotations
 
@@ -90,11 +92,20 @@ class _Lattice:
         self.vid = _from_backend(self.impl.vid, X).long()
         self.rank = _from_backend(self.impl.rank, X).long()
         self.greedy = _from_backend(self.impl.greedy, X).to(X.dtype)
-        self.gram = _from_backend(self.impl.local_gram(self.coef), X)
+        self.calibration = self.impl.calibrate(self.coef)
+        self._gram = None
         self.n, self.d = n, d
         # the weights and the calibration at the build's (X, lengthscale), for products that need no gradient
         self.w0 = _from_backend(self.impl.bary, X)
-        self.s0 = torch.einsum("nk,nkl,nl->n", self.w0, self.gram, self.w0).rsqrt()
+        self.s0 = _from_backend(self.calibration.diagonal(), X).rsqrt()
+        self._like = X.detach()
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """The local Grams ``N x (d+1) x (d+1)`` of the calibration, formed on the first gradient in the weights."""
+        if self._gram is None:
+            self._gram = _from_backend(self.calibration.gram(), self._like)
+        return self._gram
 
     def weights(self, X: torch.Tensor, lengthscale: torch.Tensor) -> torch.Tensor:
         """Barycentric weights, differentiable in ``X`` and ``lengthscale`` (simplices held fixed)."""

@@ -28,16 +28,22 @@ each point's :math:`d+1` vertices through the blur costs its support (thousands 
     (G_i)_{kl} = B_{a_{ik} a_{il}}, \qquad
     G_i \approx \tfrac{1}{S} Z_{a_i}^\top Z_{a_i}, \quad Z = C^\top P.
 
-Exact: the :math:`M` columns of :math:`B` (identity columns through the :math:`2(d+1)` blurs, in
-blocks), from which every distinct simplex reads its entries: :math:`2(d+1)(2r+1)M^2` operations,
-independent of :math:`N`. Estimated: :math:`S` = ``kernels_cuda.cpu.CALIBRATION_PROBES`` = 256
-Rademacher columns :math:`P` (signs hashed from vertex id and column: deterministic),
-:math:`S((d+1)(2r+1)M + (d+1)(d+2)U/2)` operations for :math:`U` distinct simplices, unbiased, with a
-relative error of about :math:`\sqrt{2/S}` per point (about 6% median, 15-20% at the 95th
-percentile), correlated between nearby points; products lose about 0.01 (up to 0.05 measured) of
-cosine similarity against the exact calibration. The cheaper of the two is used, exact on lattices
-small enough (:math:`\le 2^{26}` operations) whatever the probes would cost (``probe_plan``):
-exact for the small problems of the tests, probes for the 8-D flights inputs from 2000 rows up.
+:math:`B` is needed only at the vertex pairs of the :math:`U` distinct simplices, and neighbouring
+simplices share most of them: on all 8-D flights rows 82,134 simplices have
+:math:`82134 \cdot 45 = 3.7` million entries but only :math:`P` = 131,595 distinct pairs. The pairs are
+found by hashing (:math:`O(U d^2)`) and :math:`B` is evaluated once per pair. Exact: the :math:`M`
+columns of :math:`B` (identity columns through the :math:`2(d+1)` blurs, in blocks), from which every
+pair reads its entry: :math:`2(d+1)(2r+1)M^2` operations, independent of :math:`N`. Estimated:
+:math:`S` = ``kernels_cuda.cpu.CALIBRATION_PROBES`` = 256 Rademacher columns :math:`P` (signs hashed
+from vertex id and column; the CPU build numbers vertices in order of first occurrence, so the
+estimate is the same in every run), :math:`S((d+1)(2r+1)M + P)` operations, unbiased, with a relative
+error of about :math:`\sqrt{2/S}` per point (about 6% median, 15-20% at the 95th percentile),
+correlated between nearby points; products lose about 0.01 (up to 0.05 measured) of cosine
+similarity against the exact calibration. The cheaper of the two is used, exact on lattices small
+enough (:math:`\le 2^{26}` operations) whatever the probes would cost (``probe_plan``): exact for the
+small problems of the tests, probes for the 8-D flights inputs from 2000 rows up. Each point's
+diagonal :math:`w_i^\top G_i w_i` is then read from its simplex's pairs (:math:`O(N d^2)`); its
+:math:`G_i` (:math:`N (d+1)^2` numbers) only where the gradient in the weights needs it.
 
 Stencil (paper section 4.1): the kernel profile sampled at spacing :math:`s`, ``order`` :math:`r`
 giving :math:`2r+1` taps, with :math:`s` chosen by the coverage criterion: the fraction of the
@@ -57,8 +63,8 @@ high-dimensional filtering using the permutohedral lattice", Eurographics 2010.
 
 .. note:: Cost: the stencil search is ``O(G log G)`` for a grid of ``G = 2^16`` samples, once per
    (kernel, order) and cached; everything else here is ``O(d^2)`` or ``O(N d)`` validation. The
-   calibration, once per lattice, costs ``O(M^2 d r)`` exact, or ``O(S (M d r + U d^2))`` with
-   probes for ``U <= N`` distinct simplices.
+   calibration, once per lattice, costs ``O(U d^2)`` to find the ``P`` distinct vertex pairs of the
+   ``U <= N`` distinct simplices, then ``O(M^2 d r)`` exact or ``O(S (M d r + P))`` with probes.
 """
 from __future__ import annotations
 
@@ -185,13 +191,14 @@ def elevation_matrix(d: int) -> np.ndarray:
 
 def memory_estimate(n: int, d: int, order: int, ncols: int = 1, itemsize: int = 8) -> int:
     """Upper bound in bytes of the lattice built for ``n`` points in ``d`` dimensions (at most
-    ``n (d+1)`` vertices), its calibration (the per-point Gram blocks, three times while they are
-    accumulated per thread and expanded from distinct simplices, and two column buffers of at most
-    64 MiB per thread, two threads counted), and the buffers of one product with ``ncols`` columns."""
+    ``n (d+1)`` vertices), its calibration (for at most ``n`` distinct simplices: their vertex pairs,
+    hashed with 40 bytes of keys and scratch per pair, the values at the pairs, the per-point Gram
+    blocks of the gradient, and two column buffers of at most 64 MiB per thread, two threads
+    counted), and the buffers of one product with ``ncols`` columns."""
     n_pv = n * (d + 1)
     cap = 1 << max(4, int(2 * n_pv - 1).bit_length())
     per_pv = itemsize + 4 * 3 + 4 * d + 4 * 3  # bary, rank/greedy/vid, keys, build scratch
-    calibration = 3 * n * (d + 1) ** 2 * itemsize + (128 << 20)
+    calibration = n * (d + 1) * (d + 2) // 2 * (40 + itemsize) + n * (d + 1) ** 2 * itemsize + (128 << 20)
     return int(n_pv * per_pv + 4 * cap + n_pv * (d + 1) * 2 * order * 4 + calibration
                + 2 * n_pv * ncols * itemsize + 2 * n * ncols * itemsize)
 

@@ -124,6 +124,12 @@ def test_filter_equals_dense_assembly_and_is_symmetric(order):
     np.testing.assert_allclose(np.einsum("nk,nkl,nl->n", L.bary, G, L.bary), np.diag(K), rtol=1e-11)
     CW = C[:, L.vid]  # m x N x (d+1): C e_{a_ik}
     np.testing.assert_allclose(G, np.einsum("mnk,mnl->nkl", CW, CW), atol=1e-13)
+    # the diagonal straight from the pair values, for the lattice's weights and for others
+    cal = L.calibrate(st.coef)
+    assert cal.exact and cal.values.size < L.n * (4 * 5 // 2)  # neighbouring simplices share vertex pairs
+    np.testing.assert_allclose(cal.diagonal(), np.diag(K), rtol=1e-11)
+    w = L.bary + 0.1 * rng.normal(size=L.bary.shape)
+    np.testing.assert_allclose(cal.diagonal(w), np.einsum("nk,nkl,nl->n", w, G, w), rtol=1e-11)
 
 
 def test_calibration_plan():
@@ -131,10 +137,10 @@ def test_calibration_plan():
 
     # exact: 2 (d+1)(2r+1) m^2 = 5.4e7 <= 2^26
     assert probe_plan(1000, 8, 1, 256, 8) == (1000, True, 64)
-    # 8-D flights, 100k rows: exact 2.0e9 > probes 256 (27 m + 45 U) = 5.9e8
-    assert probe_plan(6020, 8, 1, 256, 8, simplices=48000) == (256, False, 64)
-    assert probe_plan(6020, 8, 1, 256, 8, simplices=48000, exact=True) == (6020, True, 64)
-    assert probe_plan(6020, 8, 1, 10**4, 8, simplices=48000)[1]  # many probes: exact is cheaper
+    # 8-D flights, 100k rows: exact 2.0e9 > probes 256 (27 m + P) = 6.5e7 for P = 90,000 vertex pairs
+    assert probe_plan(6020, 8, 1, 256, 8, pairs=90000) == (256, False, 64)
+    assert probe_plan(6020, 8, 1, 256, 8, pairs=90000, exact=True) == (6020, True, 64)
+    assert probe_plan(6020, 8, 1, 10**4, 8, pairs=90000)[1]  # many probes (2.5e9): exact is cheaper
     assert probe_plan(10**7, 8, 1, 256, 8) == (256, False, 1)  # 64 MiB of buffers per thread
     with pytest.raises(ValueError, match="probes"):
         probe_plan(100, 2, 1, 0, 8)
@@ -157,11 +163,14 @@ def test_probe_calibration_is_unbiased_with_error_sqrt_2_over_s(probes):
 
 
 def test_points_sharing_a_simplex_share_its_gram():
-    from kernels_cuda.cpu import distinct_rows
+    from kernels_cuda.cpu import number_rows
 
     z, st, L = _lattice(300, 2, 1, spread=0.3)  # dense: many points per simplex
-    first, inverse = distinct_rows(L.vid)
+    first, inverse = number_rows(L.vid)
     assert first.size < 100 and np.array_equal(L.vid[first][inverse], L.vid)
+    # numbered in the order of first occurrence: the first rows of np.unique, sorted
+    _, first_np = np.unique(L.vid, axis=0, return_index=True)
+    np.testing.assert_array_equal(first, np.sort(first_np))
     for exact in (True, False):
         G = L.local_gram(st.coef, exact=exact)
         np.testing.assert_array_equal(G, G[first][inverse])

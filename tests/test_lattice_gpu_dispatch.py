@@ -109,19 +109,32 @@ def _host_kernel(name, args):
                 x = x ^ (x >> np.uint64(31))
             vals = np.where(x >> np.uint64(63), 1.0, -1.0).astype(out.dtype)
         out[: vals.size] = vals.reshape(-1)
-    elif name.startswith("sgp_probe_gram_"):
-        idx, n, z, nc, d, vid, scale, gram = args
-        m = int(vid.max()) + 1  # every vertex belongs to some point's simplex
-        Z = z[: m * int(nc)].reshape(m, int(nc))[vid[idx[: int(n)]]]  # n x (d+1) x nc
-        gram[: int(n)] += scale * np.einsum("nkc,nlc->nkl", Z, Z)
-    elif name.startswith("sgp_gram_extract_"):
-        idx, n, bcols, col0, nc, d, vid, gram = args
-        m = int(vid.max()) + 1
-        B = bcols[: m * int(nc)].reshape(m, int(nc))
-        for j, i in enumerate(idx[: int(n)]):
-            for l, b in enumerate(vid[i]):
-                if int(col0) <= b < int(col0) + int(nc):
-                    gram[j, :, l] = B[vid[i], b - int(col0)]
+    elif name == "sgp_pair_keys":
+        idx, u, vid, d, keys = args
+        k, l = np.triu_indices(int(d) + 1)
+        rows = vid[idx[: int(u)]]
+        pairs = np.stack([np.minimum(rows[:, k], rows[:, l]), np.maximum(rows[:, k], rows[:, l])], -1)
+        keys.reshape(-1)[: pairs.size] = pairs.reshape(-1)
+    elif name.startswith("sgp_pair_dot_"):
+        npairs, keys, z, nc, scale, acc = args
+        Z = z[: (int(keys.max()) + 1) * int(nc)].reshape(-1, int(nc))
+        acc[: int(npairs)] += scale * np.einsum("pc,pc->p", Z[keys[:, 0]], Z[keys[:, 1]])
+    elif name.startswith("sgp_pair_extract_"):
+        npairs, keys, bcols, col0, nc, acc = args
+        B = bcols[: (int(keys.max()) + 1) * int(nc)].reshape(-1, int(nc))
+        c = keys[:, 1] - int(col0)
+        hit = (c >= 0) & (c < int(nc))
+        acc[hit] = B[keys[hit, 0], c[hit]]
+    elif name.startswith("sgp_gram_from_pairs_"):
+        simplex, n, pid, acc, d, gram = args
+        k, l = np.triu_indices(int(d) + 1)
+        vals = acc[pid[simplex]]  # n x pairs
+        gram[:, k, l] = vals
+        gram[:, l, k] = vals
+    elif name.startswith("sgp_diag_from_pairs_"):
+        simplex, n, pid, acc, bary, d, diag = args
+        k, l = np.triu_indices(int(d) + 1)
+        diag[:] = np.einsum("np,np->n", acc[pid[simplex]], np.where(k == l, 1, 2) * bary[:, k] * bary[:, l])
     else:
         raise AssertionError(f"unexpected kernel {name}")
 
@@ -174,12 +187,15 @@ def test_gpu_dispatch_equals_cpu_build(fake_cupy, dtype, order):
     np.testing.assert_allclose(g.filter(V, coef), c.filter(V, coef), rtol=tol, atol=tol)
     assert c.m > 64  # exact calibration over several column blocks, then Rademacher probes
     for exact in (True, False):
-        np.testing.assert_allclose(g.local_gram(coef, probes=48, exact=exact), c.local_gram(coef, probes=48, exact=exact),
-                                   rtol=tol, atol=tol)
+        gc, cc = g.calibrate(coef, probes=48, exact=exact), c.calibrate(coef, probes=48, exact=exact)
+        assert gc.exact == cc.exact == exact
+        np.testing.assert_array_equal(gc.pid, cc.pid)
+        np.testing.assert_allclose(gc.gram(), cc.gram(), rtol=tol, atol=tol)
+        np.testing.assert_allclose(gc.diagonal(), cc.diagonal(), rtol=tol, atol=tol)
     suffix = "f32" if dtype == np.float32 else "f64"
-    assert fake_cupy[0] == f"sgp_embed_{suffix}" and fake_cupy[-1] == f"sgp_probe_gram_{suffix}"
+    assert fake_cupy[0] == f"sgp_embed_{suffix}" and fake_cupy[-1] == f"sgp_diag_from_pairs_{suffix}"
     blocks = -(-c.m // cpu.probe_plan(c.m, 4, order, 48, z.itemsize, True)[2])
-    assert fake_cupy.count(f"sgp_gram_extract_{suffix}") == blocks
+    assert fake_cupy.count(f"sgp_pair_extract_{suffix}") == blocks and fake_cupy.count(f"sgp_pair_dot_{suffix}") == 1
     # one product: 2(d+1) blurs (d = 4); the calibration: 2(d+1) per block of exact columns, d+1 per probe block
     assert fake_cupy.count(f"sgp_blur_{suffix}") == 2 * 5 + 2 * 5 * blocks + 5
 

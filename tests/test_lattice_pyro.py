@@ -133,9 +133,9 @@ def test_lattice_built_once_and_reused(monkeypatch):
     calls, grams = [], []
     real = kernels_cuda.dispatch.build_lattice
     monkeypatch.setattr("pyro_scalegp.lattice.build_lattice", lambda *a, **k: calls.append(1) or real(*a, **k))
-    real_gram = kernels_cuda.cpu.CpuLattice.local_gram
-    monkeypatch.setattr(kernels_cuda.cpu.CpuLattice, "local_gram",
-                        lambda self, *a, **k: grams.append(1) or real_gram(self, *a, **k))
+    real_calibrate = kernels_cuda.cpu.CpuLattice.calibrate
+    monkeypatch.setattr(kernels_cuda.cpu.CpuLattice, "calibrate",
+                        lambda self, *a, **k: grams.append(1) or real_calibrate(self, *a, **k))
     X, kern = _problem(200, 3)
     X.requires_grad_(True)
     op = LatticeKernelOperator(X, kern, order=1)
@@ -148,8 +148,8 @@ def test_lattice_built_once_and_reused(monkeypatch):
 
 def _probe_calibrated(monkeypatch):
     """Make every lattice use the Rademacher-probe calibration (as lattices too large for the exact one do)."""
-    monkeypatch.setattr(kernels_cuda.cpu.CpuLattice, "local_gram",
-                        functools.partialmethod(kernels_cuda.cpu.CpuLattice.local_gram, exact=False))
+    monkeypatch.setattr(kernels_cuda.cpu.CpuLattice, "calibrate",
+                        functools.partialmethod(kernels_cuda.cpu.CpuLattice.calibrate, exact=False))
 
 
 def test_probe_calibration_diagonal_and_products(monkeypatch):
