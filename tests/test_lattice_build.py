@@ -162,6 +162,20 @@ def test_probe_calibration_is_unbiased_with_error_sqrt_2_over_s(probes):
     assert np.abs(ratio - 1).max() < 5 * sigma
 
 
+def test_rebuilt_lattice_numbers_vertices_and_estimates_the_same():
+    # large enough for the threaded loops: which thread inserts a key first varies, but vertices are numbered in
+    # order of first occurrence, so the probe signs (hashed from vertex ids), and with them the estimate, do not
+    z, st, L = _lattice(30000, 8, 1, seed=5, spread=0.5)
+    again = CpuLattice(z, sl.elevation_scale(8, st), 1)
+    np.testing.assert_array_equal(again.vid, L.vid)
+    np.testing.assert_array_equal(again.nbr, L.nbr)
+    first = np.unique(L.vid.reshape(-1), return_index=True)[1]
+    np.testing.assert_array_equal(L.vid.reshape(-1)[np.sort(first)], np.arange(L.m))  # first-occurrence order
+    a, b = L.calibrate(st.coef, exact=False), again.calibrate(st.coef, exact=False)
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.diagonal(), b.diagonal())
+
+
 def test_points_sharing_a_simplex_share_its_gram():
     from kernels_cuda.cpu import number_rows
 
