@@ -1,8 +1,8 @@
 // Portability layer: one spelling of the few atomics the lattice kernels need, for CUDA and the CPU.
 //
-// CUDA: atomicAdd / atomicCAS and __threadfence.
+// CUDA: atomicAdd / atomicCAS.
 // CPU (OpenMP build): `#pragma omp atomic` for floating-point adds (GCC's __atomic builtins take
-// only integers), __atomic_compare_exchange_n for the hash-table slots, __atomic_thread_fence.
+// only integers), __atomic_compare_exchange_n for the hash-table slots, __atomic_fetch_add / load.
 #ifndef SGP_ATOMICS_H
 #define SGP_ATOMICS_H
 
@@ -46,7 +46,6 @@ __device__ inline int32_t sgp_atomic_inc(int32_t* addr) { return atomicAdd(reint
 __device__ inline int32_t sgp_atomic_load(const int32_t* addr) {
     return *reinterpret_cast<const volatile int32_t*>(addr);
 }
-__device__ inline void sgp_fence() { __threadfence(); }
 
 #else  // CPU
 
@@ -61,7 +60,6 @@ inline int32_t sgp_atomic_cas(int32_t* addr, int32_t expected, int32_t desired) 
 }
 inline int32_t sgp_atomic_inc(int32_t* addr) { return __atomic_fetch_add(addr, 1, __ATOMIC_SEQ_CST); }
 inline int32_t sgp_atomic_load(const int32_t* addr) { return __atomic_load_n(addr, __ATOMIC_SEQ_CST); }
-inline void sgp_fence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 #endif
 
