@@ -330,7 +330,8 @@ def _pcg(matvec, psolve, B, tol: float, max_iter: int, steps: int):
     residual falls below ``tol`` times its right-hand side's norm (or after ``max_iter`` steps),
     recording the coefficients of the first ``steps`` steps for the Lanczos tridiagonals.
 
-    :returns: ``X``, ``alpha``, ``beta``, ``active`` (the last three ``(steps, c)``).
+    :returns: ``X``, ``alpha``, ``beta``, ``active`` (these three ``(steps, c)``) and each column's
+        relative residual norm at the stop.
     """
     c = B.shape[1]
     bnorm = jnp.linalg.norm(B, axis=0)
@@ -362,8 +363,8 @@ def _pcg(matvec, psolve, B, tol: float, max_iter: int, steps: int):
         active = active & (jnp.linalg.norm(r, axis=0) > tol * bnorm)
         return k + 1, x, r, p, rz, active, alphas, betas, acts
 
-    _, x, _, _, _, _, alphas, betas, acts = jax.lax.while_loop(cond, body, init)
-    return x, alphas, betas, acts
+    _, x, r, _, _, _, alphas, betas, acts = jax.lax.while_loop(cond, body, init)
+    return x, alphas, betas, acts, jnp.linalg.norm(r, axis=0) / jnp.where(bnorm > 0, bnorm, 1.0)
 
 
 def _train_block(op, n: int):
@@ -382,11 +383,13 @@ def _preconditioner(op, n: int, noise, rank: int) -> _Preconditioner:
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _solve(op, noise, B, n: int, cfg: tuple):
-    """:math:`(K_{[:n,:n]} + \\sigma_n^2 I)^{-1} B` by preconditioned CG."""
+    """:math:`(K_{[:n,:n]} + \\sigma_n^2 I)^{-1} B` by preconditioned CG, and each column's relative
+    residual norm at the stop."""
     tol, max_iter, rank = cfg
     K = _train_block(op, n)
     prec = _preconditioner(op, n, noise, rank)
-    return _pcg(lambda v: K(v) + noise * v, prec.solve, B, tol, max_iter, 1)[0]
+    x, _, _, _, rel = _pcg(lambda v: K(v) + noise * v, prec.solve, B, tol, max_iter, 1)
+    return x, rel
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -433,7 +436,7 @@ def _log_prob_fwd(op, noise, r, eps, cfg):
     n = r.shape[0]
     prec = _preconditioner(op, n, noise, rank)
     z = prec.sample(eps)
-    x, alpha, beta, active = _pcg(lambda v: op @ v + noise * v, prec.solve,
+    x, alpha, beta, active, _ = _pcg(lambda v: op @ v + noise * v, prec.solve,
                                   jnp.concatenate([r[:, None], z], 1), tol, max_iter, krylov.lanczos_steps(max_iter))
     a, solves = x[:, 0], x[:, 1:]
     pz = prec.solve(z)
@@ -601,7 +604,7 @@ class SimplexGPMarginal(Distribution):
         joint = LatticeKernelOperator(jnp.concatenate([self.X, X_new]), self._op_kernel(), order=self.order)
         t = X_new.shape[0]
         cfg = self._cfg()
-        alpha = _solve(joint, self.noise, (y - self.loc)[:, None], n, cfg)
+        alpha = self._solve(joint, (y - self.loc)[:, None], n, cfg)
         mean = self.loc + (joint @ jnp.concatenate([alpha, jnp.zeros((t, 1), self.X.dtype)]))[n:, 0]
         if variance_rank is not None:
             start = (joint @ jnp.concatenate([jnp.zeros(n, self.X.dtype), jnp.ones(t, self.X.dtype)]))[:n]
@@ -613,11 +616,16 @@ class SimplexGPMarginal(Distribution):
                 cols = jnp.minimum(jnp.arange(s, s + width), t - 1)  # the last chunk repeats a column: one shape
                 onehot = jnp.zeros((n + t, width), self.X.dtype).at[n + cols, jnp.arange(width)].set(1)
                 kx = (joint @ onehot)[:n]  # N x width: K_{X, *}
-                reduction.append((kx * _solve(joint, self.noise, kx, n, cfg)).sum(0))
+                reduction.append((kx * self._solve(joint, kx, n, cfg)).sum(0))
             reduction = jnp.concatenate(reduction)[:t]
         var = (self.op.variance - reduction).clip(0)
         var = var if noiseless else var + self.noise
         return Normal(mean, jnp.sqrt(var)).to_event(1)
+
+    def _solve(self, joint, B, n: int, cfg: tuple):
+        x, rel = _solve(joint, self.noise, B, n, cfg)
+        krylov.warn_unconverged("SimplexGPMarginal.predict", rel, self.cg_tol, self.max_cg_iter)
+        return x
 
     def _op_kernel(self):
         """The kernel with the operator's (validated, broadcast) hyperparameters."""

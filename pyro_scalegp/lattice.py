@@ -44,6 +44,7 @@ from torch.distributions import constraints
 
 from kernels_cuda.dispatch import build_lattice
 from scalegp import lattice as sl
+from scalegp.krylov import warn_unconverged
 
 __all__ = ["LatticeKernelOperator", "SimplexGPMarginal", "kernel_name"]
 
@@ -307,10 +308,11 @@ def _lanczos(A, b: torch.Tensor, rank: int):
     return Q, T
 
 
-def _pcg(matvec, psolve, B: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
+def _pcg(matvec, psolve, B: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Preconditioned CG on :math:`A X = B` for all columns at once, each stopping when its
     residual falls below ``tol`` times its right-hand side's norm (or after ``max_iter`` steps); the
-    NumPyro frontend's solver, without the Lanczos record. (``linear_operator``'s ``linear_cg``
+    NumPyro frontend's solver, without the Lanczos record. Returns ``X`` and each column's relative
+    residual norm at the stop. (``linear_operator``'s ``linear_cg``
     zeroes steps whose :math:`p^\top A p` falls below ``1e-10``, which stalls it near a relative
     residual of ``1e-5``.)
 
@@ -333,7 +335,7 @@ def _pcg(matvec, psolve, B: torch.Tensor, tol: float, max_iter: int) -> torch.Te
         P = torch.where(active, Z + torch.where(active, rz_new / rz, 0.0) * P, P)
         rz = torch.where(active, rz_new, rz)
         active = active & (R.norm(dim=0) > tol * bnorm)
-    return X
+    return X, R.norm(dim=0) / torch.where(bnorm > 0, bnorm, 1.0)
 
 
 class SimplexGPMarginal(TorchDistribution):
@@ -454,7 +456,9 @@ class SimplexGPMarginal(TorchDistribution):
         psolve = _woodbury_solve(_pivoted_cholesky(column, self.op.variance.expand(n), self.precond_rank), self.noise)
 
         def solve(rhs):
-            return _pcg(A, psolve, rhs, self.cg_tol, self.max_cg_iter)
+            x, rel = _pcg(A, psolve, rhs, self.cg_tol, self.max_cg_iter)
+            warn_unconverged("SimplexGPMarginal.predict", rel, self.cg_tol, self.max_cg_iter)
+            return x
 
         alpha = solve((y - self.loc)[:, None])
         mean = self.loc + block(alpha, test, train)[:, 0]

@@ -32,7 +32,7 @@ References: [1] Saad, *Iterative Methods for Sparse Linear Systems*, 2003, secti
 """
 from __future__ import annotations
 
-__all__ = ["LANCZOS_CAP", "lanczos_steps", "cg_tridiagonal", "slq_logdet"]
+__all__ = ["LANCZOS_CAP", "lanczos_steps", "cg_tridiagonal", "slq_logdet", "warn_unconverged"]
 
 #: at most this many Lanczos steps are recorded for the quadrature (as the torch frontend sets
 #: ``linear_operator.settings.max_lanczos_quadrature_iterations``)
@@ -77,3 +77,21 @@ def slq_logdet(xp, T, norms_sq):
     evals, evecs = xp.linalg.eigh(T)
     quad = (evecs[:, 0, :] ** 2 * xp.log(evals)).sum(-1)
     return (norms_sq * quad).mean()
+
+
+def warn_unconverged(what: str, rel_residual, tol: float, max_iter: int) -> None:
+    """Warn (``RuntimeWarning``) when CG stopped at ``max_iter`` iterations before every column's
+    residual norm fell below ``tol`` times its right-hand side's: ``rel_residual`` holds those ratios
+    at the stop (numpy-convertible). Predictions from such a solve can be far off (on the flights, a
+    test RMSE of 74 minutes instead of 34 with ``cg_tol=0.01, max_cg_iter=100``)."""
+    import warnings
+
+    import numpy as np
+
+    rel = np.asarray(rel_residual, dtype=np.float64)
+    bad = rel > tol
+    if bad.any():
+        warnings.warn(
+            f"{what}: CG stopped after max_cg_iter={max_iter} iterations with a relative residual of up to "
+            f"{rel.max():.3g} ({int(bad.sum())} of {rel.size} columns above cg_tol={tol:g}); the result may be "
+            "inaccurate: raise max_cg_iter (or precond_rank)", RuntimeWarning, stacklevel=3)

@@ -3,6 +3,7 @@ calibration, gradients against finite differences of its own forward, linear_ope
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import pyro
@@ -236,6 +237,16 @@ def test_marginal_log_prob_matches_dense_operator():
     A = LatticeKernelOperator(X, kern) @ torch.eye(200) + noise * torch.eye(200)
     g_ref = torch.autograd.grad(torch.distributions.MultivariateNormal(torch.zeros(200), A).log_prob(y), p)[0]
     assert (g - g_ref).norm() < 0.15 * g_ref.norm() + 1.0, (g, g_ref)
+
+
+def test_marginal_predict_warns_when_cg_stops_before_its_tolerance():
+    X, kern, y, noise = _marginal_problem()
+    X_new = torch.randn(20, 3, generator=torch.Generator().manual_seed(9))
+    with pytest.warns(RuntimeWarning, match=r"max_cg_iter=2 iterations .* above cg_tol=1e-12"):
+        SimplexGPMarginal(kern, X, noise, cg_tol=1e-12, max_cg_iter=2).predict(y, X_new, variance_rank=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SimplexGPMarginal(kern, X, noise, cg_tol=1e-6).predict(y, X_new, variance_rank=5)
 
 
 def test_marginal_predict_matches_dense_joint_posterior():

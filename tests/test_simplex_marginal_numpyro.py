@@ -4,6 +4,8 @@ gradients against finite differences and the dense exact gradient, predict again
 posterior, agreement with the Pyro marginal, SVI under jit, bad input."""
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,6 +177,16 @@ def test_gradients_against_finite_differences_and_dense_gradient():
     eps = 1e-3
     fd_noise = (lp(args[0], 1.3, 0.1 + eps, 0.2) - lp(args[0], 1.3, 0.1 - eps, 0.2)) / (2 * eps)
     assert abs(g[2] - fd_noise) < 0.05 * abs(fd_noise), (g[2], fd_noise)
+
+
+def test_predict_warns_when_cg_stops_before_its_tolerance():
+    X, y, k = _problem(n=300)
+    X_new = np.random.default_rng(9).normal(size=(20, 3))
+    with pytest.warns(RuntimeWarning, match=r"max_cg_iter=2 iterations .* above cg_tol=1e-12"):
+        SimplexGPMarginal(k, X, 0.01, cg_tol=1e-12, max_cg_iter=2).predict(y, X_new, variance_rank=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SimplexGPMarginal(k, X, 0.1, cg_tol=1e-6).predict(y, X_new, variance_rank=5)
 
 
 def test_predict_matches_dense_joint_posterior():
