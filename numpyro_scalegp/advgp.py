@@ -20,6 +20,10 @@ The same model and closed-form composite loss as :mod:`pyro_scalegp.advgp`:
 
     h = \tfrac12\big[\mu^\top\mu + \|U\|_F^2 - \textstyle\sum_j \log U_{jj}^2 - M\big].
 
+Each data term is computed from its shard's statistics :math:`K_{zx_k}K_{x_kz}` and
+:math:`K_{zx_k}y_k` without forming :math:`\Phi_k` (the identity is in
+:mod:`pyro_scalegp.advgp`).
+
 Parameters travel as a flat dict of *unconstrained* arrays named as the Pyro
 module's ``named_parameters()`` (``"Z_unconstrained"``, ``"noise_unconstrained"``
 (log), ``"kernel.variance_unconstrained"``, ``"kernel.lengthscale_unconstrained"``
@@ -212,12 +216,15 @@ class ADVGP:
         return self._features(c["kernel"], c["Z"], X, self._chol_zz(c["kernel"], c["Z"]))
 
     def _data_term(self, c, X, y, chol_zz):
-        Phi = self._features(c["kernel"], c["Z"], X, chol_zz)
-        s2 = c["noise"]
-        resid = y - Phi @ c["loc"]
-        quad = ((resid**2).sum() + ((Phi @ c["scale_tril"]) ** 2).sum()
-                + c["kernel"](X, diag=True).sum() - (Phi**2).sum())
-        return 0.5 * X.shape[0] * jnp.log(2 * jnp.pi * s2) + 0.5 * quad / s2
+        # from the shard's statistics K_zx K_xz and K_zx y, never forming Phi (module docstring of the Pyro twin)
+        Kzx = c["kernel"](c["Z"], X)
+        half = solve_triangular(chol_zz, Kzx @ Kzx.T, lower=True)
+        T = solve_triangular(chol_zz, half.T, lower=True)
+        proj = solve_triangular(chol_zz, Kzx @ y, lower=True)
+        loc, scale_tril = c["loc"], c["scale_tril"]
+        quad = (y @ y - 2 * loc @ proj + loc @ T @ loc + (scale_tril * (T @ scale_tril)).sum()
+                + c["kernel"](X, diag=True).sum() - jnp.trace(T))
+        return 0.5 * X.shape[0] * jnp.log(2 * jnp.pi * c["noise"]) + 0.5 * quad / c["noise"]
 
     def data_term(self, X, y, *, params: dict | None = None):
         r"""The data term :math:`g_k` of the rows ``(X, y)`` (differentiable in ``params``)."""
