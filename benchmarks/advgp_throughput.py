@@ -138,7 +138,7 @@ def main(argv=None):
                   meta={"n_train": n, "M": M, "warmup": args.warmup, "steps": steps, "quick": quick,
                         "cpus": os.cpu_count()},
                   notes=(f"{n:,} flights rows, M={M}, float64, synchronous updates (each processes all rows once), "
-                         f"one thread per worker; {os.cpu_count()} cores on this machine, shared with other jobs. "
+                         f"one thread per worker; {os.cpu_count()} cores on this machine. "
                          "efficiency_vs_1_worker: rows/s per worker relative to the 1-process run."))
     return rows
 
