@@ -124,7 +124,7 @@ void diag_from_pairs(const int32_t* simplex, int64_t n, const int32_t* pid, cons
 // Hash the n keys (key length `len`) into table (cap = mask + 1 slots), number the distinct keys 0..K-1 in the
 // order of their first occurrence (whichever occurrence won the slot, so ids do not depend on thread scheduling)
 // and write each occurrence's id. Returns K, or -1 if the table overflowed (cannot happen for cap >= 2 n).
-// rep and first_id are scratch of n entries; owner_of (n entries) maps an id to an occurrence holding its key.
+// rep and first_id are scratch of n entries; owner_of (n entries) maps an id to the first occurrence of its key.
 int32_t number_keys(const int32_t* keys, int64_t n, int len, int32_t* table, int64_t mask, int32_t* rep,
                     int32_t* first_id, int32_t* owner_of, int32_t* id) {
 #pragma omp parallel for schedule(static) if (mask >= kParallelMin)
@@ -141,7 +141,7 @@ int32_t number_keys(const int32_t* keys, int64_t n, int len, int32_t* table, int
     for (int64_t j = 0; j < n; ++j)
         if (first_id[rep[j]] < 0) {
             first_id[rep[j]] = count;
-            owner_of[count++] = rep[j];
+            owner_of[count++] = (int32_t)j;
         }
 #pragma omp parallel for schedule(static) if (n >= kParallelMin)
     for (int64_t j = 0; j < n; ++j) sgp_resolve_vid((int32_t)j, rep, first_id, id);
@@ -203,7 +203,7 @@ void sgp_splat_blur_f64(const double* v, int64_t n, int nc, int d, const int32_t
 }
 
 // Number the distinct rows of keys (n x len) 0..K-1 in the order of their first occurrence: id[j] is row j's
-// number, owner_of[k] a row holding key k. Returns K, or -1 if the table overflowed (cannot happen). Used for the
+// number, owner_of[k] the first row holding key k. Returns K, or -1 if the table overflowed (cannot happen). Used for the
 // distinct simplices (rows of vid) and the distinct vertex pairs (rows of sgp_pair_keys).
 int32_t sgp_number_rows(const int32_t* keys, int64_t n, int len, int32_t* owner_of, int32_t* id) {
     int64_t cap = 16;  // load <= 1/2
