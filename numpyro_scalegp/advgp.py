@@ -62,6 +62,13 @@ def _check_finite(name: str, value) -> None:
         raise ValueError(f"{name}: contains NaN or infinite values")
 
 
+def _gram_statistics(Lz, A, b):
+    r""":math:`(\Phi^\top\Phi, \Phi^\top y) = (L_z^{-1} A L_z^{-\top}, L_z^{-1} b)` from
+    :math:`A = K_{zx}K_{xz}` and :math:`b = K_{zx} y` (``Lz`` lower triangular)."""
+    half = solve_triangular(Lz, A, lower=True)
+    return solve_triangular(Lz, half.T, lower=True), solve_triangular(Lz, b, lower=True)
+
+
 def kl_term(loc, scale_tril):
     r"""The KL term :math:`h(\mu, U) = \mathrm{KL}(\mathcal N(\mu, U^\top U) \| \mathcal N(0, I))`
     with ``scale_tril`` :math:`= U^\top`.
@@ -218,9 +225,7 @@ class ADVGP:
     def _data_term(self, c, X, y, chol_zz):
         # from the shard's statistics K_zx K_xz and K_zx y, never forming Phi (module docstring of the Pyro twin)
         Kzx = c["kernel"](c["Z"], X)
-        half = solve_triangular(chol_zz, Kzx @ Kzx.T, lower=True)
-        T = solve_triangular(chol_zz, half.T, lower=True)
-        proj = solve_triangular(chol_zz, Kzx @ y, lower=True)
+        T, proj = _gram_statistics(chol_zz, Kzx @ Kzx.T, Kzx @ y)
         loc, scale_tril = c["loc"], c["scale_tril"]
         quad = (y @ y - 2 * loc @ proj + loc @ T @ loc + (scale_tril * (T @ scale_tril)).sum()
                 + c["kernel"](X, diag=True).sum() - jnp.trace(T))

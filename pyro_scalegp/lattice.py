@@ -31,6 +31,8 @@ References: [1] Kapoor, Finzi, Wang, Wilson, ICML 2021.
 """
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import math
 
@@ -94,19 +96,15 @@ class _Lattice:
         self.rank = _from_backend(self.impl.rank, X).long()
         self.greedy = _from_backend(self.impl.greedy, X).to(X.dtype)
         self.calibration = self.impl.calibrate(self.coef)
-        self._gram = None
         self.n, self.d = n, d
         # the weights and the calibration at the build's (X, lengthscale), for products that need no gradient
         self.w0 = _from_backend(self.impl.bary, X)
         self.s0 = _from_backend(self.calibration.diagonal(), X).rsqrt()
-        self._like = X.detach()
 
-    @property
+    @functools.cached_property
     def gram(self) -> torch.Tensor:
         """The local Grams ``N x (d+1) x (d+1)`` of the calibration, formed on the first gradient in the weights."""
-        if self._gram is None:
-            self._gram = _from_backend(self.calibration.gram(), self._like)
-        return self._gram
+        return _from_backend(self.calibration.gram(), self.w0)
 
     def weights(self, X: torch.Tensor, lengthscale: torch.Tensor) -> torch.Tensor:
         """Barycentric weights, differentiable in ``X`` and ``lengthscale`` (simplices held fixed)."""
