@@ -15,7 +15,7 @@ import kernels_cuda.cpu
 import kernels_cuda.dispatch
 from pyro_scalegp.lattice import LatticeKernelOperator, SimplexGPMarginal
 from scalegp import lattice as sl
-from tests.reference import kernel_matrix
+from tests.reference import gp_predict, kernel_matrix
 
 KERNELS = {"rbf": gpk.RBF, "exponential": gpk.Exponential, "matern32": gpk.Matern32, "matern52": gpk.Matern52}
 
@@ -247,6 +247,28 @@ def test_marginal_predict_warns_when_cg_stops_before_its_tolerance():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SimplexGPMarginal(kern, X, noise, cg_tol=1e-6).predict(y, X_new, variance_rank=5)
+
+
+def test_marginal_predict_neighbor_variances_bound_and_reach_the_exact_gp():
+    X, kern, y, noise = _marginal_problem()
+    X_new = torch.randn(40, 3, generator=torch.Generator().manual_seed(9))
+    m = SimplexGPMarginal(kern, X, noise, cg_tol=1e-8)
+    ell = kern.lengthscale.detach().numpy()
+    _, exact = gp_predict("rbf", X.numpy(), y.numpy(), X_new.numpy(), 1.3, ell, 0.1)
+    exact = torch.as_tensor(exact)
+    full = m.predict(y, X_new, noiseless=True, neighbors=300)
+    torch.testing.assert_close(full.variance, exact, rtol=0, atol=1e-9)
+    few, more = (m.predict(y, X_new, noiseless=True, neighbors=j).variance for j in (10, 60))
+    assert torch.all(more >= exact - 1e-10) and torch.all(few >= more - 1e-10) and torch.all(few <= 1.3)
+    assert (few - exact).max() > 1e-4
+    noisy = m.predict(y, X_new, neighbors=10)
+    torch.testing.assert_close(noisy.variance, few + noise, rtol=0, atol=1e-12)
+    torch.testing.assert_close(noisy.mean, m.predict(y, X_new, variance_rank=5).mean, rtol=0, atol=1e-12)
+    for bad in (0, 301, 2.5, True):
+        with pytest.raises(ValueError, match="neighbors"):
+            m.predict(y, X_new, neighbors=bad)
+    with pytest.raises(ValueError, match="neighbors or variance_rank, not both"):
+        m.predict(y, X_new, neighbors=5, variance_rank=5)
 
 
 def test_marginal_predict_matches_dense_joint_posterior():

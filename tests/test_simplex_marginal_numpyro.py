@@ -14,7 +14,7 @@ import pytest
 from numpyro_scalegp import kernels as nk
 from numpyro_scalegp.lattice import LatticeKernelOperator, SimplexGPMarginal, _pivoted_cholesky
 from scalegp import krylov
-from tests.reference import log_marginal
+from tests.reference import gp_predict, log_marginal
 
 pytestmark = pytest.mark.usefixtures("jax_x64")
 
@@ -215,6 +215,30 @@ def test_predict_matches_dense_joint_posterior():
         m.predict(y[:10], X_new)
 
 
+@pytest.mark.parametrize("cls, name", [(nk.RBF, "rbf"), (nk.Matern52, "matern52")])
+def test_predict_neighbor_variances_bound_and_reach_the_exact_gp(cls, name):
+    X, y, _ = _problem(n=300)
+    k = cls(3, variance=1.3, lengthscale=jnp.asarray(ELL))
+    X_new = np.random.default_rng(9).normal(size=(40, 3))
+    m = SimplexGPMarginal(k, X, 0.1, cg_tol=1e-8)
+    _, exact = gp_predict(name, X, y, X_new, 1.3, ELL, 0.1)  # the exact kernel's latent variances
+    # conditioned on every training point: the exact GP's variances
+    np.testing.assert_allclose(m.predict(y, X_new, noiseless=True, neighbors=300).variance, exact, rtol=0, atol=1e-9)
+    # on fewer (nested sets of nearest points): never below the exact variances, never above fewer points'
+    few, more = (np.asarray(m.predict(y, X_new, noiseless=True, neighbors=j).variance) for j in (10, 60))
+    assert np.all(more >= exact - 1e-10) and np.all(few >= more - 1e-10) and np.all(few <= 1.3)
+    assert (few - exact).max() > 1e-4  # ten points do not carry all the information
+    noisy = m.predict(y, X_new, neighbors=10)
+    np.testing.assert_allclose(noisy.variance, few + 0.1, rtol=0, atol=1e-12)
+    # the mean is still the lattice GP's (CG), whatever the variances
+    np.testing.assert_allclose(noisy.mean, m.predict(y, X_new, variance_rank=5).mean, rtol=0, atol=1e-12)
+    for bad in (0, 301, 2.5, True):
+        with pytest.raises(ValueError, match="neighbors"):
+            m.predict(y, X_new, neighbors=bad)
+    with pytest.raises(ValueError, match="neighbors or variance_rank, not both"):
+        m.predict(y, X_new, neighbors=5, variance_rank=5)
+
+
 def test_agrees_with_pyro_marginal(float64, pyro_clean):
     import torch
     from pyro.contrib.gp import kernels as gpk
@@ -248,6 +272,13 @@ def test_agrees_with_pyro_marginal(float64, pyro_clean):
     lj = SimplexGPMarginal(k, X, 0.3, cg_tol=1e-6).predict(y, X_new, variance_rank=12)
     np.testing.assert_allclose(lj.variance, lt.variance.numpy(), rtol=0, atol=1e-8)
     assert np.all(lj.variance >= pj.variance - 1e-4)
+    # the nearest-neighbour variances: the same exact-kernel computation
+    with torch.no_grad():
+        nt = PyroMarginal(kt, torch.tensor(X), torch.tensor(0.3), cg_tol=1e-6).predict(
+            torch.tensor(y), torch.tensor(X_new), neighbors=25)
+    nj = SimplexGPMarginal(k, X, 0.3, cg_tol=1e-6).predict(y, X_new, neighbors=25)
+    np.testing.assert_allclose(nj.variance, nt.variance.numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(nj.mean, pj.mean, rtol=0, atol=1e-12)
 
 
 def test_svi_under_jit_lowers_the_loss():
