@@ -15,6 +15,9 @@ def _execute(name, monkeypatch):
     nb, _, text, figures = execute_notebook(name, monkeypatch)
     cosines = [float(c) for c in re.findall(r"cosine=([0-9.]+)", text)]
     assert cosines and min(cosines) > 0.9, cosines  # accuracy table printed, lattice close to the exact kernel
+    # the nearest-neighbour variances: close to the exact GP's
+    gap = re.search(r"variances from \d+ neighbours: max \|difference\| from the exact GP's ([0-9.e+-]+)", text)
+    assert gap is not None and float(gap.group(1)) < 0.05, text[-2000:]
     return nb, text, figures
 
 
