@@ -176,15 +176,21 @@ SGP_HD inline void sgp_neighbours(int32_t a, int axis, const int32_t* vertex_own
     }
 }
 
-// Splat point i's nc columns onto its d+1 vertices (scatter: atomic adds).
-template <typename T>
+// Splat point i's nc columns onto its d+1 vertices (scatter: atomic adds, or plain adds where `values` is
+// written by one thread only, as in the CPU build's per-thread buffers).
+template <typename T, bool Atomic = true>
 SGP_HD inline void sgp_splat_point(int64_t i, const T* v, int nc, int d, const int32_t* vid, const T* bary,
                                    T* values) {
     for (int k = 0; k <= d; ++k) {
         const int64_t pv = i * (d + 1) + k;
         const T w = bary[pv];
         T* dst = values + (int64_t)vid[pv] * nc;
-        for (int c = 0; c < nc; ++c) sgp_atomic_add(dst + c, w * v[i * nc + c]);
+        for (int c = 0; c < nc; ++c) {
+            if (Atomic)
+                sgp_atomic_add(dst + c, w * v[i * nc + c]);
+            else
+                dst[c] += w * v[i * nc + c];
+        }
     }
 }
 

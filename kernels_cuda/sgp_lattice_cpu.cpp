@@ -15,6 +15,8 @@ namespace {
 // 25 ms with 2 threads vs 1.2 ms on one for a 300-point product). OMP_WAIT_POLICY=PASSIVE helps
 // further, but libgomp reads it once per process (torch loads its copy first).
 constexpr int64_t kParallelMin = 1 << 20;
+// Bytes of per-thread splat buffers beyond the output itself; past them the splat uses atomic adds.
+constexpr int64_t kSplatPrivateMax = int64_t(128) << 20;
 
 template <typename T>
 void embed(const T* z, int64_t n, int d, const T* scale, T* bary, int32_t* rank, int32_t* greedy,
@@ -23,15 +25,41 @@ void embed(const T* z, int64_t n, int d, const T* scale, T* bary, int32_t* rank,
     for (int64_t i = 0; i < n; ++i) sgp_embed_point<T>(i, z, d, scale, bary, rank, greedy, pv_keys);
 }
 
+// vals (m x nc) = W v. Each thread scatters its static block of points into its own buffer with plain adds
+// (thread 0 into vals), then the buffers are summed into vals in thread order: no atomics (whose lock
+// cmpxchg loop was most of a product's time) and the same sums in every run for a given number of threads.
+// Where the extra buffers would pass kSplatPrivateMax, atomic adds into vals instead.
+template <typename T>
+void splat(const T* v, int64_t n, int nc, int d, const int32_t* vid, const T* bary, int32_t m, T* vals) {
+    const int64_t mv = (int64_t)m * nc;
+    const int nt = n * nc * (d + 1) >= kParallelMin ? omp_get_max_threads() : 1;
+    if (nt > 1 && (nt - 1) * mv * (int64_t)sizeof(T) > kSplatPrivateMax) {
+#pragma omp parallel for schedule(static) if (mv >= kParallelMin)
+        for (int64_t a = 0; a < mv; ++a) vals[a] = 0;
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; ++i) sgp_splat_point<T>(i, v, nc, d, vid, bary, vals);
+        return;
+    }
+    std::vector<T> extra((size_t)(nt - 1) * mv);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int t = omp_get_thread_num(), used = omp_get_num_threads();
+        T* own = t == 0 ? vals : extra.data() + (t - 1) * mv;
+        if (t == 0)
+            for (int64_t a = 0; a < mv; ++a) vals[a] = 0;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; ++i) sgp_splat_point<T, false>(i, v, nc, d, vid, bary, own);
+#pragma omp for schedule(static)
+        for (int64_t a = 0; a < mv; ++a)
+            for (int k = 0; k + 1 < used; ++k) vals[a] += extra[k * mv + a];
+    }
+}
+
 // vals (m x nc) = C^T C W v. 2(d+1) is even, so after ping-ponging the result is back in vals.
 template <typename T>
 void splat_blur(const T* v, int64_t n, int nc, int d, const int32_t* vid, const T* bary, int32_t m,
                 const int32_t* nbr, int r, const T* coef, T* vals, T* buf) {
-    const int64_t mv = (int64_t)m * nc;
-#pragma omp parallel for schedule(static) if (mv >= kParallelMin)
-    for (int64_t a = 0; a < mv; ++a) vals[a] = 0;
-#pragma omp parallel for schedule(static) if (n * nc * (d + 1) >= kParallelMin)
-    for (int64_t i = 0; i < n; ++i) sgp_splat_point<T>(i, v, nc, d, vid, bary, vals);
+    splat<T>(v, n, nc, d, vid, bary, m, vals);
     // B = C^T C: half-variance blurs along axes 0..d, then d..0
     T* src = vals;
     T* dst = buf;

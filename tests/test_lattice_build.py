@@ -2,8 +2,11 @@
 point against a numpy re-derivation, and the CUDA translation unit compiled with nvcc."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +177,49 @@ def test_rebuilt_lattice_numbers_vertices_and_estimates_the_same():
     a, b = L.calibrate(st.coef, exact=False), again.calibrate(st.coef, exact=False)
     np.testing.assert_array_equal(a.values, b.values)
     np.testing.assert_array_equal(a.diagonal(), b.diagonal())
+
+
+def _numpy_splat_blur(L, coef, V):
+    """C^T C W V in numpy from vid/bary/nbr (no C code), for lattices too large for the dense assembly."""
+    vals = np.zeros((L.m, V.shape[1]))
+    np.add.at(vals, L.vid, L.bary[..., None] * V[:, None, :])
+    r = L.order
+    for p in range(2 * (L.d + 1)):
+        axis = p if p <= L.d else 2 * L.d + 1 - p
+        out = coef[0] * vals
+        for t in range(1, r + 1):
+            for side in (0, 1):
+                b = L.nbr[:, axis, side * r + t - 1]
+                out = out + coef[t] * np.where(b[:, None] >= 0, vals[np.maximum(b, 0)], 0.0)
+        vals = out
+    return vals
+
+
+_THREADED_PRODUCT = """
+import sys, numpy as np
+from tests.test_lattice_build import _lattice
+z, st, L = _lattice(30000, 8, 1, seed=3, spread=0.5)
+V = np.random.default_rng(2).normal(size=(30000, 4))
+np.save(sys.argv[1], L.splat_blur(V, st.coef))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threaded_splat_sums_every_point_once_and_the_same_in_every_call(tmp_path, threads):
+    # large enough for the threaded loops (N nc (d+1) >= 2^20): each thread scatters into its own buffer and the
+    # buffers are summed in thread order, so a product is the same in every call for a given number of threads
+    z, st, L = _lattice(30000, 8, 1, seed=3, spread=0.5)
+    V = np.random.default_rng(2).normal(size=(30000, 4))
+    ref = _numpy_splat_blur(L, st.coef, V)
+    got = L.splat_blur(V, st.coef)
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+    np.testing.assert_array_equal(L.splat_blur(V, st.coef), got)
+    np.testing.assert_array_equal(L.filter(V, st.coef), L.filter(V, st.coef))
+    # the same lattice with OMP_NUM_THREADS set, in a fresh process (OpenMP reads it once)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = tmp_path / "product.npy"
+    subprocess.run([sys.executable, "-c", _THREADED_PRODUCT, str(out)], env=env, check=True, timeout=120)
+    np.testing.assert_allclose(np.load(out), ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
 
 
 def test_points_sharing_a_simplex_share_its_gram():
