@@ -54,12 +54,11 @@ def neighbor_variances(X, X_new, k: int, *, kernel: str, lengthscale, variance, 
     X = np.asarray(X, dtype=np.float64) / np.asarray(lengthscale, dtype=np.float64)
     Xs = np.asarray(X_new, dtype=np.float64) / np.asarray(lengthscale, dtype=np.float64)
     variance, noise, k = float(variance), float(noise), int(k)
-    _, idx = cKDTree(X).query(Xs, k=k, workers=-1)
-    idx = idx.reshape(len(Xs), k)
+    tree = cKDTree(X)
     out = np.empty(len(Xs))
     step = max(1, _CHUNK_BYTES // (8 * k * k))
     for s in range(0, len(Xs), step):
-        near = X[idx[s : s + step]]  # c x k x d
+        near = X[tree.query(Xs[s : s + step], k=k, workers=-1)[1].reshape(-1, k)]  # c x k x d
         sq = (near**2).sum(-1)
         r2 = sq[:, :, None] + sq[:, None, :] - 2 * near @ near.transpose(0, 2, 1)
         K = variance * kernel_profile(kernel, np.sqrt(np.maximum(r2, 0.0)))
