@@ -25,7 +25,12 @@ _LOCK = threading.Lock()
 CALIBRATION_PROBES = 256
 #: element-operations below which the calibration is exact whatever the probes would cost
 EXACT_MIN = 1 << 26
+#: dtype of the probe estimate whatever the lattice's: its error (about sqrt(2/S) per point) is far above float32
+#: rounding, and the blurs of the probe columns then move half the bytes of float64
+PROBE_DTYPE = np.dtype(np.float32)
 _PROBE_BUFFER_BYTES = 64 << 20
+#: the C ABI's name suffix of each float dtype
+SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _i32p = ctypes.POINTER(ctypes.c_int32)
 _i64 = ctypes.c_int64
 _int = ctypes.c_int
@@ -78,14 +83,16 @@ def probe_plan(m: int, d: int, order: int, probes: int, itemsize: int, exact=Non
     true, or, for ``exact=None``, when that costs no more element-operations than the probes,
     ``2 (d+1)(2r+1) m^2 <= max(EXACT_MIN, S ((d+1)(2r+1) m + pairs))``; else ``probes`` Rademacher
     columns. ``block`` columns per blur pass: at most 64 (measured fastest: the buffers stay in cache),
-    and the two ``m x block`` buffers of a thread under 64 MiB."""
+    and the two ``m x block`` buffers of a thread under 64 MiB (``itemsize`` bytes a value for the exact
+    columns, those of :data:`PROBE_DTYPE` for the probes)."""
     if int(probes) != probes or probes < 1:
         raise ValueError(f"probes: must be a positive integer, got {probes!r}")
     if exact is None:
         taps = (d + 1) * (2 * order + 1)
         exact = 2 * taps * m * m <= max(EXACT_MIN, probes * (taps * m + (m if pairs is None else pairs)))
     total = m if exact else int(probes)
-    block = int(max(1, min(64, total, _PROBE_BUFFER_BYTES // (2 * m * itemsize))))
+    size = itemsize if exact else PROBE_DTYPE.itemsize
+    block = int(max(1, min(64, total, _PROBE_BUFFER_BYTES // (2 * m * size))))
     return total, bool(exact), block
 
 
@@ -128,7 +135,7 @@ class CpuLattice:
         if n * (d + 1) >= 2**31:
             raise ValueError(f"z: N (d+1) = {n * (d + 1)} point-vertices exceed the 32-bit vertex ids")
         self.dtype = z.dtype
-        self.suffix = "f32" if z.dtype == np.float32 else "f64"
+        self.suffix = SUFFIX[z.dtype]
         self.n, self.d, self.order = n, d, int(order)
         scale = np.ascontiguousarray(scale, dtype=z.dtype)
         dp1 = d + 1
@@ -202,8 +209,8 @@ class CpuLattice:
         Gram ``G_i[k, l] = B[a_ik, a_il]`` and diagonal ``diag(W^T B W)_i = w_i^T G_i w_i``. Exact from the
         ``m`` columns of ``B`` (cost ``2 (d+1)(2r+1) m^2``), or the unbiased estimate ``Z_a . Z_b / S``
         from ``Z = C^T P`` with ``S = probes`` Rademacher columns (cost ``((d+1)(2r+1) m + P) S``;
-        relative error of ``w^T G w`` about ``sqrt(2 / S)`` per point, correlated between nearby points).
-        ``exact=None`` picks the cheaper (see :func:`probe_plan`)."""
+        relative error of ``w^T G w`` about ``sqrt(2 / S)`` per point, correlated between nearby points;
+        computed in :data:`PROBE_DTYPE`). ``exact=None`` picks the cheaper (see :func:`probe_plan`)."""
         _, coef, _ = self._cols(np.zeros((self.n, 1), self.dtype), coef)
         lib = load_library()
         first, simplex = number_rows(self.vid)
@@ -212,11 +219,12 @@ class CpuLattice:
         owner, pid = number_rows(all_keys)
         keys = np.ascontiguousarray(all_keys[owner])
         total, exact, block = probe_plan(self.m, self.d, self.order, probes, self.dtype.itemsize, exact, owner.size)
-        values = np.empty(owner.size, self.dtype)
-        getattr(lib, f"sgp_pair_gram_{self.suffix}")(
-            _ptr(keys), owner.size, self.d, self.m, _ptr(self.nbr), self.order, _ptr(coef), total, int(exact), block,
-            _ptr(values))
-        return Calibration(self, simplex, pid.reshape(first.size, -1), values, exact)
+        work = self.dtype if exact else PROBE_DTYPE
+        values = np.empty(owner.size, work)
+        getattr(lib, f"sgp_pair_gram_{SUFFIX[work]}")(
+            _ptr(keys), owner.size, self.d, self.m, _ptr(self.nbr), self.order, _ptr(coef.astype(work)), total,
+            int(exact), block, _ptr(values))
+        return Calibration(self, simplex, pid.reshape(first.size, -1), values.astype(self.dtype, copy=False), exact)
 
     def local_gram(self, coef: np.ndarray, **kwargs) -> np.ndarray:
         """``self.calibrate(coef, **kwargs).gram()``: the local Grams ``N x (d+1) x (d+1)``."""

@@ -20,7 +20,7 @@ import importlib
 import numpy as np
 
 from .build import SOURCE_DIR
-from .cpu import CALIBRATION_PROBES, Calibration, probe_plan, table_capacity
+from .cpu import CALIBRATION_PROBES, PROBE_DTYPE, SUFFIX, Calibration, probe_plan, table_capacity
 
 __all__ = ["GpuLattice", "KERNEL_NAMES", "module"]
 
@@ -83,7 +83,7 @@ class GpuLattice:
         if z.dtype not in (np.float32, np.float64):
             raise ValueError(f"z: dtype must be float32 or float64, got {z.dtype}")
         n, d = z.shape
-        self.dtype, self.suffix = z.dtype, ("f32" if z.dtype == np.float32 else "f64")
+        self.dtype, self.suffix = z.dtype, SUFFIX[np.dtype(z.dtype)]
         self.n, self.d, self.order = n, d, int(order)
         dp1, n_pv = d + 1, n * (d + 1)
         scale = cp.asarray(scale, dtype=z.dtype)
@@ -149,27 +149,29 @@ class GpuLattice:
         keys = cp.ascontiguousarray(all_keys[owner])
         npairs = int(owner.shape[0])
         total, exact, block = probe_plan(self.m, self.d, self.order, probes, self.dtype.itemsize, exact, npairs)
-        coef = cp.asarray(coef, dtype=self.dtype)
-        values = cp.zeros(npairs, self.dtype)
-        buf0 = cp.empty(self.m * block, self.dtype)
-        buf1 = cp.empty(self.m * block, self.dtype)
+        work = np.dtype(self.dtype) if exact else PROBE_DTYPE
+        suffix = SUFFIX[work]
+        coef = cp.asarray(coef, dtype=work)
+        values = cp.zeros(npairs, work)
+        buf0 = cp.empty(self.m * block, work)
+        buf1 = cp.empty(self.m * block, work)
         for col0 in range(0, total, block):
             nc = min(block, total - col0)
-            _launch(f"sgp_probe_fill_{self.suffix}", self.m, np.int32(self.m), np.int64(col0), np.int32(nc),
+            _launch(f"sgp_probe_fill_{suffix}", self.m, np.int32(self.m), np.int64(col0), np.int32(nc),
                     np.int32(exact), buf0)
             src, dst = buf0, buf1
             for p in range(0 if exact else dp1, 2 * dp1):  # B = C^T C, or C^T for the probes
                 axis = p if p <= self.d else 2 * self.d + 1 - p
-                _launch(f"sgp_blur_{self.suffix}", self.m, np.int32(self.m), np.int32(axis), src, dst, np.int32(nc),
+                _launch(f"sgp_blur_{suffix}", self.m, np.int32(self.m), np.int32(axis), src, dst, np.int32(nc),
                         np.int32(self.d), self.nbr, np.int32(self.order), coef)
                 src, dst = dst, src
             if exact:
-                _launch(f"sgp_pair_extract_{self.suffix}", npairs, np.int64(npairs), keys, src, np.int64(col0),
+                _launch(f"sgp_pair_extract_{suffix}", npairs, np.int64(npairs), keys, src, np.int64(col0),
                         np.int32(nc), values)
             else:
-                _launch(f"sgp_pair_dot_{self.suffix}", npairs, np.int64(npairs), keys, src, np.int32(nc),
-                        self.dtype.type(1.0 / total), values)
-        return Calibration(self, simplex, pid.reshape(u, -1), values, exact)
+                _launch(f"sgp_pair_dot_{suffix}", npairs, np.int64(npairs), keys, src, np.int32(nc),
+                        work.type(1.0 / total), values)
+        return Calibration(self, simplex, pid.reshape(u, -1), values.astype(self.dtype, copy=False), exact)
 
     def local_gram(self, coef, **kwargs):
         """``self.calibrate(coef, **kwargs).gram()``."""

@@ -36,7 +36,8 @@ columns of :math:`B` (identity columns through the :math:`2(d+1)` blurs, in bloc
 pair reads its entry: :math:`2(d+1)(2r+1)M^2` operations, independent of :math:`N`. Estimated:
 :math:`S` = ``kernels_cuda.cpu.CALIBRATION_PROBES`` = 256 Rademacher columns :math:`P` (signs hashed
 from vertex id and column; the CPU build numbers vertices in order of first occurrence, so the
-estimate is the same in every run), :math:`S((d+1)(2r+1)M + P)` operations, unbiased, with a relative
+estimate is the same in every run; computed in float32 whatever the lattice's dtype, far below the
+estimate's own error), :math:`S((d+1)(2r+1)M + P)` operations, unbiased, with a relative
 error of about :math:`\sqrt{2/S}` per point (about 6% median, 15-20% at the 95th percentile),
 correlated between nearby points; products lose about 0.01 (up to 0.05 measured) of cosine
 similarity against the exact calibration. The cheaper of the two is used, exact on lattices small
