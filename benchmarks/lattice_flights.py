@@ -24,7 +24,7 @@ All start from the same hyperparameters (:data:`benchmarks.baselines.INIT`). Met
 minutes, NLPD per test point of the standardized noisy targets (add ``log(y_std) = 3.81`` for
 minutes), wall time (train and predict).
 
-Run: ``python -m benchmarks.lattice_flights`` (about 30-40 minutes on 2 busy cores); ``--quick``
+Run: ``python -m benchmarks.lattice_flights`` (about 13 minutes on 2 idle cores); ``--quick``
 (or ``CI`` set) for a smoke test on 2,000 rows.
 """
 from __future__ import annotations
