@@ -92,8 +92,8 @@ def simplex_job(data, *, steps: int, lr: float, order: int, num_probes: int, cg_
     row = {"method": "Simplex-GP (NumPyro)", "n_train": len(y)}
     row.update(gaussian_metrics(data.y_test, mean, var, y_std=data.y_std))
     row.update({"train_s": t_train.seconds, "predict_s": t_pred.seconds, "wall_s": t_train.seconds + t_pred.seconds,
-                "steps": steps, "loss_first": losses[0], "loss_last": losses[-1], "variance_rank": None if neighbors else variance_rank,
-                "neighbors": neighbors,
+                "steps": steps, "loss_first": losses[0], "loss_last": losses[-1],
+                "variance_rank": None if neighbors else variance_rank, "neighbors": neighbors,
                 "hyperparameters": params, "predict_cg_tol": predict_cg_tol,
                 "predict_max_cg_iter": predict_max_cg_iter} | settings)
     return row
@@ -136,8 +136,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     row, peak = run_isolated(simplex_job, data, steps=args.steps, lr=args.lr, order=args.order,
                              num_probes=args.probes, cg_tol=args.cg_tol, max_cg_iter=args.max_cg_iter,
-                             precond_rank=args.precond_rank, variance_rank=args.variance_rank, neighbors=args.neighbors,
-                             threads=threads,
+                             precond_rank=args.precond_rank, variance_rank=args.variance_rank,
+                             neighbors=args.neighbors, threads=threads,
                              predict_cg_tol=args.predict_cg_tol, predict_max_cg_iter=args.predict_max_cg_iter,
                              seed=args.seed)
     rows.append(row | {"peak_rss_mib": peak})
