@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <memory>
 #include <vector>
 #include <stdint.h>
 
@@ -40,13 +41,12 @@ void splat(const T* v, int64_t n, int nc, int d, const int32_t* vid, const T* ba
         for (int64_t i = 0; i < n; ++i) sgp_splat_point<T>(i, v, nc, d, vid, bary, vals);
         return;
     }
-    std::vector<T> extra((size_t)(nt - 1) * mv);
+    std::unique_ptr<T[]> extra(new T[(size_t)(nt - 1) * mv]);  // each thread zeroes its own, in parallel
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         const int t = omp_get_thread_num(), used = omp_get_num_threads();
-        T* own = t == 0 ? vals : extra.data() + (t - 1) * mv;
-        if (t == 0)
-            for (int64_t a = 0; a < mv; ++a) vals[a] = 0;
+        T* own = t == 0 ? vals : extra.get() + (t - 1) * mv;
+        for (int64_t a = 0; a < mv; ++a) own[a] = 0;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; ++i) sgp_splat_point<T, false>(i, v, nc, d, vid, bary, own);
 #pragma omp for schedule(static)

@@ -179,19 +179,22 @@ def test_rebuilt_lattice_numbers_vertices_and_estimates_the_same():
     np.testing.assert_array_equal(a.diagonal(), b.diagonal())
 
 
+def blur_pass(x, nbr, axis: int, r: int, coef):
+    """One 1-D blur of the vertex values ``x`` (``m x nc``) along ``axis`` in numpy, from the neighbour table."""
+    out = coef[0] * x
+    for t in range(1, r + 1):
+        for side in (0, 1):
+            b = nbr[:, axis, side * r + t - 1]
+            out = out + coef[t] * np.where(b[:, None] >= 0, x[np.maximum(b, 0)], 0)
+    return out
+
+
 def _numpy_splat_blur(L, coef, V):
     """C^T C W V in numpy from vid/bary/nbr (no C code), for lattices too large for the dense assembly."""
     vals = np.zeros((L.m, V.shape[1]))
     np.add.at(vals, L.vid, L.bary[..., None] * V[:, None, :])
-    r = L.order
     for p in range(2 * (L.d + 1)):
-        axis = p if p <= L.d else 2 * L.d + 1 - p
-        out = coef[0] * vals
-        for t in range(1, r + 1):
-            for side in (0, 1):
-                b = L.nbr[:, axis, side * r + t - 1]
-                out = out + coef[t] * np.where(b[:, None] >= 0, vals[np.maximum(b, 0)], 0.0)
-        vals = out
+        vals = blur_pass(vals, L.nbr, p if p <= L.d else 2 * L.d + 1 - p, L.order, coef)
     return vals
 
 

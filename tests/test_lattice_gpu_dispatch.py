@@ -19,6 +19,7 @@ import torch
 from kernels_cuda import build, cpu, gpu
 from kernels_cuda.cpu import CpuLattice, _ptr, load_library
 from scalegp import lattice as sl
+from tests.test_lattice_build import blur_pass
 
 _CTYPES = {"float": np.float32, "double": np.float64, "int32_t": np.int32, "int64_t": np.int64, "int": np.int32}
 
@@ -87,12 +88,7 @@ def _host_kernel(name, args):
         m, axis, src, dst, nc, d, nbr, r, coef = args
         r, size = int(r), int(m) * int(nc)  # buffers hold m x nc values first (the calibration's are longer)
         x = src.reshape(-1)[:size].reshape(int(m), int(nc))
-        acc = coef[0] * x
-        for t in range(1, r + 1):
-            for col in (t - 1, r + t - 1):
-                idx = nbr[:, int(axis), col]
-                acc = acc + coef[t] * np.where(idx[:, None] >= 0, x[np.maximum(idx, 0)], 0)
-        dst.reshape(-1)[:size] = acc.reshape(-1)
+        dst.reshape(-1)[:size] = blur_pass(x, nbr, int(axis), r, coef).reshape(-1)
     elif name.startswith("sgp_slice_"):
         vals, out, n, nc, d, vid, bary = args
         out[:] = np.einsum("nk,nkc->nc", bary, vals[vid])
