@@ -108,6 +108,17 @@ def number_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return owner[:k].copy(), ids
 
 
+def _output(out, shape, dtype, xp=np):
+    """``out`` checked to be a C-contiguous array of ``shape`` and ``dtype`` to write a result into, or a
+    new one (``xp``: numpy or CuPy)."""
+    if out is None:
+        return xp.empty(shape, dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous {np.dtype(dtype)} array of shape {tuple(shape)}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    return out
+
+
 def table_capacity(n_pv: int) -> int:
     """Hash-table slots: the power of two at least twice the point-vertex count (load <= 1/2)."""
     return 1 << max(4, int(2 * n_pv - 1).bit_length())
@@ -191,11 +202,12 @@ class CpuLattice:
             _ptr(coef), _ptr(vals), _ptr(buf))
         return vals
 
-    def filter(self, v: np.ndarray, coef: np.ndarray, bary=None) -> np.ndarray:
-        """``W^T C^T C W v``, same shape as ``v`` (``N`` or ``N x c``)."""
+    def filter(self, v: np.ndarray, coef: np.ndarray, bary=None, out=None) -> np.ndarray:
+        """``W^T C^T C W v``, same shape as ``v`` (``N`` or ``N x c``); written into ``out`` where given (a
+        C-contiguous array of that shape and the lattice's dtype, e.g. a buffer JAX hands over)."""
         v2, coef, bary = self._cols(v, coef, bary)
         nc = v2.shape[1]
-        out = np.empty_like(v2)
+        out = _output(out, np.shape(v), self.dtype).reshape(v2.shape)
         buf0 = np.empty((self.m, nc), self.dtype)
         buf1 = np.empty((self.m, nc), self.dtype)
         getattr(load_library(), f"sgp_filter_{self.suffix}")(

@@ -1,7 +1,21 @@
-"""Backend dispatch: the CPU or the CUDA build of the lattice."""
+"""Backend dispatch: the CPU or the CUDA build of the lattice, and the array module of each."""
 from __future__ import annotations
 
-__all__ = ["build_lattice"]
+__all__ = ["array_module", "build_lattice"]
+
+
+def array_module(backend: str):
+    """The array module of a backend's lattices: numpy for ``"cpu"``, CuPy for ``"cuda"`` (a clear
+    ``RuntimeError`` where CuPy is missing)."""
+    if backend == "cpu":
+        import numpy
+
+        return numpy
+    if backend == "cuda":
+        from .gpu import _cupy
+
+        return _cupy()
+    raise ValueError(f"backend: must be 'cpu' or 'cuda', got {backend!r}")
 
 
 def build_lattice(z, scale, order: int, *, backend: str = "cpu"):

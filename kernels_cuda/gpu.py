@@ -20,7 +20,7 @@ import importlib
 import numpy as np
 
 from .build import SOURCE_DIR
-from .cpu import CALIBRATION_PROBES, PROBE_DTYPE, SUFFIX, Calibration, probe_plan, table_capacity
+from .cpu import CALIBRATION_PROBES, PROBE_DTYPE, SUFFIX, Calibration, _output, probe_plan, table_capacity
 
 __all__ = ["GpuLattice", "KERNEL_NAMES", "module"]
 
@@ -127,15 +127,15 @@ class GpuLattice:
             src, dst = dst, src
         return src
 
-    def filter(self, v, coef, bary=None):
-        """``W^T C^T C W v``, same shape as ``v``."""
+    def filter(self, v, coef, bary=None, out=None):
+        """``W^T C^T C W v``, same shape as ``v``; written into ``out`` where given (as the CPU twin)."""
         cp = _cupy()
         v2, coef_, bary_ = self._cols(v, coef, bary)
         vals = self.splat_blur(v2, coef_, bary_)
-        out = cp.empty_like(v2)
+        out = _output(out, v.shape, self.dtype, cp)
         _launch(f"sgp_slice_{self.suffix}", self.n, vals, out, np.int64(self.n), np.int32(v2.shape[1]),
                 np.int32(self.d), self.vid, bary_)
-        return out.reshape(v.shape)
+        return out
 
     def calibrate(self, coef, *, probes: int = CALIBRATION_PROBES, exact=None) -> Calibration:
         """The diagonal calibration, exact or from ``probes`` Rademacher columns (see the CPU twin)."""

@@ -3,24 +3,28 @@ and the GP marginal likelihood on it.
 
 :class:`LatticeKernelOperator` is the same operator as
 :class:`pyro_scalegp.lattice.LatticeKernelOperator`, with the same maths (:mod:`scalegp.lattice`)
-and the same CPU build of ``kernels_cuda``:
+and the same ``kernels_cuda`` builds (the CPU build, or the CUDA one through CuPy for arrays on a GPU):
 
 .. math::
 
     K \approx \sigma^2 D^{-1/2} W^\top C^\top C W D^{-1/2}.
 
 The operator is a pytree (leaves ``X``, ``lengthscale``, ``variance``) whose products run inside
-``jit``, ``grad`` and ``vmap``. Built from concrete values, the lattice is built at once (host
-data of the pytree); built from traced values (inside ``jit``, e.g. in a NumPyro model under
-SVI), the lattice is built when the computation runs, by a ``jax.pure_callback`` that returns the
-per-point lattice data (simplex ranks, remainder-0 points, the Gram blocks of the diagonal
-calibration; their shapes
-depend only on ``N`` and ``d``) and a handle to the host lattice, which the products look up.
-The filter is a ``pure_callback`` into the CPU build wrapped in a ``custom_vjp`` whose backward
-is the transposed filtering (the operator is symmetric) and the weight gradient
+``jit``, ``grad`` and ``vmap``. Built from concrete values, the lattice is built at once (its
+per-point data become leaves of the pytree); built from traced values (inside ``jit``, e.g. in a
+NumPyro model under SVI), the lattice is built when the computation runs, by a callback that
+writes the per-point lattice data (simplex ranks, remainder-0 points, the Gram blocks of the
+diagonal calibration; their shapes depend only on ``N`` and ``d``) and a handle to the lattice,
+which the products look up. The filter is a callback into the build wrapped in a ``custom_vjp``
+whose backward is the transposed filtering (the operator is symmetric) and the weight gradient
 :math:`g_i^\top (BWu)_{a_{ik}} + u_i^\top (BWg)_{a_{ik}}`; the barycentric weights and the diagonal
 calibration are differentiated by JAX. Gradients with respect to ``X`` and the lengthscales hold
 the simplices fixed (exact derivatives of the forward map between lattice rebuilds).
+
+The callbacks are ``jax.experimental.buffer_callback``: they get XLA's own buffers (numpy views on
+the CPU; on a GPU, CuPy views through the CUDA array interface, with the kernels launched on XLA's
+stream) and write their results in place, so no operand or result is copied. The CUDA side is
+tested with CuPy mocked (no machine here has a GPU).
 
 :class:`SimplexGPMarginal` is :math:`\mathcal N(m, K + \sigma_n^2 I)` with ``log_prob`` by
 preconditioned CG and stochastic Lanczos quadrature (:mod:`scalegp.krylov`).
@@ -31,12 +35,13 @@ Wilson, GPyTorch, NeurIPS 2018. [3] Harbrecht, Peters, Schneider, Appl. Numer. M
 processes" (LOVE), ICML 2018.
 
 .. note:: Cost: building ``O(N d^2 + M d r)`` plus the diagonal calibration (see
-   :mod:`scalegp.lattice`), each product ``O((N d + M d r) c)`` for ``c`` columns, plus a host round
-   trip per callback (zero-copy on the CPU).
+   :mod:`scalegp.lattice`), each product ``O((N d + M d r) c)`` for ``c`` columns, plus a Python
+   call per callback.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import math
@@ -45,9 +50,10 @@ import weakref
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
 from numpyro.distributions import Distribution, Normal, constraints
 
-from kernels_cuda.dispatch import build_lattice
+from kernels_cuda.dispatch import array_module, build_lattice
 from scalegp import krylov
 from scalegp import lattice as sl
 from scalegp.neighbors import check_neighbors, neighbor_variances
@@ -71,33 +77,33 @@ def kernel_name(kernel) -> str:
 
 
 class _HostLattice:
-    """The lattice of concrete ``(X, lengthscale)`` (numpy), with the host side of the products."""
+    """The lattice of concrete ``(X, lengthscale)`` on ``backend`` (``X`` and ``ell`` numpy arrays for
+    ``"cpu"``, CuPy arrays for ``"cuda"``), with that side of the products."""
 
-    def __init__(self, X: np.ndarray, ell: np.ndarray, name: str, order: int):
+    def __init__(self, X, ell, name: str, order: int, backend: str):
         n, d = X.shape
         sl.check_memory(n, d, order, 1, X.dtype.itemsize)
         st = sl.stencil(name, order)
         scale = sl.elevation_scale(d, st)
-        self.impl = build_lattice(np.ascontiguousarray(X / ell), scale.astype(X.dtype), order, backend="cpu")
+        self.xp, self.backend, self.dtype = array_module(backend), backend, np.dtype(X.dtype)
+        self.impl = build_lattice(self.xp.ascontiguousarray(X / ell), scale.astype(X.dtype), order, backend=backend)
         self.coef = st.coef.astype(X.dtype)
-        self.dtype = X.dtype
 
     def arrays(self, handle: int) -> tuple:
         """The per-point data handed to JAX, all in the inputs' float dtype (so the operator has no
         integer leaves and ``jax.grad`` takes it whole): the handle, the residual ranks, the
         remainder-0 points and the Gram blocks of the diagonal calibration."""
-        return (np.asarray(handle, self.dtype), self.impl.rank.astype(self.dtype), self.impl.greedy.astype(self.dtype),
-                self.impl.local_gram(self.coef).astype(self.dtype))
+        return (self.xp.asarray(handle, self.dtype), self.impl.rank.astype(self.dtype),
+                self.impl.greedy.astype(self.dtype), self.impl.local_gram(self.coef).astype(self.dtype))
 
-    def filter(self, w, u):
-        return self.impl.filter(np.asarray(u, self.dtype), self.coef, np.asarray(w, self.dtype))
+    def filter(self, out, w, u):
+        self.impl.filter(u, self.coef, w, out=out)
 
-    def weight_grad(self, w, u, g):
-        """:math:`\\partial (g^\\top W^\\top B W u) / \\partial w_{ik}` (``N x (d+1)``)."""
-        w = np.asarray(w, self.dtype)
-        q = self.impl.splat_blur(np.asarray(u, self.dtype), self.coef, w)[self.impl.vid]
-        p = self.impl.splat_blur(np.asarray(g, self.dtype), self.coef, w)[self.impl.vid]
-        return np.einsum("nkc,nc->nk", q, g) + np.einsum("nkc,nc->nk", p, u)
+    def weight_grad(self, out, w, u, g):
+        """:math:`\\partial (g^\\top W^\\top B W u) / \\partial w_{ik}` (``N x (d+1)``) into ``out``."""
+        q = self.impl.splat_blur(u, self.coef, w)[self.impl.vid]
+        p = self.impl.splat_blur(g, self.coef, w)[self.impl.vid]
+        out[...] = self.xp.einsum("nkc,nc->nk", q, g) + self.xp.einsum("nkc,nc->nk", p, u)
 
 
 class _Registry:
@@ -105,7 +111,8 @@ class _Registry:
     operators built from concrete values live as long as their operator (weak references; the
     operator holds the lattice); those built inside traced computations are kept for the ``keep``
     most recent builds. A lattice looked up after it was dropped is rebuilt from the same
-    ``(X, lengthscale)``: the data handed to JAX is a deterministic function of them."""
+    ``(X, lengthscale)``: the data handed to JAX is a deterministic function of them (on the CPU
+    build; the GPU build's probe estimate is the same in distribution)."""
 
     def __init__(self, keep: int = 4):
         self.keep = keep
@@ -123,11 +130,11 @@ class _Registry:
                 self._recent.popitem(last=False)
         return handle
 
-    def get(self, handle, X, ell, name: str, order: int) -> _HostLattice:
+    def get(self, handle, X, ell, name: str, order: int, backend: str) -> _HostLattice:
         handle = int(handle)
         lat = self._weak.get(handle)
         if lat is None:
-            lat = _HostLattice(np.asarray(X), np.asarray(ell), name, order)
+            lat = _HostLattice(X, ell, name, order, backend)
             self.add(lat, keep=True, handle=handle)
         return lat
 
@@ -135,44 +142,81 @@ class _Registry:
 _REGISTRY = _Registry()
 
 
-def _host_build(name: str, order: int, X, ell, variance, *, keep: bool = True):
-    """Validate, build and register a lattice; returns it and its data for JAX."""
-    Xh, ellh = sl.validate_inputs(np.asarray(X), np.asarray(ell), np.asarray(variance), name, order)
-    lat = _HostLattice(Xh, ellh.astype(Xh.dtype), name, order)
+def _host_build(name: str, order: int, backend: str, X, ell, variance, *, keep: bool = True):
+    """Validate (on host copies where the values are on a GPU), build and register a lattice; returns
+    it and its data for JAX (arrays of the backend)."""
+    xp = array_module(backend)
+    host = np.asarray if xp is np else xp.asnumpy
+    Xh, ellh = sl.validate_inputs(host(X), host(ell), host(variance), name, order)
+    if xp is np:
+        X, ell = Xh, ellh.astype(Xh.dtype)
+    else:
+        X, ell = xp.asarray(X).reshape(Xh.shape), xp.asarray(ellh, Xh.dtype)
+    lat = _HostLattice(X, ell, name, order, backend)
     return lat, lat.arrays(_REGISTRY.add(lat, keep=keep))
 
 
-def _callback(fn, shape, dtype, *args):
-    return jax.pure_callback(fn, jax.ShapeDtypeStruct(shape, dtype), *args, vmap_method="sequential")
+def _xla_stream(ctx):
+    """XLA's CUDA stream of a ``buffer_callback`` as CuPy's current stream (the launches and
+    allocations of the callback go on it, in order with XLA's own work)."""
+    return array_module("cuda").cuda.ExternalStream(ctx.stream)
+
+
+def _device_call(fn, backend: str, shapes: tuple, *args):
+    """``fn(outs, *ins)`` on the buffers XLA holds (``jax.experimental.buffer_callback``): numpy views
+    of them on the CPU, CuPy views on a GPU (on XLA's stream), so no operand or result is copied;
+    ``fn`` writes each result into its ``outs`` array. Runs inside ``jit``; ``vmap`` calls it per batch
+    element."""
+    xp = array_module(backend)
+
+    def run(ctx, outs, *ins):
+        with contextlib.nullcontext() if xp is np else _xla_stream(ctx):
+            fn(tuple(xp.asarray(o) for o in outs), *(xp.asarray(a) for a in ins))
+
+    return buffer_callback(run, shapes, vmap_method="sequential")(*args)
 
 
 @functools.lru_cache(maxsize=None)
-def _filter(name: str, order: int):
+def _filter(name: str, order: int, backend: str):
     """``W^T C^T C W u`` as a ``custom_vjp`` of ``(handle, X, lengthscale, w, u)``; the handle, ``X``
     and the lengthscale only identify the lattice (their cotangents are zero: the simplices are fixed)."""
 
-    def host(method):
-        def call(handle, X, ell, w, *cols):
-            return getattr(_REGISTRY.get(handle, X, ell, name, order), method)(w, *cols)
+    def call(method, out_like, *args):
+        def run(outs, handle, X, ell, w, *cols):
+            getattr(_REGISTRY.get(handle, X, ell, name, order, backend), method)(outs[0], w, *cols)
 
-        return call
+        shape = (jax.ShapeDtypeStruct(out_like.shape, out_like.dtype),)
+        return _device_call(run, backend, shape, *args)[0]
 
     @jax.custom_vjp
     def f(handle, X, ell, w, u):
-        return _callback(host("filter"), u.shape, u.dtype, handle, X, ell, w, u)
+        return call("filter", u, handle, X, ell, w, u)
 
     def fwd(handle, X, ell, w, u):
         return f(handle, X, ell, w, u), (handle, X, ell, w, u)
 
     def bwd(res, g):
         handle, X, ell, w, u = res
-        grad_w = _callback(host("weight_grad"), w.shape, w.dtype, handle, X, ell, w, u, g)
-        grad_u = _callback(host("filter"), g.shape, g.dtype, handle, X, ell, w, g)
+        grad_w = call("weight_grad", w, handle, X, ell, w, u, g)
+        grad_u = call("filter", g, handle, X, ell, w, g)
         return jnp.zeros_like(handle), jnp.zeros_like(X), jnp.zeros_like(ell), grad_w, grad_u
 
     f.defvjp(fwd, bwd)
     return f
 
+
+def _resolve_backend(X, backend: str) -> str:
+    """``"cpu"`` or ``"cuda"``: ``backend`` itself, or for ``"auto"`` the platform of a concrete
+    ``X``'s device (of JAX's default backend for traced or host values)."""
+    if backend not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"backend: must be 'auto', 'cpu' or 'cuda', got {backend!r}")
+    if backend != "auto":
+        return backend
+    if isinstance(X, jax.Array) and not _is_traced(X):
+        platform = next(iter(X.devices())).platform
+    else:
+        platform = jax.default_backend()
+    return "cuda" if platform in ("gpu", "cuda") else "cpu"
 
 def _weights(X, ell, proj, rank, greedy):
     """Barycentric weights, differentiable in ``X`` and ``ell`` (simplices held fixed)."""
@@ -196,7 +240,8 @@ class LatticeKernelOperator:
     :param X: ``(N, d)`` inputs.
     :param kernel: a ``numpyro_scalegp.kernels`` RBF, Exponential, Matern32 or Matern52.
     :param order: stencil order ``r`` (``2r+1`` taps per lattice direction).
-    :param backend: ``"auto"`` or ``"cpu"`` (the JAX frontend calls the CPU build).
+    :param backend: ``"cpu"``, ``"cuda"`` (the CUDA build through CuPy, on GPU buffers) or ``"auto"``:
+        the platform of ``X``'s device, or of JAX's default backend for traced or host values.
 
     ``op @ v`` with ``v`` of shape ``(N,)`` or ``(N, c)``; works under ``jit``, ``grad``
     (``v``, ``X``, ``lengthscale``, ``variance``; the lattice data, a private leaf, gets a zero
@@ -210,14 +255,13 @@ class LatticeKernelOperator:
     """
 
     def __init__(self, X, kernel, *, order: int = 1, backend: str = "auto"):
-        if backend not in ("auto", "cpu"):
-            raise ValueError(f"backend: the JAX frontend runs the CPU build ('auto' or 'cpu'), got {backend!r}")
+        backend = _resolve_backend(X, backend)
         name = kernel_name(kernel)
         if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
             raise ValueError(f"order: must be a positive integer, got {order!r}")
         X = kernel._slice(X)
         ell, var = kernel.lengthscale, kernel.variance
-        self.order, self.kernel_name = int(order), name
+        self.order, self.kernel_name, self.backend = int(order), name, backend
         if _is_traced(X, ell, var):
             if X.ndim != 2 or 0 in X.shape:
                 raise ValueError(f"X: expected a 2-D (N, d) array with N, d > 0, got shape {X.shape}")
@@ -230,25 +274,29 @@ class LatticeKernelOperator:
             self.variance = jnp.asarray(var, dtype).reshape(())
             shapes = tuple(jax.ShapeDtypeStruct(s, dtype) for s in ((), (n, d + 1), (n, d + 1), (n, d + 1, d + 1)))
             stop = jax.lax.stop_gradient
-            self._lattice = jax.pure_callback(
-                lambda *a: _host_build(name, self.order, *a)[1], shapes, stop(self.X), stop(self.lengthscale),
-                stop(self.variance), vmap_method="sequential")
+
+            def build(outs, *values):
+                for out, a in zip(outs, _host_build(name, self.order, backend, *values)[1]):
+                    out[...] = a
+
+            self._lattice = _device_call(build, backend, shapes, stop(self.X), stop(self.lengthscale),
+                                         stop(self.variance))
         else:
-            lat, arrays = _host_build(name, self.order, X, ell, var, keep=False)
+            lat, arrays = _host_build(name, self.order, backend, X, ell, var, keep=False)
             self._keepalive = lat
-            self.X = jnp.asarray(np.asarray(X), lat.dtype)
-            self.lengthscale = jnp.asarray(np.broadcast_to(np.asarray(ell, lat.dtype), (self.X.shape[1],)))
+            self.X = jnp.asarray(X, lat.dtype)
+            self.lengthscale = jnp.broadcast_to(jnp.asarray(ell, lat.dtype).reshape(-1), (self.X.shape[1],))
             self.variance = jnp.asarray(var, lat.dtype)
-            self._lattice = tuple(jnp.asarray(a) for a in arrays)
+            self._lattice = tuple(jnp.asarray(a) if backend == "cpu" else jax.dlpack.from_dlpack(a) for a in arrays)
 
     def tree_flatten(self):
-        return (self.X, self.lengthscale, self.variance, self._lattice), (self.order, self.kernel_name)
+        return (self.X, self.lengthscale, self.variance, self._lattice), (self.order, self.kernel_name, self.backend)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
         obj.X, obj.lengthscale, obj.variance, obj._lattice = children
-        obj.order, obj.kernel_name = aux
+        obj.order, obj.kernel_name, obj.backend = aux
         return obj
 
     @property
@@ -269,7 +317,7 @@ class LatticeKernelOperator:
         proj = sl.elevation_matrix(d) * sl.elevation_scale(d, sl.stencil(self.kernel_name, self.order))[None, :]
         w = _weights(self.X, self.lengthscale, proj, rank.astype(jnp.int32), greedy)
         s = jax.lax.rsqrt(jnp.einsum("nk,nkl,nl->n", w, gram, w))
-        filt = _filter(self.kernel_name, self.order)
+        filt = _filter(self.kernel_name, self.order, self.backend)
         out = self.variance * s[:, None] * filt(handle, self.X, self.lengthscale, w, s[:, None] * u)
         return out[:, 0] if v.ndim == 1 else out
 
@@ -610,7 +658,8 @@ class SimplexGPMarginal(Distribution):
                                           or not 1 <= variance_rank <= n):
             raise ValueError(f"variance_rank: must be None or an integer in [1, {n}], got {variance_rank!r}")
         check_neighbors(neighbors, variance_rank, n)
-        joint = LatticeKernelOperator(jnp.concatenate([self.X, X_new]), self._op_kernel(), order=self.order)
+        joint = LatticeKernelOperator(jnp.concatenate([self.X, X_new]), self._op_kernel(), order=self.order,
+                                     backend=self.op.backend)
         t = X_new.shape[0]
         cfg = self._cfg()
         alpha = self._solve(joint, (y - self.loc)[:, None], n, cfg)

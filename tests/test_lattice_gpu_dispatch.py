@@ -8,6 +8,8 @@ itself is only compiled (tests/test_lattice_build.py), never run.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
 import sys
 import types
@@ -157,9 +159,10 @@ def fake_cupy(monkeypatch):
             return launch
 
     fake = types.ModuleType("cupy")
-    for fn in ("ascontiguousarray", "asarray", "empty", "zeros", "full", "arange", "empty_like", "unique"):
+    for fn in ("ascontiguousarray", "asarray", "empty", "zeros", "full", "arange", "empty_like", "unique", "einsum"):
         setattr(fake, fn, getattr(np, fn))
     fake.from_dlpack = lambda t: t.numpy()
+    fake.asnumpy = np.array
     fake.RawModule = RawModule
     monkeypatch.setitem(sys.modules, "cupy", fake)
     gpu.module.cache_clear()
@@ -226,6 +229,41 @@ def test_torch_operator_cuda_backend_dispatches(fake_cupy):
         assert "sgp_embed_f64" in fake_cupy and "sgp_slice_f64" in fake_cupy
         b = LatticeKernelOperator(X, kern, backend="cpu") @ V
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.usefixtures("jax_x64")
+def test_jax_operator_cuda_backend_dispatches(fake_cupy, monkeypatch):
+    """The NumPyro operator on the CUDA build, built outside and inside jit (by a buffer_callback),
+    forward and gradients: equal to the CPU build, with every callback of the CUDA backend on XLA's stream."""
+    import jax
+    import jax.numpy as jnp
+
+    from numpyro_scalegp import kernels as nk
+    from numpyro_scalegp import lattice as nl
+
+    streams = []
+    monkeypatch.setattr(nl, "_xla_stream", lambda ctx: streams.append(ctx) or contextlib.nullcontext())
+    rng = np.random.default_rng(3)
+    X, V = jnp.asarray(rng.normal(size=(120, 3))), jnp.asarray(rng.normal(size=(120, 2)))
+    ell = jnp.asarray([1.0, 1.5, 0.8])
+
+    def product(backend, x, lengthscale, v):
+        return nl.LatticeKernelOperator(x, nk.RBF(3, variance=0.7, lengthscale=lengthscale), backend=backend) @ v
+
+    ref = product("cpu", X, ell, V)
+    np.testing.assert_allclose(product("cuda", X, ell, V), ref, rtol=1e-12, atol=1e-12)
+    assert {"sgp_embed_f64", "sgp_slice_f64"} <= set(fake_cupy) and len(streams) == 1  # the product's callback
+    fake_cupy.clear(), streams.clear()
+    traced = jax.jit(functools.partial(product, "cuda"))
+    np.testing.assert_allclose(traced(X, ell, V), ref, rtol=1e-12, atol=1e-12)
+    assert fake_cupy[0] == "sgp_embed_f64" and "sgp_slice_f64" in fake_cupy and len(streams) == 2  # build, product
+    loss = lambda backend: lambda x, lengthscale, v: (product(backend, x, lengthscale, v) ** 2).sum()  # noqa: E731
+    grads = jax.jit(jax.grad(loss("cuda"), argnums=(0, 1, 2)))(X, ell, V)
+    for got, want in zip(grads, jax.grad(loss("cpu"), argnums=(0, 1, 2))(X, ell, V)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert nl._resolve_backend(X, "auto") == "cpu"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert nl._resolve_backend(np.asarray(X), "auto") == "cuda"
 
 
 def test_missing_cupy_is_a_clear_error(monkeypatch):

@@ -110,7 +110,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="kernel"):
         LatticeKernelOperator(X, object())
     with pytest.raises(ValueError, match="backend"):
-        LatticeKernelOperator(X, k, backend="cuda")
+        LatticeKernelOperator(X, k, backend="tpu")
     with pytest.raises(ValueError, match="v"):
         LatticeKernelOperator(X, k) @ jnp.ones(3)
 
