@@ -1,7 +1,7 @@
 """Backend dispatch: the CPU or the CUDA build of the lattice, and the array module of each."""
 from __future__ import annotations
 
-__all__ = ["array_module", "build_lattice"]
+__all__ = ["array_module", "build_lattice", "memory_limit"]
 
 
 def array_module(backend: str):
@@ -31,3 +31,12 @@ def build_lattice(z, scale, order: int, *, backend: str = "cpu"):
 
         return GpuLattice(z, scale, order)
     raise ValueError(f"backend: must be 'cpu' or 'cuda', got {backend!r}")
+
+
+def memory_limit(backend: str) -> tuple:
+    """``(limit, where)`` for :func:`scalegp.lattice.check_memory`: ``(None, "host")`` for ``"cpu"`` (the
+    host memory available), the current GPU's free bytes and ``"GPU"`` for ``"cuda"``."""
+    if backend == "cuda":
+        return int(array_module("cuda").cuda.runtime.memGetInfo()[0]), "GPU"
+    array_module(backend)  # a clear error for an unknown backend
+    return None, "host"

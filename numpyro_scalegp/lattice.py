@@ -53,7 +53,7 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 from numpyro.distributions import Distribution, Normal, constraints
 
-from kernels_cuda.dispatch import array_module, build_lattice
+from kernels_cuda.dispatch import array_module, build_lattice, memory_limit
 from scalegp import krylov
 from scalegp import lattice as sl
 from scalegp.neighbors import check_neighbors, neighbor_variances
@@ -82,7 +82,8 @@ class _HostLattice:
 
     def __init__(self, X, ell, name: str, order: int, backend: str):
         n, d = X.shape
-        sl.check_memory(n, d, order, 1, X.dtype.itemsize)
+        limit, where = memory_limit(backend)
+        sl.check_memory(n, d, order, 1, X.dtype.itemsize, limit=limit, where=where)
         st = sl.stencil(name, order)
         scale = sl.elevation_scale(d, st)
         self.xp, self.backend, self.dtype = array_module(backend), backend, np.dtype(X.dtype)

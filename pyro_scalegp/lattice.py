@@ -44,7 +44,7 @@ from pyro.contrib.gp import kernels as gp_kernels
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
-from kernels_cuda.dispatch import build_lattice
+from kernels_cuda.dispatch import build_lattice, memory_limit
 from scalegp import lattice as sl
 from scalegp.krylov import warn_unconverged
 from scalegp.neighbors import check_neighbors, neighbor_variances
@@ -85,7 +85,8 @@ class _Lattice:
     def __init__(self, X: torch.Tensor, lengthscale: torch.Tensor, name: str, order: int, backend: str):
         Xn, elln = sl.validate_inputs(X.detach().cpu().numpy(), lengthscale.detach().cpu().numpy(), 1.0, name, order)
         n, d = Xn.shape
-        sl.check_memory(n, d, order, 1, X.element_size())
+        limit, where = memory_limit(backend)
+        sl.check_memory(n, d, order, 1, X.element_size(), limit=limit, where=where)
         self.st = sl.stencil(name, order)
         self.backend = backend
         scale = sl.elevation_scale(d, self.st)

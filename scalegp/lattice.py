@@ -216,15 +216,17 @@ def _available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(n: int, d: int, order: int, ncols: int = 1, itemsize: int = 8, *, limit=None) -> int:
+def check_memory(n: int, d: int, order: int, ncols: int = 1, itemsize: int = 8, *, limit=None,
+                 where: str = "host") -> int:
     """Raise :class:`MemoryError` (before anything is allocated) if :func:`memory_estimate` exceeds
-    ``limit`` (default: the memory available now). Returns the estimate."""
+    ``limit`` (default: the host memory available now), naming ``where`` that memory is. Returns the
+    estimate."""
     est = memory_estimate(n, d, order, ncols, itemsize)
     limit = _available_bytes() if limit is None else int(limit)
     if est > limit:
         raise MemoryError(
             f"lattice for N={n}, d={d}, order={order}, {ncols} column(s) needs up to {est / 2**30:.2f} GiB, "
-            f"more than the {limit / 2**30:.2f} GiB available"
+            f"more than the {limit / 2**30:.2f} GiB of {where} memory available"
         )
     return est
 

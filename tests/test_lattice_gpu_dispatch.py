@@ -164,6 +164,8 @@ def fake_cupy(monkeypatch):
     fake.from_dlpack = lambda t: t.numpy()
     fake.asnumpy = np.array
     fake.RawModule = RawModule
+    fake.free_bytes = 16 << 30  # what the device reports free (a test lowers it)
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (fake.free_bytes, 16 << 30)))
     monkeypatch.setitem(sys.modules, "cupy", fake)
     gpu.module.cache_clear()
     yield launches
@@ -264,6 +266,30 @@ def test_jax_operator_cuda_backend_dispatches(fake_cupy, monkeypatch):
     assert nl._resolve_backend(X, "auto") == "cpu"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert nl._resolve_backend(np.asarray(X), "auto") == "cuda"
+
+
+@pytest.mark.usefixtures("jax_x64")
+def test_lattice_too_big_for_the_gpu_is_refused_before_building(fake_cupy):
+    """Both frontends check the lattice's memory estimate against the GPU's free memory for the CUDA build
+    (against the host's for the CPU build), before the first launch."""
+    import jax.numpy as jnp
+    from pyro.contrib.gp.kernels import RBF
+
+    from numpyro_scalegp import kernels as nk
+    from numpyro_scalegp.lattice import LatticeKernelOperator as JaxOperator
+    from pyro_scalegp.lattice import LatticeKernelOperator
+
+    sys.modules["cupy"].free_bytes = sl.memory_estimate(500, 3, 1) - 1
+    X = np.random.default_rng(4).normal(size=(500, 3))
+    with pytest.raises(MemoryError, match="GiB of GPU memory available"):
+        LatticeKernelOperator(torch.as_tensor(X), RBF(3), backend="cuda")
+    with pytest.raises(MemoryError, match="GiB of GPU memory available"):
+        JaxOperator(jnp.asarray(X), nk.RBF(3), backend="cuda")
+    assert fake_cupy == []  # refused before any launch
+    JaxOperator(jnp.asarray(X), nk.RBF(3), backend="cpu")  # the host has the room
+    sys.modules["cupy"].free_bytes = sl.memory_estimate(500, 3, 1)
+    JaxOperator(jnp.asarray(X), nk.RBF(3), backend="cuda")
+    assert fake_cupy[0] == "sgp_embed_f64"
 
 
 def test_missing_cupy_is_a_clear_error(monkeypatch):
