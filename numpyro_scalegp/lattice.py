@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 from numpyro.distributions import Distribution, Normal, constraints
+from tqdm.auto import tqdm
 
 from kernels_cuda.dispatch import array_module, build_lattice, memory_limit
 from scalegp import krylov
@@ -619,7 +620,7 @@ class SimplexGPMarginal(Distribution):
         raise NotImplementedError("SimplexGPMarginal: sampling is not implemented; use predict() for predictions")
 
     def predict(self, y, X_new, *, noiseless: bool = False, chunk: int = 256, variance_rank: int | None = None,
-                neighbors: int | None = None):
+                neighbors: int | None = None, progress_bar: bool = False):
         r"""Predictive distribution at ``X_new`` given ``y``, from one lattice on ``[X; X_new]``:
         with :math:`A = K_{XX} + \sigma_n^2 I` (blocks of the joint operator, so the joint prior is
         PSD and variances are non-negative), mean :math:`m + K_{*X} A^{-1}(y - m)` by preconditioned
@@ -638,6 +639,8 @@ class SimplexGPMarginal(Distribution):
             exact GP's variance, equal to it with ``k = N``, and close to it with a few hundred on
             data much larger than the lengthscales (the fast choice for large ``N``; on flights
             LOVE's variances are far too large).
+        :param progress_bar: show a progress bar over the test points while their variances are
+            computed (by chunks of CG solves, or by neighbours).
         :returns: ``numpyro.distributions.Normal(mean, scale).to_event(1)`` over ``(T,)``.
 
         .. note:: Cost: a joint build and one CG solve for the mean; variances by ``O(T / chunk)`` CG
@@ -668,7 +671,7 @@ class SimplexGPMarginal(Distribution):
         if neighbors is not None:
             var = jnp.asarray(neighbor_variances(self.X, X_new, neighbors, kernel=self.op.kernel_name,
                                                  lengthscale=self.op.lengthscale, variance=self.op.variance,
-                                                 noise=self.noise), self.X.dtype)
+                                                 noise=self.noise, progress_bar=progress_bar), self.X.dtype)
             return Normal(mean, jnp.sqrt(var if noiseless else var + self.noise)).to_event(1)
         if variance_rank is not None:
             start = (joint @ jnp.concatenate([jnp.zeros(n, self.X.dtype), jnp.ones(t, self.X.dtype)]))[:n]
@@ -676,11 +679,13 @@ class SimplexGPMarginal(Distribution):
         else:
             width = min(chunk, t)
             reduction = []
-            for s in range(0, t, width):
-                cols = jnp.minimum(jnp.arange(s, s + width), t - 1)  # the last chunk repeats a column: one shape
-                onehot = jnp.zeros((n + t, width), self.X.dtype).at[n + cols, jnp.arange(width)].set(1)
-                kx = (joint @ onehot)[:n]  # N x width: K_{X, *}
-                reduction.append((kx * self._solve(joint, kx, n, cfg)).sum(0))
+            with tqdm(total=t, desc="Simplex-GP variances", unit="point", disable=not progress_bar) as bar:
+                for s in range(0, t, width):
+                    cols = jnp.minimum(jnp.arange(s, s + width), t - 1)  # the last chunk repeats a column: one shape
+                    onehot = jnp.zeros((n + t, width), self.X.dtype).at[n + cols, jnp.arange(width)].set(1)
+                    kx = (joint @ onehot)[:n]  # N x width: K_{X, *}
+                    reduction.append((kx * self._solve(joint, kx, n, cfg)).sum(0))
+                    bar.update(min(width, t - s))
             reduction = jnp.concatenate(reduction)[:t]
         var = (self.op.variance - reduction).clip(0)
         var = var if noiseless else var + self.noise

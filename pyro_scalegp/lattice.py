@@ -43,6 +43,7 @@ from linear_operator import LinearOperator, settings
 from pyro.contrib.gp import kernels as gp_kernels
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
+from tqdm.auto import tqdm
 
 from kernels_cuda.dispatch import build_lattice, memory_limit
 from scalegp import lattice as sl
@@ -407,7 +408,7 @@ class SimplexGPMarginal(TorchDistribution):
 
     @torch.no_grad()
     def predict(self, y, X_new, *, noiseless: bool = False, chunk: int = 256, variance_rank: int | None = None,
-                neighbors: int | None = None):
+                neighbors: int | None = None, progress_bar: bool = False):
         r"""Predictive distribution at ``X_new`` given ``y``, from one lattice on ``[X; X_new]``:
         with :math:`A = K_{XX} + \sigma_n^2 I` (blocks of the joint operator, so the joint prior is
         PSD and variances are non-negative), mean :math:`m + K_{*X} A^{-1}(y - m)` by CG
@@ -425,6 +426,8 @@ class SimplexGPMarginal(TorchDistribution):
             training points under the exact kernel (:mod:`scalegp.neighbors`): never below the
             exact GP's variance, equal to it with ``k = N``, and close to it with a few hundred on
             data much larger than the lengthscales (the fast choice for large ``N``).
+        :param progress_bar: show a progress bar over the test points while their variances are
+            computed (by chunks of CG solves, or by neighbours).
         :returns: ``pyro.distributions.Normal(mean, scale).to_event(1)`` over ``(T,)``.
 
         .. note:: Cost: a joint build, ``precond_rank`` single-column products for the
@@ -473,7 +476,7 @@ class SimplexGPMarginal(TorchDistribution):
             host = lambda v: torch.as_tensor(v).detach().cpu().numpy()  # noqa: E731
             var = torch.as_tensor(neighbor_variances(
                 host(self.X), host(X_new), neighbors, kernel=self.op.kernel_name, lengthscale=host(self.op.lengthscale),
-                variance=host(self.op.variance), noise=host(self.noise))).to(self.X)
+                variance=host(self.op.variance), noise=host(self.noise), progress_bar=progress_bar)).to(self.X)
             return dist.Normal(mean, (var if noiseless else var + self.noise).sqrt()).to_event(1)
         if variance_rank is not None:
             start = block(torch.ones(t, 1, dtype=self.X.dtype), train, test)[:, 0]
@@ -482,12 +485,14 @@ class SimplexGPMarginal(TorchDistribution):
             reduction = (torch.linalg.solve_triangular(torch.linalg.cholesky(T), cross.T, upper=False) ** 2).sum(0)
         else:
             reduction = torch.empty(t, dtype=self.X.dtype)
-            for s in range(0, t, chunk):
-                e = min(t, s + chunk)
-                onehot = torch.zeros(t, e - s, dtype=self.X.dtype)
-                onehot[torch.arange(s, e), torch.arange(e - s)] = 1
-                kx = block(onehot, train, test)  # N x chunk: K_{X, *}
-                reduction[s:e] = (kx * solve(kx)).sum(0)
+            with tqdm(total=t, desc="Simplex-GP variances", unit="point", disable=not progress_bar) as bar:
+                for s in range(0, t, chunk):
+                    e = min(t, s + chunk)
+                    onehot = torch.zeros(t, e - s, dtype=self.X.dtype)
+                    onehot[torch.arange(s, e), torch.arange(e - s)] = 1
+                    kx = block(onehot, train, test)  # N x chunk: K_{X, *}
+                    reduction[s:e] = (kx * solve(kx)).sum(0)
+                    bar.update(e - s)
         var = (self.op.variance - reduction).clamp_min(0)
         var = var if noiseless else var + self.noise
         return dist.Normal(mean, var.sqrt()).to_event(1)

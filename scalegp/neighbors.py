@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.spatial import cKDTree
+from tqdm.auto import tqdm
 
 from .lattice import kernel_profile
 
@@ -45,24 +46,28 @@ def check_neighbors(neighbors, variance_rank, n: int) -> None:
         raise ValueError("neighbors: give either neighbors or variance_rank, not both")
 
 
-def neighbor_variances(X, X_new, k: int, *, kernel: str, lengthscale, variance, noise) -> np.ndarray:
+def neighbor_variances(X, X_new, k: int, *, kernel: str, lengthscale, variance, noise,
+                       progress_bar: bool = False) -> np.ndarray:
     r"""Latent variances :math:`v_S(x_*)` at the rows of ``X_new`` (``T x d``), each conditioned on
     its ``k`` nearest rows of ``X`` (``N x d``) in the metric of ``lengthscale`` (scalar or ``(d,)``),
     under the stationary kernel ``kernel`` (a name of :data:`scalegp.lattice.KERNELS`) with
     ``variance`` :math:`\sigma^2` and observation noise ``noise`` :math:`\sigma_n^2`. float64,
-    clipped at zero; add ``noise`` for the noisy targets."""
+    clipped at zero; add ``noise`` for the noisy targets. ``progress_bar`` shows one over the test
+    points."""
     X = np.asarray(X, dtype=np.float64) / np.asarray(lengthscale, dtype=np.float64)
     Xs = np.asarray(X_new, dtype=np.float64) / np.asarray(lengthscale, dtype=np.float64)
     variance, noise, k = float(variance), float(noise), int(k)
     tree = cKDTree(X)
     out = np.empty(len(Xs))
     step = max(1, _CHUNK_BYTES // (8 * k * k))
-    for s in range(0, len(Xs), step):
-        near = X[tree.query(Xs[s : s + step], k=k, workers=-1)[1].reshape(-1, k)]  # c x k x d
-        sq = (near**2).sum(-1)
-        r2 = sq[:, :, None] + sq[:, None, :] - 2 * near @ near.transpose(0, 2, 1)
-        K = variance * kernel_profile(kernel, np.sqrt(np.maximum(r2, 0.0)))
-        K[:, np.arange(k), np.arange(k)] = variance + noise
-        cross = variance * kernel_profile(kernel, np.linalg.norm(near - Xs[s : s + step, None], axis=-1))
-        out[s : s + step] = variance - (cross * np.linalg.solve(K, cross[..., None])[..., 0]).sum(-1)
+    with tqdm(total=len(Xs), desc="neighbour variances", unit="point", disable=not progress_bar) as bar:
+        for s in range(0, len(Xs), step):
+            near = X[tree.query(Xs[s : s + step], k=k, workers=-1)[1].reshape(-1, k)]  # c x k x d
+            sq = (near**2).sum(-1)
+            r2 = sq[:, :, None] + sq[:, None, :] - 2 * near @ near.transpose(0, 2, 1)
+            K = variance * kernel_profile(kernel, np.sqrt(np.maximum(r2, 0.0)))
+            K[:, np.arange(k), np.arange(k)] = variance + noise
+            cross = variance * kernel_profile(kernel, np.linalg.norm(near - Xs[s : s + step, None], axis=-1))
+            out[s : s + step] = variance - (cross * np.linalg.solve(K, cross[..., None])[..., 0]).sum(-1)
+            bar.update(len(near))
     return np.maximum(out, 0.0)

@@ -271,6 +271,21 @@ def test_marginal_predict_neighbor_variances_bound_and_reach_the_exact_gp():
         m.predict(y, X_new, neighbors=5, variance_rank=5)
 
 
+def test_marginal_predict_progress_bar_counts_every_test_point(capsys):
+    X, kern, y, noise = _marginal_problem()
+    X_new = torch.randn(40, 3, generator=torch.Generator().manual_seed(9))
+    m = SimplexGPMarginal(kern, X, noise, cg_tol=1e-6)
+    quiet = m.predict(y, X_new, chunk=16)
+    assert capsys.readouterr().err == ""
+    shown = m.predict(y, X_new, chunk=16, progress_bar=True)  # 3 chunks of CG solves: 16 + 16 + 8 points
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "Simplex-GP variances: 100%" in last and "40/40" in last
+    torch.testing.assert_close(shown.variance, quiet.variance, rtol=0, atol=0)
+    m.predict(y, X_new, neighbors=10, progress_bar=True)
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "neighbour variances: 100%" in last and "40/40" in last
+
+
 def test_marginal_predict_matches_dense_joint_posterior():
     X, kern, y, noise = _marginal_problem()
     X_new = torch.randn(40, 3, generator=torch.Generator().manual_seed(9))

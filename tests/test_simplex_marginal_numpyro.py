@@ -239,6 +239,21 @@ def test_predict_neighbor_variances_bound_and_reach_the_exact_gp(cls, name):
         m.predict(y, X_new, neighbors=5, variance_rank=5)
 
 
+def test_predict_progress_bar_counts_every_test_point(capsys):
+    X, y, k = _problem(n=300)
+    X_new = np.random.default_rng(9).normal(size=(40, 3))
+    m = SimplexGPMarginal(k, X, 0.1, cg_tol=1e-6)
+    quiet = m.predict(y, X_new, chunk=16)
+    assert capsys.readouterr().err == ""
+    shown = m.predict(y, X_new, chunk=16, progress_bar=True)  # 3 chunks of CG solves: 16 + 16 + 8 points
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "Simplex-GP variances: 100%" in last and "40/40" in last
+    np.testing.assert_array_equal(shown.variance, quiet.variance)
+    m.predict(y, X_new, neighbors=10, progress_bar=True)
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "neighbour variances: 100%" in last and "40/40" in last
+
+
 def test_agrees_with_pyro_marginal(float64, pyro_clean):
     import torch
     from pyro.contrib.gp import kernels as gpk
