@@ -1,5 +1,7 @@
 """CuPy (NVRTC) dispatch of the CUDA build: the same lattice as :class:`kernels_cuda.cpu.CpuLattice`,
-on device arrays (torch or JAX buffers arrive through DLPack, without copies).
+on device arrays, without copies: torch tensors arrive through DLPack, and the buffers XLA hands a JAX
+``buffer_callback`` through the CUDA array interface. The callers set CuPy's current stream to the
+framework's (torch's current stream, XLA's stream of the call), so the launches run in order with it.
 
 The kernels of ``sgp_lattice.cu`` are compiled at run time by CuPy's ``RawModule`` and launched in
 the order of the CPU build. No machine this project is tested on has a GPU: CI compiles

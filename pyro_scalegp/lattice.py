@@ -45,7 +45,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from tqdm.auto import tqdm
 
-from kernels_cuda.dispatch import build_lattice, memory_limit
+from kernels_cuda.dispatch import array_module, build_lattice, memory_limit
 from scalegp import lattice as sl
 from scalegp.krylov import warn_unconverged
 from scalegp.neighbors import check_neighbors, neighbor_variances
@@ -68,10 +68,16 @@ def kernel_name(kernel) -> str:
 
 def _to_backend(t: torch.Tensor, backend: str):
     if backend == "cuda":
-        import cupy
-
-        return cupy.from_dlpack(t.detach().contiguous())
+        return array_module("cuda").from_dlpack(t.detach().contiguous())
     return t.detach().cpu().contiguous().numpy()
+
+
+def _on_torch_stream(backend: str, device):
+    """For the CUDA build, torch's current stream on ``device`` as CuPy's current stream, so that the
+    lattice's launches run in order with torch's own work on it; nothing for the CPU build."""
+    if backend != "cuda":
+        return contextlib.nullcontext()
+    return array_module("cuda").cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
 
 
 def _from_backend(a, like: torch.Tensor) -> torch.Tensor:
@@ -93,21 +99,24 @@ class _Lattice:
         scale = sl.elevation_scale(d, self.st)
         self.proj = torch.as_tensor(sl.elevation_matrix(d) * scale[None, :], dtype=X.dtype, device=X.device)
         z = X.detach() / lengthscale.detach()
-        self.impl = build_lattice(_to_backend(z, backend), scale.astype(Xn.dtype), order, backend=backend)
-        self.coef = np.asarray(self.st.coef, dtype=self.impl.dtype)
-        self.vid = _from_backend(self.impl.vid, X).long()
-        self.rank = _from_backend(self.impl.rank, X).long()
-        self.greedy = _from_backend(self.impl.greedy, X).to(X.dtype)
-        self.calibration = self.impl.calibrate(self.coef)
+        self.device = X.device
+        with _on_torch_stream(backend, self.device):
+            self.impl = build_lattice(_to_backend(z, backend), scale.astype(Xn.dtype), order, backend=backend)
+            self.coef = np.asarray(self.st.coef, dtype=self.impl.dtype)
+            self.vid = _from_backend(self.impl.vid, X).long()
+            self.rank = _from_backend(self.impl.rank, X).long()
+            self.greedy = _from_backend(self.impl.greedy, X).to(X.dtype)
+            self.calibration = self.impl.calibrate(self.coef)
+            # the weights and the calibration at the build's (X, lengthscale), for products that need no gradient
+            self.w0 = _from_backend(self.impl.bary, X)
+            self.s0 = _from_backend(self.calibration.diagonal(), X).rsqrt()
         self.n, self.d = n, d
-        # the weights and the calibration at the build's (X, lengthscale), for products that need no gradient
-        self.w0 = _from_backend(self.impl.bary, X)
-        self.s0 = _from_backend(self.calibration.diagonal(), X).rsqrt()
 
     @functools.cached_property
     def gram(self) -> torch.Tensor:
         """The local Grams ``N x (d+1) x (d+1)`` of the calibration, formed on the first gradient in the weights."""
-        return _from_backend(self.calibration.gram(), self.w0)
+        with _on_torch_stream(self.backend, self.device):
+            return _from_backend(self.calibration.gram(), self.w0)
 
     def weights(self, X: torch.Tensor, lengthscale: torch.Tensor) -> torch.Tensor:
         """Barycentric weights, differentiable in ``X`` and ``lengthscale`` (simplices held fixed)."""
@@ -119,11 +128,14 @@ class _Lattice:
         return b[:, : d + 1] + torch.nn.functional.pad((1 + b[:, d + 1 :]), (0, d))
 
     def filter(self, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _from_backend(self.impl.filter(_to_backend(u, self.backend), self.coef, _to_backend(w, self.backend)), u)
+        with _on_torch_stream(self.backend, self.device):
+            return _from_backend(self.impl.filter(_to_backend(u, self.backend), self.coef,
+                                                  _to_backend(w, self.backend)), u)
 
     def splat_blur(self, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return _from_backend(self.impl.splat_blur(_to_backend(u, self.backend), self.coef,
-                                                  _to_backend(w, self.backend)), u)
+        with _on_torch_stream(self.backend, self.device):
+            return _from_backend(self.impl.splat_blur(_to_backend(u, self.backend), self.coef,
+                                                      _to_backend(w, self.backend)), u)
 
 
 class _Filter(torch.autograd.Function):

@@ -165,7 +165,15 @@ def fake_cupy(monkeypatch):
     fake.asnumpy = np.array
     fake.RawModule = RawModule
     fake.free_bytes = 16 << 30  # what the device reports free (a test lowers it)
-    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (fake.free_bytes, 16 << 30)))
+    fake.streams = []  # the external streams entered, by pointer
+
+    @contextlib.contextmanager
+    def external_stream(ptr):
+        fake.streams.append(ptr)
+        yield
+
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (fake.free_bytes, 16 << 30)),
+                                      ExternalStream=external_stream)
     monkeypatch.setitem(sys.modules, "cupy", fake)
     gpu.module.cache_clear()
     yield launches
@@ -218,18 +226,22 @@ def test_build_sequence(fake_cupy):
     assert fake_cupy == ["sgp_zero_f64", "sgp_splat_f64"] + ["sgp_blur_f64"] * 6 + ["sgp_slice_f64"]
 
 
-def test_torch_operator_cuda_backend_dispatches(fake_cupy):
+def test_torch_operator_cuda_backend_dispatches(fake_cupy, monkeypatch):
     from pyro.contrib.gp.kernels import RBF
 
     from pyro_scalegp.lattice import LatticeKernelOperator
 
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=4321))
     X = torch.randn(120, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     kern = RBF(3, variance=torch.tensor(1.0, dtype=torch.float64), lengthscale=torch.ones(3, dtype=torch.float64))
     V = torch.randn(120, 2, dtype=torch.float64)
     with torch.no_grad():
         a = LatticeKernelOperator(X, kern, backend="cuda") @ V
         assert "sgp_embed_f64" in fake_cupy and "sgp_slice_f64" in fake_cupy
+        # the build and the product each launch on torch's current stream
+        assert sys.modules["cupy"].streams == [4321, 4321]
         b = LatticeKernelOperator(X, kern, backend="cpu") @ V
+    assert sys.modules["cupy"].streams == [4321, 4321]  # the CPU build enters no stream
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
