@@ -89,6 +89,13 @@ def test_built_inside_jit_equals_eager():
     g = jax.jit(jax.grad(lambda kk: jnp.sum(U * traced(jnp.asarray(X), kk, jnp.asarray(V)))))(k)
     np.testing.assert_allclose(g.lengthscale, g_eager.lengthscale, rtol=1e-10)
     np.testing.assert_allclose(g.variance, g_eager.variance, rtol=1e-10)
+    # vmapped over lengthscales, the traced build runs once per batch element: one lattice each
+    ells = jnp.asarray([ell, 1.5 * ell[::-1]])
+    batched = jax.jit(jax.vmap(lambda e: traced(jnp.asarray(X), nk.Matern32(3, variance=0.9, lengthscale=e),
+                                                jnp.asarray(V))))(ells)
+    for e, b in zip(ells, batched):
+        np.testing.assert_allclose(b, LatticeKernelOperator(X, nk.Matern32(3, variance=0.9, lengthscale=e), order=2)
+                                   @ jnp.asarray(V), rtol=1e-12, atol=1e-13)
     # values are checked by the host build when the jitted computation runs
     with pytest.raises(Exception, match="lengthscale: must be finite and positive"):
         traced(jnp.asarray(X), nk.Matern32(3, lengthscale=jnp.asarray(-ell)), jnp.asarray(V)).block_until_ready()
