@@ -168,8 +168,17 @@ def _device_call(fn, backend: str, shapes: tuple, *args):
     """``fn(outs, *ins)`` on the buffers XLA holds (``jax.experimental.buffer_callback``): numpy views
     of them on the CPU, CuPy views on a GPU (on XLA's stream), so no operand or result is copied;
     ``fn`` writes each result into its ``outs`` array. Runs inside ``jit``; ``vmap`` calls it per batch
-    element."""
+    element. The CPU build where JAX's default backend is an accelerator (``backend="cpu"`` on a GPU
+    machine) goes through ``jax.pure_callback`` instead, which copies the operands to the host and
+    the results back."""
     xp = array_module(backend)
+    if xp is np and jax.default_backend() != "cpu":
+        def host(*ins):
+            outs = tuple(np.empty(s.shape, s.dtype) for s in shapes)
+            fn(outs, *(np.asarray(a) for a in ins))
+            return outs
+
+        return jax.pure_callback(host, shapes, *args, vmap_method="sequential")
 
     def run(ctx, outs, *ins):
         with contextlib.nullcontext() if xp is np else _xla_stream(ctx):

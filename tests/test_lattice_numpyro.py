@@ -122,6 +122,28 @@ def test_bad_input():
         LatticeKernelOperator(X, k) @ jnp.ones(3)
 
 
+def test_cpu_build_under_an_accelerator_backend_goes_through_host_copies(monkeypatch):
+    """With JAX's default backend an accelerator, the CPU build's callbacks are pure_callbacks (their
+    operands copied to the host) instead of buffer_callbacks (XLA's buffers, on the accelerator there):
+    same products, values and gradients, built eagerly or inside jit."""
+    from numpyro_scalegp import lattice as nl
+
+    X, ell, U, V = _data(seed=5)
+    k = nk.RBF(3, variance=0.8, lengthscale=jnp.asarray(ell))
+    f = lambda x, kk: jnp.sum(U * (LatticeKernelOperator(x, kk, backend="cpu") @ jnp.asarray(V)))  # noqa: E731
+    ref = (f(jnp.asarray(X), k), jax.grad(f, argnums=(0, 1))(jnp.asarray(X), k))
+    calls = []
+    pure = jax.pure_callback
+    monkeypatch.setattr(jax, "pure_callback", lambda *a, **kw: calls.append(1) or pure(*a, **kw))
+    monkeypatch.setattr(nl, "buffer_callback", None)  # any buffer_callback would fail
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    got = jax.jit(lambda x, kk: (f(x, kk), jax.grad(f, argnums=(0, 1))(x, kk)))(jnp.asarray(X), k)
+    assert calls  # the build and the products
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(ref[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_dropped_lattice_is_rebuilt(monkeypatch):
     """A lattice built inside jit and dropped from the host registry before its products run is rebuilt
     from the same (X, lengthscale), with the same products."""
