@@ -23,8 +23,9 @@ the simplices fixed (exact derivatives of the forward map between lattice rebuil
 
 The callbacks are ``jax.experimental.buffer_callback``: they get XLA's own buffers (numpy views on
 the CPU; on a GPU, CuPy views through the CUDA array interface, with the kernels launched on XLA's
-stream) and write their results in place, so no operand or result is copied. The CUDA side is
-tested with CuPy mocked (no machine here has a GPU).
+stream) and write their results in place, so no operand or result is copied (except for the CPU
+build where JAX's default backend is a GPU: see ``_device_call``). The CUDA side is tested with CuPy
+mocked (no machine here has a GPU).
 
 :class:`SimplexGPMarginal` is :math:`\mathcal N(m, K + \sigma_n^2 I)` with ``log_prob`` by
 preconditioned CG and stochastic Lanczos quadrature (:mod:`scalegp.krylov`).
@@ -77,7 +78,7 @@ def kernel_name(kernel) -> str:
     )
 
 
-class _HostLattice:
+class _Lattice:
     """The lattice of concrete ``(X, lengthscale)`` on ``backend`` (``X`` and ``ell`` numpy arrays for
     ``"cpu"``, CuPy arrays for ``"cuda"``), with that side of the products."""
 
@@ -109,7 +110,7 @@ class _HostLattice:
 
 
 class _Registry:
-    """Host lattices by handle (an integer below :math:`2^{24}`, exact in float32): those of
+    """Lattices by handle (an integer below :math:`2^{24}`, exact in float32): those of
     operators built from concrete values live as long as their operator (weak references; the
     operator holds the lattice); those built inside traced computations are kept for the ``keep``
     most recent builds. A lattice looked up after it was dropped is rebuilt from the same
@@ -122,7 +123,7 @@ class _Registry:
         self._recent: collections.OrderedDict = collections.OrderedDict()
         self._ids = itertools.count()
 
-    def add(self, lat: _HostLattice, *, keep: bool, handle: int | None = None) -> int:
+    def add(self, lat: _Lattice, *, keep: bool, handle: int | None = None) -> int:
         handle = next(self._ids) % 2**24 if handle is None else handle
         self._weak[handle] = lat
         if keep:
@@ -132,11 +133,11 @@ class _Registry:
                 self._recent.popitem(last=False)
         return handle
 
-    def get(self, handle, X, ell, name: str, order: int, backend: str) -> _HostLattice:
+    def get(self, handle, X, ell, name: str, order: int, backend: str) -> _Lattice:
         handle = int(handle)
         lat = self._weak.get(handle)
         if lat is None:
-            lat = _HostLattice(X, ell, name, order, backend)
+            lat = _Lattice(X, ell, name, order, backend)
             self.add(lat, keep=True, handle=handle)
         return lat
 
@@ -144,7 +145,7 @@ class _Registry:
 _REGISTRY = _Registry()
 
 
-def _host_build(name: str, order: int, backend: str, X, ell, variance, *, keep: bool = True):
+def _build(name: str, order: int, backend: str, X, ell, variance, *, keep: bool = True):
     """Validate (on host copies where the values are on a GPU), build and register a lattice; returns
     it and its data for JAX (arrays of the backend)."""
     xp = array_module(backend)
@@ -154,7 +155,7 @@ def _host_build(name: str, order: int, backend: str, X, ell, variance, *, keep: 
         X, ell = Xh, ellh.astype(Xh.dtype)
     else:
         X, ell = xp.asarray(X).reshape(Xh.shape), xp.asarray(ellh, Xh.dtype)
-    lat = _HostLattice(X, ell, name, order, backend)
+    lat = _Lattice(X, ell, name, order, backend)
     return lat, lat.arrays(_REGISTRY.add(lat, keep=keep))
 
 
@@ -229,6 +230,7 @@ def _resolve_backend(X, backend: str) -> str:
         platform = jax.default_backend()
     return "cuda" if platform in ("gpu", "cuda") else "cpu"
 
+
 def _weights(X, ell, proj, rank, greedy):
     """Barycentric weights, differentiable in ``X`` and ``ell`` (simplices held fixed)."""
     n, d = X.shape
@@ -258,7 +260,7 @@ class LatticeKernelOperator:
     (``v``, ``X``, ``lengthscale``, ``variance``; the lattice data, a private leaf, gets a zero
     cotangent) and ``vmap``. Constructed from concrete values, bad values raise ``ValueError``
     here; constructed inside ``jit`` (traced inputs), shapes, the kernel and ``order`` are checked
-    here and the values by the host build when the computation runs, which then fails with the
+    here and the values by the build (a callback) when the computation runs, which then fails with the
     same message.
 
     .. note:: Cost: see the module note. Inside ``jit`` the lattice is built once per execution of
@@ -287,13 +289,13 @@ class LatticeKernelOperator:
             stop = jax.lax.stop_gradient
 
             def build(outs, *values):
-                for out, a in zip(outs, _host_build(name, self.order, backend, *values)[1]):
+                for out, a in zip(outs, _build(name, self.order, backend, *values)[1]):
                     out[...] = a
 
             self._lattice = _device_call(build, backend, shapes, stop(self.X), stop(self.lengthscale),
                                          stop(self.variance))
         else:
-            lat, arrays = _host_build(name, self.order, backend, X, ell, var, keep=False)
+            lat, arrays = _build(name, self.order, backend, X, ell, var, keep=False)
             self._keepalive = lat
             self.X = jnp.asarray(X, lat.dtype)
             self.lengthscale = jnp.broadcast_to(jnp.asarray(ell, lat.dtype).reshape(-1), (self.X.shape[1],))

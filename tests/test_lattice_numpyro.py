@@ -155,12 +155,12 @@ def test_dropped_lattice_is_rebuilt(monkeypatch):
     ref = LatticeKernelOperator(X, k) @ jnp.asarray(V)
     builds = []
 
-    class Counting(nl._HostLattice):
+    class Counting(nl._Lattice):
         def __init__(self, *args):
             builds.append(1)
             super().__init__(*args)
 
-    monkeypatch.setattr(nl, "_HostLattice", Counting)
+    monkeypatch.setattr(nl, "_Lattice", Counting)
     monkeypatch.setattr(nl, "_REGISTRY", nl._Registry(keep=0))  # keeps nothing: every lookup rebuilds
     np.testing.assert_allclose(traced(jnp.asarray(X), k, jnp.asarray(V)), ref, rtol=1e-12, atol=1e-13)
     assert len(builds) == 2  # the build, then the rebuild for the product
