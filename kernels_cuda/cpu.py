@@ -76,24 +76,24 @@ def _ptr(a: np.ndarray):
     return a.ctypes.data_as(ctypes.POINTER(ct))
 
 
-def probe_plan(m: int, d: int, order: int, probes: int, itemsize: int, exact=None, pairs=None
-               ) -> tuple[int, bool, int]:
-    """``(columns, exact, block)`` of the calibration of a lattice of ``m`` vertices whose simplices have
-    ``pairs`` distinct vertex pairs (default ``m``). Exact (the ``m`` columns of ``B``) when ``exact`` is
-    true, or, for ``exact=None``, when that costs no more element-operations than the probes,
-    ``2 (d+1)(2r+1) m^2 <= max(EXACT_MIN, S ((d+1)(2r+1) m + pairs))``; else ``probes`` Rademacher
-    columns. ``block`` columns per blur pass: at most 64 (measured fastest: the buffers stay in cache),
-    and the two ``m x block`` buffers of a thread under 64 MiB (``itemsize`` bytes a value for the exact
-    columns, those of :data:`PROBE_DTYPE` for the probes)."""
+def probe_plan(m: int, d: int, order: int, probes: int, dtype, exact=None, pairs=None
+               ) -> tuple[int, bool, int, np.dtype]:
+    """``(columns, exact, block, work)`` of the calibration of a lattice of ``m`` vertices and float dtype
+    ``dtype`` whose simplices have ``pairs`` distinct vertex pairs (default ``m``). Exact (the ``m`` columns
+    of ``B``, in ``dtype``) when ``exact`` is true, or, for ``exact=None``, when that costs no more
+    element-operations than the probes, ``2 (d+1)(2r+1) m^2 <= max(EXACT_MIN, S ((d+1)(2r+1) m + pairs))``;
+    else ``probes`` Rademacher columns, in :data:`PROBE_DTYPE`. ``work`` is that dtype. ``block`` columns
+    per blur pass: at most 64 (measured fastest: the buffers stay in cache), and the two ``m x block``
+    buffers of ``work`` values of a thread under 64 MiB."""
     if int(probes) != probes or probes < 1:
         raise ValueError(f"probes: must be a positive integer, got {probes!r}")
     if exact is None:
         taps = (d + 1) * (2 * order + 1)
         exact = 2 * taps * m * m <= max(EXACT_MIN, probes * (taps * m + (m if pairs is None else pairs)))
     total = m if exact else int(probes)
-    size = itemsize if exact else PROBE_DTYPE.itemsize
-    block = int(max(1, min(64, total, _PROBE_BUFFER_BYTES // (2 * m * size))))
-    return total, bool(exact), block
+    work = np.dtype(dtype) if exact else PROBE_DTYPE
+    block = int(max(1, min(64, total, _PROBE_BUFFER_BYTES // (2 * m * work.itemsize))))
+    return total, bool(exact), block, work
 
 
 def number_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -230,8 +230,7 @@ class CpuLattice:
         lib.sgp_pair_keys(_ptr(first), first.size, self.d, _ptr(self.vid), _ptr(all_keys))
         owner, pid = number_rows(all_keys)
         keys = np.ascontiguousarray(all_keys[owner])
-        total, exact, block = probe_plan(self.m, self.d, self.order, probes, self.dtype.itemsize, exact, owner.size)
-        work = self.dtype if exact else PROBE_DTYPE
+        total, exact, block, work = probe_plan(self.m, self.d, self.order, probes, self.dtype, exact, owner.size)
         values = np.empty(owner.size, work)
         getattr(lib, f"sgp_pair_gram_{SUFFIX[work]}")(
             _ptr(keys), owner.size, self.d, self.m, _ptr(self.nbr), self.order, _ptr(coef.astype(work)), total,

@@ -22,7 +22,7 @@ import importlib
 import numpy as np
 
 from .build import SOURCE_DIR
-from .cpu import CALIBRATION_PROBES, PROBE_DTYPE, SUFFIX, Calibration, _output, probe_plan, table_capacity
+from .cpu import CALIBRATION_PROBES, SUFFIX, Calibration, _output, probe_plan, table_capacity
 
 __all__ = ["GpuLattice", "KERNEL_NAMES", "module"]
 
@@ -150,8 +150,7 @@ class GpuLattice:
         owner, pid = _hash_rows(all_keys)[2:]
         keys = cp.ascontiguousarray(all_keys[owner])
         npairs = int(owner.shape[0])
-        total, exact, block = probe_plan(self.m, self.d, self.order, probes, self.dtype.itemsize, exact, npairs)
-        work = np.dtype(self.dtype) if exact else PROBE_DTYPE
+        total, exact, block, work = probe_plan(self.m, self.d, self.order, probes, self.dtype, exact, npairs)
         suffix = SUFFIX[work]
         coef = cp.asarray(coef, dtype=work)
         values = cp.zeros(npairs, work)

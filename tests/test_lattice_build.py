@@ -138,15 +138,17 @@ def test_filter_equals_dense_assembly_and_is_symmetric(order):
 def test_calibration_plan():
     from kernels_cuda.cpu import probe_plan
 
-    # exact: 2 (d+1)(2r+1) m^2 = 5.4e7 <= 2^26
-    assert probe_plan(1000, 8, 1, 256, 8) == (1000, True, 64)
-    # 8-D flights, 100k rows: exact 2.0e9 > probes 256 (27 m + P) = 6.5e7 for P = 90,000 vertex pairs
-    assert probe_plan(6020, 8, 1, 256, 8, pairs=90000) == (256, False, 64)
-    assert probe_plan(6020, 8, 1, 256, 8, pairs=90000, exact=True) == (6020, True, 64)
-    assert probe_plan(6020, 8, 1, 10**4, 8, pairs=90000)[1]  # many probes (2.5e9): exact is cheaper
-    assert probe_plan(10**7, 8, 1, 256, 8) == (256, False, 1)  # 64 MiB of buffers per thread
+    f64, f32 = np.dtype(np.float64), np.dtype(np.float32)
+    # exact: 2 (d+1)(2r+1) m^2 = 5.4e7 <= 2^26, in the lattice's dtype
+    assert probe_plan(1000, 8, 1, 256, f64) == (1000, True, 64, f64)
+    # 8-D flights, 100k rows: exact 2.0e9 > probes 256 (27 m + P) = 6.5e7 for P = 90,000 vertex pairs; the
+    # probes work in float32
+    assert probe_plan(6020, 8, 1, 256, f64, pairs=90000) == (256, False, 64, f32)
+    assert probe_plan(6020, 8, 1, 256, f64, pairs=90000, exact=True) == (6020, True, 64, f64)
+    assert probe_plan(6020, 8, 1, 10**4, f64, pairs=90000)[1]  # many probes (2.5e9): exact is cheaper
+    assert probe_plan(10**7, 8, 1, 256, f64) == (256, False, 1, f32)  # 64 MiB of buffers per thread
     with pytest.raises(ValueError, match="probes"):
-        probe_plan(100, 2, 1, 0, 8)
+        probe_plan(100, 2, 1, 0, f64)
 
 
 @pytest.mark.parametrize("probes", [256, 1024])

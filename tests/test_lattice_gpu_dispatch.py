@@ -206,7 +206,7 @@ def test_gpu_dispatch_equals_cpu_build(fake_cupy, dtype, order):
         np.testing.assert_allclose(gc.diagonal(), cc.diagonal(), rtol=rtol, atol=atol)
     suffix = "f32" if dtype == np.float32 else "f64"
     assert fake_cupy[0] == f"sgp_embed_{suffix}" and fake_cupy[-1] == f"sgp_diag_from_pairs_{suffix}"
-    blocks = -(-c.m // cpu.probe_plan(c.m, 4, order, 48, z.itemsize, True)[2])
+    blocks = -(-c.m // cpu.probe_plan(c.m, 4, order, 48, z.dtype, True)[2])
     assert fake_cupy.count(f"sgp_pair_extract_{suffix}") == blocks and fake_cupy.count("sgp_pair_dot_f32") == 1
     # one product: 2(d+1) blurs (d = 4); the calibration: 2(d+1) per block of exact columns, d+1 per probe block,
     # the probes' in float32
