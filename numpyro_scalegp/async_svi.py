@@ -73,8 +73,8 @@ def _unflatten(flat: np.ndarray, names, shapes, dtype) -> dict:
 
 
 class _Gradient:
-    """Picklable: builds, in a worker, the jitted ``compute(flat) -> (g_k, grad g_k)`` on
-    the shard ``(X, y)`` for parameter dicts laid out as ``params``."""
+    """Picklable: builds, in a worker, the jitted ``compute(flat, rows=None) -> (g_k, grad g_k)``
+    on the shard ``(X, y)`` (or on its ``rows``) for parameter dicts laid out as ``params``."""
 
     def __init__(self, advgp: ADVGP, params: dict):
         self._model = pickle.dumps(advgp)
@@ -86,10 +86,12 @@ class _Gradient:
         jax.config.update("jax_enable_x64", self._x64)
         advgp = pickle.loads(self._model)
         names = self._layout[0]
-        value_and_grad = jax.jit(jax.value_and_grad(lambda p: advgp.data_term(X, y, params=p)))
+        X, y = jax.numpy.asarray(X), jax.numpy.asarray(y)
+        value_and_grad = jax.jit(jax.value_and_grad(lambda p, X, y: advgp.data_term(X, y, params=p)))
 
-        def compute(flat):
-            value, grads = value_and_grad(_unflatten(flat, *self._layout))
+        def compute(flat, rows=None):
+            data = (X, y) if rows is None else (X[rows], y[rows])
+            value, grads = value_and_grad(_unflatten(flat, *self._layout), *data)
             return float(value), _flatten(grads, names)
 
         return compute
@@ -168,21 +170,28 @@ class AsyncProximalSVI(_Server):
     :param params: initial unconstrained parameters (default ``advgp.init_params()``).
     :param worker_sleep: seconds each worker sleeps before every gradient (stragglers).
     :param stall_timeout: seconds of silence before a :class:`StalledWorkerWarning`.
+    :param batch_size: rows per gradient and worker (default ``None``: the whole shard); with
+        ``b`` rows, the unbiased estimate ``(n_k / b) grad g_k`` from ``b`` rows drawn afresh
+        (:func:`scalegp.async_server.batch_rows`).
+    :param seed: seeds the minibatch draws (with the worker and the parameters).
 
     ``params`` holds the current parameters (a dict of arrays).
 
-    .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k``, ``O(K (M^2 + M d))``
-       on the server. Starting the workers (spawned interpreters, jit) takes seconds.
+    .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` (``O(M^3 + b M^2)`` with
+       ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting the workers (spawned
+       interpreters, jit) takes seconds.
     """
 
     def __init__(self, advgp: ADVGP, X, y, *, num_workers: int = 1, max_delay: int = 0,
                  optim: dict | None = None, shards: Sequence | None = None, params: dict | None = None,
-                 worker_sleep: float | Sequence[float] = 0.0, stall_timeout: float = 60.0):
+                 worker_sleep: float | Sequence[float] = 0.0, stall_timeout: float = 60.0,
+                 batch_size: int | None = None, seed: int = 0):
         X, y, optim, params = _check(advgp, X, y, optim, params)
         shards, sleeps = check_options(X.shape[0], num_workers=num_workers, max_delay=max_delay,
-                                       stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep)
+                                       stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
+                                       batch_size=batch_size, seed=seed)
         workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, params),
-                                 [(X[s], y[s]) for s in shards], sleeps)
+                                 [(X[s], y[s]) for s in shards], sleeps, batch_size=batch_size, seed=seed)
         super().__init__(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout)
 
     @property
@@ -195,7 +204,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
                              optim: dict | None = None, shards: Sequence | None = None,
                              params: dict | None = None, host: str = "127.0.0.1",
                              stall_timeout: float = 60.0, connect_timeout: float = 60.0,
-                             checkpoint: str | None = None) -> dict | None:
+                             checkpoint: str | None = None, batch_size: int | None = None,
+                             seed: int = 0) -> dict | None:
     """The same delayed proximal gradient algorithm across the processes of a
     ``jax.distributed`` job: call it in every process (after
     ``jax.distributed.initialize``; on CPU with
@@ -220,7 +230,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     in all and the run is resumable (:meth:`scalegp.async_server.ProximalServer.run_checkpointed`):
     relaunched after a failure (by a job scheduler, or by hand), every process (the dead
     worker on its own shard) starts again and process 0 goes on from the last update
-    written; the result then also holds ``resumed_from``.
+    written; the result then also holds ``resumed_from``. ``batch_size`` and ``seed``: minibatch
+    gradients, as in :class:`AsyncProximalSVI`.
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` and ``O(K P)`` on the
        server, plus two messages of ``P`` numbers per worker and update.
@@ -234,7 +245,7 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
         raise ValueError(f"process_count: expected at least 2 processes (a server and a worker), got {world}")
     X, y, optim, params = _check(advgp, X, y, optim, params)
     shards, _ = check_options(X.shape[0], num_workers=world - 1, max_delay=max_delay,
-                              stall_timeout=stall_timeout, shards=shards)
+                              stall_timeout=stall_timeout, shards=shards, batch_size=batch_size, seed=seed)
     rendezvous = np.zeros(33, dtype=np.int32)  # the port, then the 32 bytes of the key
     if rank == 0:
         listening = socket.create_server((host, 0))
@@ -244,7 +255,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     port, authkey = int(rendezvous[0]), rendezvous[1:].astype(np.uint8).tobytes()
     if rank > 0:
         channel = connect_to_server((host, port), authkey, rank - 1, timeout=connect_timeout)
-        serve_gradients(channel, _Gradient(advgp, params), X[shards[rank - 1]], y[shards[rank - 1]])
+        serve_gradients(channel, _Gradient(advgp, params), X[shards[rank - 1]], y[shards[rank - 1]],
+                        batch_size=batch_size, seed=seed, worker=rank - 1)
         return None
     workers = accept_workers(listening, authkey, world - 1, timeout=connect_timeout)
     with _Server(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout) as server:

@@ -59,8 +59,9 @@ def _unflatten_into(flat: torch.Tensor, tensors) -> None:
 
 
 class _Gradient:
-    """Picklable: builds, in a worker, ``compute(flat) -> (g_k, grad g_k)`` on the shard
-    ``(X, y)`` for a private copy of the model (``num_threads`` torch threads, if given)."""
+    """Picklable: builds, in a worker, ``compute(flat, rows=None) -> (g_k, grad g_k)`` on the
+    shard ``(X, y)`` (or on its ``rows``) for a private copy of the model (``num_threads`` torch
+    threads, if given)."""
 
     def __init__(self, advgp: ADVGP, num_threads: int | None = None):
         self._model = pickle.dumps(advgp)  # by value: no storage shared with the server
@@ -73,12 +74,16 @@ class _Gradient:
         params = list(advgp.parameters())
         X, y = torch.as_tensor(X), torch.as_tensor(y)
 
-        def compute(flat):
+        def compute(flat, rows=None):
             with torch.no_grad():
                 _unflatten_into(torch.as_tensor(flat, dtype=params[0].dtype), params)
             for p in params:
                 p.grad = None
-            value = advgp.data_term(X, y)
+            if rows is None:
+                value = advgp.data_term(X, y)
+            else:
+                rows = torch.as_tensor(rows)
+                value = advgp.data_term(X[rows], y[rows])
             value.backward()
             grad = _flatten([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
             return value.item(), grad.numpy()
@@ -153,29 +158,37 @@ class AsyncProximalSVI(_Server):
     :param stall_timeout: seconds without a gradient from a worker the server waits on
         before a :class:`StalledWorkerWarning`.
     :param num_threads: torch threads per worker.
+    :param batch_size: rows per gradient and worker (default ``None``: the whole shard). With
+        ``b`` rows, each gradient is the unbiased estimate ``(n_k / b) grad g_k`` from ``b`` rows
+        of the shard drawn afresh (:func:`scalegp.async_server.batch_rows`): cheaper, noisier
+        updates, as in minibatch SVI.
+    :param seed: seeds the minibatch draws (with the worker and the parameters, so a restarted
+        worker or a resumed run draws the same rows).
 
     A worker that dies is restarted on its shard (``restarts``); ``state_dict`` /
     ``load_state_dict`` stop and resume; ``workers`` are the processes.
 
-    .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k``, ``O(K (M^2 + M d))``
-       on the server. Starting the workers (spawned interpreters) takes seconds.
+    .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` (``O(M^3 + b M^2)`` with
+       ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting the workers (spawned
+       interpreters) takes seconds.
     """
 
     def __init__(self, advgp: ADVGP, X, y, *, num_workers: int = 1, max_delay: int = 0,
                  optim: dict | None = None, shards: Sequence | None = None,
                  worker_sleep: float | Sequence[float] = 0.0, stall_timeout: float = 60.0,
-                 num_threads: int = 1):
+                 num_threads: int = 1, batch_size: int | None = None, seed: int = 0):
         if not isinstance(advgp, ADVGP):
             raise ValueError(f"advgp: expected a pyro_scalegp.ADVGP, got {type(advgp).__name__}")
         X, y = advgp._check_data(X, y)
         if y is None:
             raise ValueError("y: required")
         shards, sleeps = check_options(X.shape[0], num_workers=num_workers, max_delay=max_delay,
-                                       stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep)
+                                       stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
+                                       batch_size=batch_size, seed=seed)
         optim = _check_optim(optim)
         data = [(X[torch.as_tensor(s)].numpy(), y[torch.as_tensor(s)].numpy()) for s in shards]
         workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, int(num_threads)),
-                                 data, sleeps)
+                                 data, sleeps, batch_size=batch_size, seed=seed)
         super().__init__(advgp, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout)
 
     @property
@@ -190,7 +203,7 @@ _STOP, _FAILED, _ABORT = -1, -2, -3  # tags of control messages
 
 class _DistributedWorkers:
     """The server's transport over ``torch.distributed`` point-to-point messages (rank 0;
-    worker ``k`` is rank ``k + 1``). Parameters go out as ``[tag, theta]``, gradients come
+    worker ``k`` is rank ``k + 1``). Parameters go out as ``[tag, version, theta]``, gradients come
     back as ``[tag, value, grad]`` (float64). Gloo cannot poll a receive, so one thread per
     worker blocks in ``recv`` from it and queues what arrives; a dead rank makes that
     ``recv`` fail at once (its connection closes), which is reported as its death."""
@@ -229,8 +242,8 @@ class _DistributedWorkers:
                 return
             self._events.put(("grad", k, tag, buffer[1].item(), buffer[2:].numpy().copy()))
 
-    def send(self, k: int, tag: int, flat: np.ndarray) -> None:
-        message = torch.cat([torch.tensor([float(tag)], dtype=torch.float64), torch.from_numpy(flat)])
+    def send(self, k: int, tag: int, version: int, flat: np.ndarray) -> None:
+        message = torch.cat([torch.tensor([float(tag), float(version)], dtype=torch.float64), torch.from_numpy(flat)])
         try:
             self._dist.send(message, dst=k + 1)
         except RuntimeError:
@@ -248,7 +261,7 @@ class _DistributedWorkers:
     def close(self, abort: str | None = None) -> None:
         """Tell every live worker to stop (or, with ``abort``, to raise; it acknowledges
         either once its gradient in flight is sent) and wait for the acknowledgements."""
-        stop = torch.full((self._size + 1,), float(_STOP if abort is None else _ABORT), dtype=torch.float64)
+        stop = torch.full((self._size + 2,), float(_STOP if abort is None else _ABORT), dtype=torch.float64)
         for k in range(self.num_workers):
             if not self._dead[k]:
                 try:
@@ -266,7 +279,7 @@ class _DistributedChannel:
         import torch.distributed as dist
 
         self._dist, self._size = dist, size
-        self._message = torch.empty(size + 1, dtype=torch.float64)
+        self._message = torch.empty(size + 2, dtype=torch.float64)
 
     def _send(self, message: torch.Tensor) -> None:
         try:
@@ -285,7 +298,7 @@ class _DistributedChannel:
             if tag == _ABORT:
                 raise PeerFailedError("rank 0 (the server) stopped the run: another rank failed (see its error)")
             return None
-        return tag, self._message[1:].numpy()
+        return tag, int(self._message[1].item()), self._message[2:].numpy()
 
     def send(self, tag: int, value: float, grad: np.ndarray) -> None:
         self._send(torch.cat([torch.tensor([float(tag), value], dtype=torch.float64),
@@ -297,7 +310,8 @@ class _DistributedChannel:
 
 def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: int = 0,
                              optim: dict | None = None, shards: Sequence | None = None,
-                             stall_timeout: float = 60.0, checkpoint: str | None = None) -> dict | None:
+                             stall_timeout: float = 60.0, checkpoint: str | None = None,
+                             batch_size: int | None = None, seed: int = 0) -> dict | None:
     """The same delayed proximal gradient algorithm over ``torch.distributed`` point-to-point
     messages (gloo): call it in every process of an initialized process group with the same
     model, data and arguments. Rank 0 is the server; rank ``k >= 1`` is the worker of
@@ -316,7 +330,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     all and the run is resumable (:meth:`scalegp.async_server.ProximalServer.run_checkpointed`):
     under ``torchrun --max-restarts=R`` a rank that dies takes the job down, torchrun restarts
     every rank (the dead worker on its own shard), and rank 0 goes on from the last update
-    written; the result then also holds ``resumed_from``. torchrun's rendezvous store outlives
+    written; the result then also holds ``resumed_from``. ``batch_size`` and ``seed``: minibatch
+    gradients, as in :class:`AsyncProximalSVI`. torchrun's rendezvous store outlives
     a failed attempt, so initialize the group with a prefix per attempt,
     ``dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)``, or gloo
     reads the dead attempt's addresses (see the README).
@@ -333,12 +348,13 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
         raise ValueError(f"world_size: expected at least 2 processes (a server and a worker), got {world}")
     X, y = advgp._check_data(X, y)
     shards, _ = check_options(X.shape[0], num_workers=world - 1, max_delay=max_delay,
-                              stall_timeout=stall_timeout, shards=shards)
+                              stall_timeout=stall_timeout, shards=shards, batch_size=batch_size, seed=seed)
     optim = _check_optim(optim)
     size = sum(p.numel() for p in advgp.parameters())
     if rank > 0:
         idx = torch.as_tensor(shards[rank - 1])
-        serve_gradients(_DistributedChannel(size), _Gradient(advgp), X[idx], y[idx])
+        serve_gradients(_DistributedChannel(size), _Gradient(advgp), X[idx], y[idx], batch_size=batch_size,
+                        seed=seed, worker=rank - 1)
         return None
     with _Server(advgp, optim, _DistributedWorkers(world - 1, size), max_delay=max_delay,
                  stall_timeout=stall_timeout) as server:

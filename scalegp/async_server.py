@@ -25,6 +25,12 @@ proximal gradient descent, step for step). It then publishes :math:`\theta_{t+1}
 (sending it to every idle worker). The loss it reports for the update is
 :math:`\sum_k g_k(\theta_{t_k}) + h(\theta_t)`: the exact negative ELBO when :math:`\tau = 0`.
 
+**Minibatches.** With ``batch_size`` :math:`b`, a worker differentiates the data term of
+:math:`b` rows of its shard drawn afresh for each gradient and scales it by :math:`n_k / b`
+(:func:`serve_gradients`, :func:`batch_rows`): an unbiased estimate of :math:`\nabla g_k`
+at :math:`O(b)` rows a gradient instead of :math:`O(n_k)`, so the updates are stochastic
+delayed proximal gradient steps and the reported loss an estimate.
+
 **Faults.** A worker whose gradient the update waits for and that has been silent for
 ``stall_timeout`` seconds is reported once (:class:`StalledWorkerWarning`, recorded in
 ``stalls``). A worker that dies is restarted on its own shard where the transport can
@@ -39,12 +45,12 @@ refused before it reaches the parameters: ``step`` raises ``FloatingPointError``
 the workers that sent it.
 
 **Transports** carry the messages; a transport has ``num_workers``, ``restartable``,
-``send(k, tag, flat)`` (parameters to worker ``k``, which is idle), ``poll(timeout)``
+``send(k, tag, version, flat)`` (parameters to worker ``k``, which is idle), ``poll(timeout)``
 (the events that arrived: ``("grad", k, tag, value, grad)``, ``("error", k, text)``,
 ``("dead", k, reason)``), ``describe(k)`` (a name for messages), ``restart(k)`` (if
 ``restartable``) and ``close(abort=None)`` (stop the workers; with a reason, they raise
 :class:`PeerFailedError` carrying it). The worker side is a *channel* with ``recv()``
-(``(tag, flat)``, ``None`` once told to stop; raises on an abort or a dead server),
+(``(tag, version, flat)``, ``None`` once told to stop; raises on an abort or a dead server),
 ``send(tag, value, grad)`` and ``fail(text)``, driven by :func:`serve_gradients`.
 Here: :class:`ConnectionWorkers` / :class:`ConnectionChannel` over
 ``multiprocessing.connection`` objects (pipes, or TCP sockets between separately
@@ -74,7 +80,7 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "MAX_RESTARTS", "ConnectionChannel", "ConnectionWorkers", "PeerFailedError", "ProcessWorkers", "ProximalServer",
-    "StalledWorkerWarning", "accept_workers", "check_options", "connect_to_server", "serve_gradients",
+    "StalledWorkerWarning", "accept_workers", "batch_rows", "check_options", "connect_to_server", "serve_gradients",
 ]
 
 _POLL_SECONDS = 0.05
@@ -91,11 +97,18 @@ class PeerFailedError(RuntimeError):
 
 
 def check_options(N: int, *, num_workers: int, max_delay: int, stall_timeout: float,
-                  shards: Sequence | None = None, worker_sleep=0.0) -> tuple[list[np.ndarray], list[float]]:
+                  shards: Sequence | None = None, worker_sleep=0.0, batch_size: int | None = None,
+                  seed: int = 0) -> tuple[list[np.ndarray], list[float]]:
     """Check the options shared by every frontend; returns ``(shards, sleeps)``: ``num_workers``
     arrays of row indices (default ``numpy.array_split`` of the ``N`` rows in order) that
-    together cover every row, and one straggler sleep (seconds) per worker.
-    Raises ``ValueError`` naming the bad argument."""
+    together cover every row, and one straggler sleep (seconds) per worker. ``batch_size``
+    (``None`` or a positive integer) and ``seed`` (a non-negative integer) are checked too
+    (see :func:`batch_rows`). Raises ``ValueError`` naming the bad argument."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size: expected None or a positive integer, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers: expected a positive integer, got {num_workers!r}")
     if not isinstance(max_delay, int) or max_delay < 0:
@@ -121,21 +134,51 @@ def check_options(N: int, *, num_workers: int, max_delay: int, stall_timeout: fl
 
 
 # ---- the worker side -----------------------------------------------------------------------------
-def serve_gradients(channel, make_compute: Callable, X, y, *, sleep: float = 0.0) -> None:
+def batch_rows(version: int, n: int, batch_size: int | None, seed: int, worker: int) -> np.ndarray | None:
+    """The rows of worker ``worker``'s shard (``n`` rows) whose data term it differentiates at
+    the parameters of ``version``: ``None`` (all of them) when ``batch_size`` is ``None`` or at
+    least ``n``, else ``batch_size`` distinct rows, sorted, drawn uniformly by a generator
+    seeded with ``(seed, worker, version)``.
+
+    A worker computes at most one gradient per version, so each gradient gets its own draw;
+    and the draw depends on nothing else: a restarted worker redraws the rows its lost gradient
+    used, a run resumed from a ``state_dict`` draws the rows of the uninterrupted one, and the
+    frontends and transports draw alike.
+
+    .. note:: Cost: ``O(n)`` (a partial permutation of the rows)."""
+    if batch_size is None or batch_size >= n:
+        return None
+    rng = np.random.default_rng([seed, worker, version])
+    return np.sort(rng.choice(n, size=batch_size, replace=False))
+
+
+def serve_gradients(channel, make_compute: Callable, X, y, *, sleep: float = 0.0, batch_size: int | None = None,
+                    seed: int = 0, worker: int = 0) -> None:
     """The worker loop: ``compute = make_compute(X, y)`` once (its shard), then until told to
     stop: receive parameters, sleep ``sleep`` seconds (simulated straggler), send back
     ``compute(flat) = (value, grad)`` with the parameters' tag. An exception is reported
-    to the server (``channel.fail``) and re-raised."""
+    to the server (``channel.fail``) and re-raised.
+
+    With ``batch_size`` (smaller than the shard's ``n = len(y)`` rows), each gradient is the
+    unbiased minibatch estimate ``(n / b) (g, grad g)`` of ``compute(flat, rows)``, the data term
+    of the ``b`` rows :func:`batch_rows` draws for ``(seed, worker)`` and the parameters' version:
+    stochastic delayed proximal gradient, each update costing ``O(b)`` rows instead of ``O(n)``."""
     try:
         compute = make_compute(X, y)
         while True:
             message = channel.recv()
             if message is None:
                 return
-            tag, flat = message
+            tag, version, flat = message
             if sleep > 0:
                 time.sleep(sleep)
-            value, grad = compute(flat)
+            rows = batch_rows(version, len(y), batch_size, seed, worker) if batch_size is not None else None
+            if rows is None:
+                value, grad = compute(flat)
+            else:
+                value, grad = compute(flat, rows)
+                scale = len(y) / rows.size
+                value, grad = value * scale, np.asarray(grad) * scale
             channel.send(tag, value, grad)
     except PeerFailedError:
         raise
@@ -191,9 +234,9 @@ class ConnectionWorkers:
     def describe(self, k: int) -> str:
         return self._names[k]
 
-    def send(self, k: int, tag: int, flat: np.ndarray) -> None:
+    def send(self, k: int, tag: int, version: int, flat: np.ndarray) -> None:
         try:
-            self._conns[k].send(("params", tag, flat))
+            self._conns[k].send(("params", tag, version, flat))
         except OSError:
             pass  # a dead worker: poll reports it
 
@@ -233,10 +276,10 @@ class ConnectionWorkers:
             conn.close()
 
 
-def _process_main(conn, sleep) -> None:
+def _process_main(conn) -> None:
     try:
-        make_compute, X, y = conn.recv()  # handed over by ProcessWorkers once this process runs
-        serve_gradients(ConnectionChannel(conn), make_compute, X, y, sleep=sleep)
+        make_compute, X, y, options = conn.recv()  # handed over by ProcessWorkers once this process runs
+        serve_gradients(ConnectionChannel(conn), make_compute, X, y, **options)
     except Exception:  # already reported to the server (or the server is gone)
         pass
 
@@ -244,8 +287,9 @@ def _process_main(conn, sleep) -> None:
 class ProcessWorkers(ConnectionWorkers):
     """One local worker process per shard, started by ``context`` (a ``multiprocessing``
     context, ``"spawn"``), each running :func:`serve_gradients` with ``make_compute`` (a
-    picklable callable) on its shard ``data[k] = (X_k, y_k)``; joined by a duplex pipe.
-    A dead worker is restartable on its shard.
+    picklable callable) on its shard ``data[k] = (X_k, y_k)``, its straggler sleep ``sleeps[k]``
+    and the minibatch options ``batch_size`` and ``seed``; joined by a duplex pipe. A dead
+    worker is restartable on its shard.
 
     ``make_compute`` and the shard go over the worker's own pipe once the process runs, not
     with the spawn arguments: a process that exits while starting (a spawned process re-imports
@@ -261,9 +305,11 @@ class ProcessWorkers(ConnectionWorkers):
 
     restartable = True
 
-    def __init__(self, context, make_compute: Callable, data: Sequence[tuple], sleeps: Sequence[float]):
+    def __init__(self, context, make_compute: Callable, data: Sequence[tuple], sleeps: Sequence[float], *,
+                 batch_size: int | None = None, seed: int = 0):
         self._context, self._make_compute = context, make_compute
         self._data, self._sleeps = list(data), list(sleeps)
+        self._batching = {"batch_size": batch_size, "seed": seed}
         self.processes: list = [None] * len(self._data)
         super().__init__([None] * len(self._data), [""] * len(self._data))
         for k in range(self.num_workers):
@@ -273,7 +319,7 @@ class ProcessWorkers(ConnectionWorkers):
 
     def _spawn(self, k: int) -> None:
         conn, child = self._context.Pipe(duplex=True)
-        proc = self._context.Process(target=_process_main, daemon=True, args=(child, self._sleeps[k]))
+        proc = self._context.Process(target=_process_main, daemon=True, args=(child,))
         proc.start()
         child.close()
         self.processes[k], self._conns[k] = proc, conn
@@ -283,7 +329,8 @@ class ProcessWorkers(ConnectionWorkers):
         """Send worker ``k`` its ``make_compute`` and shard (returns once it has read them);
         :class:`PeerFailedError` naming it, after stopping every worker, if it exited first."""
         try:
-            self._conns[k].send((self._make_compute, *self._data[k]))
+            options = {"sleep": self._sleeps[k], "worker": k, **self._batching}
+            self._conns[k].send((self._make_compute, *self._data[k], options))
         except OSError:
             self.processes[k].join(timeout=5.0)
             message = (f"{self._names[k]} exited while starting (exit code {self.processes[k].exitcode}); "
@@ -429,7 +476,7 @@ class ProximalServer:
 
     def _send(self, k: int) -> None:
         self._busy[k] = True
-        self._workers.send(k, self._tag, self._flat)
+        self._workers.send(k, self._tag, self.version, self._flat)
 
     def _needs(self, k: int) -> bool:
         """Whether the next update waits for a newer gradient from worker ``k``."""

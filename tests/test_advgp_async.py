@@ -10,8 +10,11 @@ import torch
 from pyro_scalegp.advgp import ADVGP
 from pyro_scalegp.async_svi import AsyncProximalSVI, StalledWorkerWarning
 from pyro_scalegp.optim import ProximalAdadeltaOptimizer
+from scalegp.async_server import batch_rows
 
 OPTIM = {"lr": 2.0, "rho": 0.9}
+SHARDS = [np.arange(0, 13), np.arange(13, 40)]
+MINIBATCHES = {"batch_size": 6, "seed": 5}
 
 
 pytestmark = pytest.mark.usefixtures("float64", "pyro_clean")
@@ -29,9 +32,10 @@ def new_model(Z):
     return ADVGP(kernel, Z, 0.2)
 
 
-def proximal_gd(Z, X, y, num_steps):
-    """Synchronous proximal ADADELTA on the full-data gradient, in this process:
-    the parameter vectors after each step."""
+def proximal_gd(Z, X, y, num_steps, *, batch_size=None, seed=0):
+    """Synchronous proximal ADADELTA in this process: the parameter vectors after each step.
+    The gradient is the full data's or, with ``batch_size``, the sum over ``SHARDS`` of the
+    workers' estimates ``(n_k / b) grad g_k`` on the rows ``batch_rows`` draws for each version."""
     model = new_model(Z)
     named = dict(model.named_parameters())
     opt = ProximalAdadeltaOptimizer([
@@ -39,9 +43,16 @@ def proximal_gd(Z, X, y, num_steps):
         {"params": [named["guide.scale_tril_unconstrained"]], "prox": "scale_tril"},
         {"params": [p for n, p in named.items() if not n.startswith("guide.")]}], **OPTIM)
     history = []
-    for _ in range(num_steps):
+    for version in range(num_steps):
         opt.zero_grad()
-        model.loss_terms(X, y)[0].sum().backward()
+        if batch_size is None:
+            loss = model.loss_terms(X, y)[0].sum()
+        else:
+            loss = 0.0
+            for k, shard in enumerate(SHARDS):
+                rows = torch.as_tensor(shard[batch_rows(version, len(shard), batch_size, seed, k)])
+                loss = loss + len(shard) / batch_size * model.data_term(X[rows], y[rows])
+        loss.backward()
         opt.step()
         history.append({n: p.detach().clone() for n, p in model.named_parameters()})
     return history
@@ -70,12 +81,17 @@ def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
     assert losses[-1] < losses[0]
 
 
-def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run():
+@pytest.mark.parametrize("batching", [{}, MINIBATCHES], ids=["full shards", "minibatches"])
+def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching):
     X, y, Z = data()
-    expected = proximal_gd(Z, X, y, 6)
+    expected = proximal_gd(Z, X, y, 6, **batching)
+    if batching:  # minibatches follow other (stochastic) gradients than the full data's
+        full = proximal_gd(Z, X, y, 6)
+        assert (full[5]["guide.loc_unconstrained"] - expected[5]["guide.loc_unconstrained"]).abs().max() > 1e-3
+    pyro.clear_param_store()
     model = new_model(Z)
-    shards = [np.arange(0, 13), np.arange(13, 40)]
-    with AsyncProximalSVI(model, X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=shards) as svi:
+    options = dict(num_workers=2, max_delay=0, optim=OPTIM, shards=SHARDS, **batching)
+    with AsyncProximalSVI(model, X, y, **options) as svi:
         svi.run(2, progress_bar=False)
         victim = svi.workers[0]
         victim.kill()
@@ -91,7 +107,7 @@ def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run():
     # a fresh run (fresh model at the initial values) resumed from the checkpoint
     pyro.clear_param_store()
     resumed = new_model(Z)
-    with AsyncProximalSVI(resumed, X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=shards) as svi2:
+    with AsyncProximalSVI(resumed, X, y, **options) as svi2:
         svi2.load_state_dict(state)
         assert svi2.version == 4
         svi2.run(2, progress_bar=False)
@@ -132,6 +148,8 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y[:-1])
     with pytest.raises(ValueError, match="worker_sleep"):
         AsyncProximalSVI(model, X, y, worker_sleep=-1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        AsyncProximalSVI(model, X, y, batch_size=0)
 
 
 SCRIPT_WITHOUT_MAIN_GUARD = """

@@ -11,8 +11,11 @@ from numpyro_scalegp import kernels as nk
 from numpyro_scalegp.advgp import ADVGP
 from numpyro_scalegp.async_svi import AsyncProximalSVI
 from numpyro_scalegp.optim import proximal_adadelta
+from scalegp.async_server import batch_rows
 
 OPTIM = {"learning_rate": 2.0, "rho": 0.9}
+SHARDS = [np.arange(0, 13), np.arange(13, 40)]
+MINIBATCHES = {"batch_size": 6, "seed": 5}
 
 
 pytestmark = pytest.mark.usefixtures("jax_x64")
@@ -29,14 +32,27 @@ def new_model(Z):
     return ADVGP(nk.RBF(2, 1.3, jnp.asarray([0.7, 1.2])), jnp.asarray(Z), 0.2)
 
 
-def proximal_gd(model, X, y, num_steps):
+def proximal_gd(model, X, y, num_steps, *, batch_size=None, seed=0):
+    """As the Pyro test's: full-data gradients, or the sum over ``SHARDS`` of the workers'
+    minibatch estimates on the rows ``batch_rows`` draws for each version."""
     tx = proximal_adadelta(**OPTIM)
     params = model.init_params()
     state = tx.init(params)
-    grad_g = jax.jit(jax.grad(lambda p: model.data_term(X, y, params=p)))
+    grad_g = jax.jit(jax.grad(lambda p, X, y: model.data_term(X, y, params=p)))
+
+    def gradient(version, params):
+        if batch_size is None:
+            return grad_g(params, X, y)
+        total = jax.tree_util.tree_map(jnp.zeros_like, params)
+        for k, shard in enumerate(SHARDS):
+            rows = shard[batch_rows(version, len(shard), batch_size, seed, k)]
+            total = jax.tree_util.tree_map(lambda t, g, n=len(shard): t + n / batch_size * g,
+                                           total, grad_g(params, X[rows], y[rows]))
+        return total
+
     history = []
-    for _ in range(num_steps):
-        updates, state = tx.update(grad_g(params), state, params)
+    for version in range(num_steps):
+        updates, state = tx.update(gradient(version, params), state, params)
         params = optax.apply_updates(params, updates)
         history.append(params)
     return history
@@ -62,12 +78,16 @@ def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
     assert losses[-1] < losses[0]
 
 
-def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run():
+@pytest.mark.parametrize("batching", [{}, MINIBATCHES], ids=["full shards", "minibatches"])
+def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching):
     X, y, Z = data()
     model = new_model(Z)
-    expected = proximal_gd(model, X, y, 6)
-    shards = [np.arange(0, 13), np.arange(13, 40)]
-    with AsyncProximalSVI(model, X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=shards) as svi:
+    expected = proximal_gd(model, X, y, 6, **batching)
+    if batching:  # minibatches follow other (stochastic) gradients than the full data's
+        loc = "guide.loc_unconstrained"
+        assert np.abs(np.asarray(proximal_gd(model, X, y, 6)[5][loc]) - np.asarray(expected[5][loc])).max() > 1e-3
+    options = dict(num_workers=2, max_delay=0, optim=OPTIM, shards=SHARDS, **batching)
+    with AsyncProximalSVI(model, X, y, **options) as svi:
         svi.run(2, progress_bar=False)
         victim = svi.workers[1]
         victim.kill()
@@ -78,7 +98,7 @@ def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run():
         assert len(svi.restarts) == 1 and svi.restarts[0][0] == 1 and svi.restarts[0][1] in (2, 3)
         assert_params_equal(svi.params, expected[3], rtol=1e-10)
         state = svi.state_dict()
-    with AsyncProximalSVI(new_model(Z), X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=shards) as svi2:
+    with AsyncProximalSVI(new_model(Z), X, y, **options) as svi2:
         svi2.load_state_dict(state)
         svi2.run(2, progress_bar=False)
         assert svi2.version == 6
@@ -96,3 +116,5 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y, num_workers=2, shards=[np.arange(10), np.arange(10, 30)])
     with pytest.raises(ValueError, match="optim"):
         AsyncProximalSVI(model, X, y, optim={"lr": 1.0})
+    with pytest.raises(ValueError, match="batch_size"):
+        AsyncProximalSVI(model, X, y, batch_size=-3)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from scalegp.async_server import (MAX_RESTARTS, ConnectionChannel, ConnectionWorkers, PeerFailedError, ProximalServer,
-                                  StalledWorkerWarning, accept_workers, check_options, connect_to_server,
-                                  serve_gradients)
+                                  StalledWorkerWarning, accept_workers, batch_rows, check_options,
+                                  connect_to_server, serve_gradients)
 
 GAMMA, LAM = 0.1, 0.5
 CENTRES = [np.array([1.0, -2.0, 0.5]), np.array([-0.5, 3.0, 2.0]), np.array([2.0, 0.0, -1.0])]
@@ -83,13 +83,14 @@ class Scripted:
     def __init__(self, num_workers, script=(), *, restartable=True):
         self.num_workers, self.restartable = num_workers, restartable
         self.script = list(script)
-        self.sent, self.restarted, self.closed = [], [], None
+        self.sent, self.versions, self.restarted, self.closed = [], [], [], None
 
     def describe(self, k):
         return f"fake {k}"
 
-    def send(self, k, tag, flat):
+    def send(self, k, tag, version, flat):
         self.sent.append((k, tag))
+        self.versions.append(version)
 
     def poll(self, timeout):
         if not self.script:
@@ -120,7 +121,7 @@ def test_max_delay_0_waits_for_every_worker_at_the_current_version():
     workers.script = [[grad_event(0, 1, theta0)], [grad_event(1, 1, theta0)]]
     server.step()  # needs both
     assert workers.script == [] and server.version == 1 and server.used == [[0, 0]]
-    assert workers.sent[2:] == [(0, 2), (1, 2)]  # version 1 to both idle workers
+    assert workers.sent[2:] == [(0, 2), (1, 2)] and workers.versions == [0, 0, 1, 1]  # version 1 to both
     theta1 = server.theta.copy()
     # a gradient of version 0 after the update is stale: not enough, and the worker gets version 1
     workers.script = [[grad_event(0, 1, theta0)], [grad_event(0, 2, theta1), grad_event(1, 2, theta1)]]
@@ -236,6 +237,7 @@ def test_load_state_dict_drops_gradients_on_replaced_parameters():
     workers.script = [[grad_event(0, 2, server.theta)], [grad_event(0, 3, np.ones(3))]]
     server.step()
     assert workers.sent[2] == (0, 3) and server.used == [[0], [7]] and server.version == 8
+    assert workers.versions == [0, 1, 7, 8]  # the loaded version travels with the new tag
 
 
 def test_check_options_names_the_bad_argument():
@@ -247,9 +249,66 @@ def test_check_options_names_the_bad_argument():
                          ({"shards": [np.arange(5), np.arange(5)]}, "shards"),
                          ({"shards": [np.arange(5), np.arange(5, 11)]}, "shards"),
                          ({"worker_sleep": [0.0, np.nan]}, "worker_sleep"),
-                         ({"worker_sleep": [0.0, 1.0, 2.0]}, "worker_sleep")]:
+                         ({"worker_sleep": [0.0, 1.0, 2.0]}, "worker_sleep"),
+                         ({"batch_size": 0}, "batch_size"), ({"batch_size": 2.5}, "batch_size"),
+                         ({"batch_size": True}, "batch_size"), ({"seed": -1}, "seed"), ({"seed": "a"}, "seed")]:
         with pytest.raises(ValueError, match=name):
             check_options(10, **{"num_workers": 2, "max_delay": 0, "stall_timeout": 1.0, **kwargs})
+
+
+def test_batch_rows_are_a_uniform_draw_determined_by_seed_worker_and_version():
+    assert batch_rows(3, 20, None, 0, 0) is None and batch_rows(3, 20, 20, 0, 0) is None
+    rows = batch_rows(3, 20, 5, 0, 0)
+    assert rows.shape == (5,) and np.all(np.diff(rows) > 0) and rows.min() >= 0 and rows.max() < 20
+    np.testing.assert_array_equal(batch_rows(3, 20, 5, 0, 0), rows)
+    draws = {tuple(batch_rows(version, 1000, 10, seed, k)) for version, seed, k in [(3, 0, 0), (3, 0, 1), (3, 1, 0),
+                                                                                  (4, 0, 0)]}
+    assert len(draws) == 4  # another seed, worker or version draws other rows
+    # over many versions every row is drawn about b / n of the time (4,000 draws of 5 of 20
+    # rows: 1,000 expected per row, standard deviation 27)
+    counts = np.bincount(np.concatenate([batch_rows(t, 20, 5, 0, 0) for t in range(4000)]), minlength=20)
+    assert np.all(np.abs(counts - 1000) < 150), counts
+
+
+class OneMessage:
+    """A worker channel that delivers one parameter vector, then the stop, and keeps what is sent back."""
+
+    def __init__(self, flat):
+        self.messages, self.sent = [(7, 3, flat), None], []
+
+    def recv(self):
+        return self.messages.pop(0)
+
+    def send(self, tag, value, grad):
+        self.sent.append((tag, value, grad))
+
+    def fail(self, text):
+        raise AssertionError(text)
+
+
+def test_serve_gradients_scales_the_minibatch_estimate_by_n_over_b():
+    X, y = np.arange(10.0), np.linspace(1.0, 2.0, 10)
+    seen = []
+
+    def make(X, y):
+        def compute(flat, rows=None):  # g(theta) = sum_i y_i theta . theta / 2 over the rows used
+            seen.append(rows)
+            w = y if rows is None else y[rows]
+            return 0.5 * w.sum() * flat @ flat, w.sum() * flat
+
+        return compute
+
+    flat = np.array([1.0, -2.0])
+    full = OneMessage(flat)
+    serve_gradients(full, make, X, y)
+    assert seen.pop() is None and full.sent[0][1] == pytest.approx(0.5 * y.sum() * 5.0)
+    batch = OneMessage(flat)
+    serve_gradients(batch, make, X, y, batch_size=4, seed=3, worker=1)
+    rows = seen.pop()
+    np.testing.assert_array_equal(rows, batch_rows(3, 10, 4, 3, 1))  # version 3
+    tag, value, grad = batch.sent[0]
+    assert tag == 7 and value == pytest.approx(10 / 4 * 0.5 * y[rows].sum() * 5.0)
+    np.testing.assert_allclose(grad, 10 / 4 * y[rows].sum() * flat)
 
 
 # ---- real transports with in-thread workers ---------------------------------------------------------

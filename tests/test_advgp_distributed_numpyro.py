@@ -15,29 +15,29 @@ import time
 import numpy as np
 import pytest
 
-from tests.test_advgp_async_numpyro import data, new_model, proximal_gd
+from tests.test_advgp_async_numpyro import MINIBATCHES, data, new_model, proximal_gd
 
 pytestmark = pytest.mark.usefixtures("jax_x64")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # argv: rank, coordinator port, num_steps, max_delay, gradients after which rank 2 kills itself (0: never),
-# checkpoint file ("": none)
+# minibatch size (0: whole shards), checkpoint file ("": none)
 SCRIPT = textwrap.dedent("""
     import json, sys, time
     import numpy as np
     import jax
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    rank, port, num_steps, max_delay, die_after = (int(a) for a in sys.argv[1:6])
-    checkpoint = sys.argv[6] or None
+    rank, port, num_steps, max_delay, die_after, batch_size = (int(a) for a in sys.argv[1:7])
+    checkpoint = sys.argv[7] or None
     # short jax.distributed timeouts: after a process died, its own shutdown gives up quickly
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=3, process_id=rank,
                                initialization_timeout=60, heartbeat_timeout_seconds=10,
                                shutdown_timeout_seconds=5)
     from numpyro_scalegp.async_svi import PeerFailedError, distributed_proximal_svi
     from scalegp.async_server import ConnectionChannel
-    from tests.test_advgp_async_numpyro import OPTIM, data, new_model
+    from tests.test_advgp_async_numpyro import MINIBATCHES, OPTIM, SHARDS, data, new_model
     from tests.test_advgp_async_server import crash_after
 
     def report(**fields):
@@ -46,9 +46,10 @@ SCRIPT = textwrap.dedent("""
     if rank == 2 and die_after:  # a crash right after sending its die_after-th gradient
         crash_after(ConnectionChannel, "send", die_after, report)
     X, y, Z = data()
+    batching = dict(MINIBATCHES, batch_size=batch_size, shards=SHARDS) if batch_size else {}
     try:
         result = distributed_proximal_svi(new_model(Z), X, y, num_steps, max_delay=max_delay, optim=OPTIM,
-                                          checkpoint=checkpoint)
+                                          checkpoint=checkpoint, **batching)
     except PeerFailedError as exc:
         report(event="error", message=str(exc))
         raise SystemExit(1)  # jax.distributed's own shutdown then gives up within its timeouts
@@ -66,10 +67,10 @@ def _free_port() -> int:
 
 
 def _launch(num_steps: int, max_delay: int, die_after: int = 0, timeout: float = 150,
-            checkpoint: str = "") -> list[list[dict]]:
+            checkpoint: str = "", batch_size: int = 0) -> list[list[dict]]:
     """Run the 3 processes; the JSON lines each printed, by rank."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    args = [str(_free_port()), str(num_steps), str(max_delay), str(die_after), checkpoint]
+    args = [str(_free_port()), str(num_steps), str(max_delay), str(die_after), str(batch_size), checkpoint]
     procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(rank), *args], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(3)]
     outputs = []
@@ -93,6 +94,19 @@ def test_three_processes_synchronous_equal_proximal_gradient_descent_step_for_st
     assert all(w[1] == 0 for w in workers), [w[2][-2000:] for w in workers]
     (done,) = server
     _assert_proximal_gradient_descent(done, steps)
+
+
+def test_three_processes_with_minibatches_equal_stochastic_proximal_gradient_descent():
+    steps = 4
+    (server, rc, err), *workers = _launch(steps, 0, batch_size=MINIBATCHES["batch_size"])
+    assert rc == 0, err[-3000:]
+    assert all(w[1] == 0 for w in workers), [w[2][-2000:] for w in workers]
+    (done,) = server
+    assert done["version"] == steps and done["staleness"] == [0] * steps and np.all(np.isfinite(done["losses"]))
+    X, y, Z = data()
+    expected = proximal_gd(new_model(Z), X, y, steps, **MINIBATCHES)[-1]
+    for name, value in expected.items():
+        np.testing.assert_allclose(done["params"][name], np.asarray(value), rtol=1e-10, atol=1e-13, err_msg=name)
 
 
 def _assert_proximal_gradient_descent(done: dict, steps: int) -> None:
