@@ -68,6 +68,7 @@ def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
     X, y, Z = data()
     expected = proximal_gd(Z, X, y, 4)
     model = new_model(Z)
+    threads = torch.get_num_threads()
     with AsyncProximalSVI(model, X, y, num_workers=1, max_delay=0, optim=OPTIM) as svi:
         losses = []
         for t in range(4):
@@ -75,6 +76,7 @@ def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
             assert svi.version == t + 1
             assert_params_equal(model, expected[t], rtol=1e-12)
         assert svi.staleness == [0, 0, 0, 0]
+        assert torch.get_num_threads() == threads  # the step runs on one thread and gives the others back
     # the reported loss is the exact negative ELBO before each update, and it decreases
     first = new_model(Z).loss(X, y).item()
     assert losses[0] == pytest.approx(first, rel=1e-12)

@@ -245,6 +245,7 @@ def test_advgp_flights_quick(tmp_path, float64_torch):
     assert all(a["time_s"] < b["time_s"] for a, b in zip(advgp, advgp[1:]))
     payload = json.load(open(tmp_path / "advgp_flights.json"))
     assert set(payload["meta"]["curves"]["20"]) == {r["method"] for r in rows}
+    assert payload["meta"]["batch_size"] == 1024 and payload["meta"]["advgp_optim"]["eps"] == 1e-5  # minibatches
     assert os.path.getsize(tmp_path / "advgp_flights_M20.png") > 10_000
 
 
