@@ -86,11 +86,14 @@ class _Gradient:
         jax.config.update("jax_enable_x64", self._x64)
         advgp = pickle.loads(self._model)
         names = self._layout[0]
-        X, y = jax.numpy.asarray(X), jax.numpy.asarray(y)
+        # the shard on the device for whole-shard gradients; minibatches are gathered by numpy
+        # (an eager JAX gather per call costs more than a small batch's gradient)
+        X, y = np.asarray(X), np.asarray(y)
+        shard = (jax.numpy.asarray(X), jax.numpy.asarray(y))
         value_and_grad = jax.jit(jax.value_and_grad(lambda p, X, y: advgp.data_term(X, y, params=p)))
 
         def compute(flat, rows=None):
-            data = (X, y) if rows is None else (X[rows], y[rows])
+            data = shard if rows is None else (X[rows], y[rows])
             value, grads = value_and_grad(_unflatten(flat, *self._layout), *data)
             return float(value), _flatten(grads, names)
 

@@ -145,7 +145,8 @@ def batch_rows(version: int, n: int, batch_size: int | None, seed: int, worker: 
     used, a run resumed from a ``state_dict`` draws the rows of the uninterrupted one, and the
     frontends and transports draw alike.
 
-    .. note:: Cost: ``O(n)`` (a partial permutation of the rows)."""
+    .. note:: Cost: ``O(b)`` for ``b`` much smaller than ``n``, at most ``O(n)`` (numpy's draw
+       without replacement)."""
     if batch_size is None or batch_size >= n:
         return None
     rng = np.random.default_rng([seed, worker, version])
