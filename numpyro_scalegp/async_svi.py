@@ -176,7 +176,7 @@ class AsyncProximalSVI(_Server):
     :param batch_size: rows per gradient and worker (default ``None``: the whole shard); with
         ``b`` rows, the unbiased estimate ``(n_k / b) grad g_k`` from ``b`` rows drawn afresh
         (:func:`scalegp.async_server.batch_rows`).
-    :param seed: seeds the minibatch draws (with the worker and the parameters).
+    :param seed: seeds the minibatch draws (with the worker and the parameter version).
 
     ``params`` holds the current parameters (a dict of arrays).
 

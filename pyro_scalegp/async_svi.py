@@ -113,7 +113,7 @@ class _Server(ProximalServer):
     def _proximal_step(self, grad: np.ndarray) -> float:
         # on one thread: the tensors are small (O(M^2)), and a thread pool that spins after each
         # parallel region (`tril`) takes the cores from local workers (an update with 2 workers
-        # of 512 rows, M = 50, on 2 cores: 11.7 ms with the server at 2 threads, 6.8 ms at 1)
+        # of 512 rows, M = 50, on 2 cores: 11.7 ms with the step on 2 threads, 8.1 ms on one)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -170,8 +170,8 @@ class AsyncProximalSVI(_Server):
         ``b`` rows, each gradient is the unbiased estimate ``(n_k / b) grad g_k`` from ``b`` rows
         of the shard drawn afresh (:func:`scalegp.async_server.batch_rows`): cheaper, noisier
         updates, as in minibatch SVI.
-    :param seed: seeds the minibatch draws (with the worker and the parameters, so a restarted
-        worker or a resumed run draws the same rows).
+    :param seed: seeds the minibatch draws (with the worker and the parameter version, so a
+        restarted worker or a resumed run draws the same rows).
 
     A worker that dies is restarted on its shard (``restarts``); ``state_dict`` /
     ``load_state_dict`` stop and resume; ``workers`` are the processes.
