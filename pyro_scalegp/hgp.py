@@ -50,6 +50,7 @@ from scalegp.partition import Experts
 
 from .kernels import (BoundKernel, bind, check_finite, check_positive, check_shape, stationary_forward,
                       stationary_vjp)
+from .threads import torch_threads
 
 __all__ = [
     "HGPMarginal", "NotPositiveDefiniteError", "GaussianLogLikelihood",
@@ -90,12 +91,8 @@ def map_chunks(fn, E: int, step: int) -> list:
 
     if threads < 2 or len(starts) < 2:
         return [call(start) for start in starts]
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-            return list(pool.map(call, starts))
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), ThreadPoolExecutor(min(threads, len(starts))) as pool:
+        return list(pool.map(call, starts))
 
 
 def _cholesky(Kn: torch.Tensor, jitter: float, offset: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -178,3 +178,16 @@ def test_script_without_main_guard_fails_naming_the_worker_instead_of_hanging(tm
     assert run.returncode != 0
     assert "PeerFailedError: worker" in run.stderr and "exited while starting" in run.stderr, run.stderr[-3000:]
     assert 'if __name__ == "__main__":' in run.stderr
+
+
+def test_torch_threads_sets_the_count_for_the_block_and_restores_it_also_on_error():
+    from pyro_scalegp.threads import torch_threads
+
+    threads = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch_threads(1):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == threads
