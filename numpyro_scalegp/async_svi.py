@@ -45,7 +45,8 @@ import numpy as np
 import optax
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
-                                  accept_workers, check_options, connect_to_server, serve_gradients)
+                                  accept_workers, check_options, connect_to_server, serve_gradients,
+                                  standing_in)
 
 from .advgp import ADVGP
 from .optim import proximal_adadelta
@@ -177,24 +178,32 @@ class AsyncProximalSVI(_Server):
         ``b`` rows, the unbiased estimate ``(n_k / b) grad g_k`` from ``b`` rows drawn afresh
         (:func:`scalegp.async_server.batch_rows`).
     :param seed: seeds the minibatch draws (with the worker and the parameter version).
+    :param stand_in: while a worker process starts or restarts (seconds: a spawned interpreter
+        imports JAX and compiles), the server computes that worker's gradients itself when an
+        update waits for them (``stood_in`` lists them; it compiles the gradient once per
+        shard). Default ``None``: with ``batch_size`` only
+        (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
 
     ``params`` holds the current parameters (a dict of arrays).
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` (``O(M^3 + b M^2)`` with
        ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting the workers (spawned
-       interpreters, jit) takes seconds.
+       interpreters, jit) takes seconds, during which the server computes their gradients
+       (with ``stand_in``).
     """
 
     def __init__(self, advgp: ADVGP, X, y, *, num_workers: int = 1, max_delay: int = 0,
                  optim: dict | None = None, shards: Sequence | None = None, params: dict | None = None,
                  worker_sleep: float | Sequence[float] = 0.0, stall_timeout: float = 60.0,
-                 batch_size: int | None = None, seed: int = 0):
+                 batch_size: int | None = None, seed: int = 0, stand_in: bool | None = None):
         X, y, optim, params = _check(advgp, X, y, optim, params)
         shards, sleeps = check_options(X.shape[0], num_workers=num_workers, max_delay=max_delay,
                                        stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
                                        batch_size=batch_size, seed=seed)
-        workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, params),
-                                 [(X[s], y[s]) for s in shards], sleeps, batch_size=batch_size, seed=seed)
+        gradient = _Gradient(advgp, params)
+        workers = ProcessWorkers(multiprocessing.get_context("spawn"), gradient, [(X[s], y[s]) for s in shards],
+                                 sleeps, batch_size=batch_size, seed=seed,
+                                 stand_in=gradient if standing_in(stand_in, batch_size) else None)
         super().__init__(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout)
 
     @property

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
-                                  check_options, serve_gradients)
+                                  check_options, serve_gradients, standing_in)
 
 from .advgp import ADVGP
 from .optim import ProximalAdadeltaOptimizer
@@ -124,6 +124,10 @@ class _Server(ProximalServer):
             self.optimizer.step()
         return h
 
+    def _stand_in(self, k: int) -> None:
+        with torch_threads(1):  # as the step: the other cores are the starting workers'
+            super()._stand_in(k)
+
     def _checkpoint(self) -> dict:
         return {"params": {n: p.detach().clone() for n, p in zip(self._names, self._params)},
                 "optim": self.optimizer.state_dict()}
@@ -169,19 +173,26 @@ class AsyncProximalSVI(_Server):
         updates, as in minibatch SVI.
     :param seed: seeds the minibatch draws (with the worker and the parameter version, so a
         restarted worker or a resumed run draws the same rows).
+    :param stand_in: while a worker process starts or restarts (seconds: a spawned interpreter
+        re-imports the main module, then torch), the server computes that worker's gradients
+        itself when an update waits for them, so training starts at once (``stood_in`` lists
+        them; the same numbers as the worker's). Default ``None``: with ``batch_size`` only
+        (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
 
     A worker that dies is restarted on its shard (``restarts``); ``state_dict`` /
     ``load_state_dict`` stop and resume; ``workers`` are the processes.
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` (``O(M^3 + b M^2)`` with
        ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting the workers (spawned
-       interpreters) takes seconds.
+       interpreters) takes seconds, during which the server computes their gradients
+       (with ``stand_in``).
     """
 
     def __init__(self, advgp: ADVGP, X, y, *, num_workers: int = 1, max_delay: int = 0,
                  optim: dict | None = None, shards: Sequence | None = None,
                  worker_sleep: float | Sequence[float] = 0.0, stall_timeout: float = 60.0,
-                 num_threads: int = 1, batch_size: int | None = None, seed: int = 0):
+                 num_threads: int = 1, batch_size: int | None = None, seed: int = 0,
+                 stand_in: bool | None = None):
         if not isinstance(advgp, ADVGP):
             raise ValueError(f"advgp: expected a pyro_scalegp.ADVGP, got {type(advgp).__name__}")
         X, y = advgp._check_data(X, y)
@@ -193,7 +204,8 @@ class AsyncProximalSVI(_Server):
         optim = _check_optim(optim)
         data = [(X[torch.as_tensor(s)].numpy(), y[torch.as_tensor(s)].numpy()) for s in shards]
         workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, int(num_threads)),
-                                 data, sleeps, batch_size=batch_size, seed=seed)
+                                 data, sleeps, batch_size=batch_size, seed=seed,
+                                 stand_in=_Gradient(advgp) if standing_in(stand_in, batch_size) else None)
         super().__init__(advgp, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout)
 
     @property
@@ -214,6 +226,7 @@ class _DistributedWorkers:
     ``recv`` fail at once (its connection closes), which is reported as its death."""
 
     restartable = False
+    can_compute_here = False
 
     def __init__(self, num_workers: int, size: int):
         import torch.distributed as dist

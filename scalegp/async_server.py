@@ -44,12 +44,21 @@ process exits while starting, stops the run with :class:`PeerFailedError`); else
 refused before it reaches the parameters: ``step`` raises ``FloatingPointError`` naming
 the workers that sent it.
 
+**Starting workers.** Where the transport can compute a worker's gradient in the server's
+process (``can_compute_here``: local processes given a ``stand_in``), the server stands in for
+a worker from its start (or restart) until its first gradient arrives: when an update waits
+for that worker, the server computes the gradient itself at the current version (the same
+numbers, minibatch draw included: :func:`shard_gradient`; recorded in ``stood_in``) instead
+of waiting the seconds a spawned interpreter takes to start. A synchronous run is unchanged;
+the worker's first gradient, older by then, is dropped and the worker takes over.
+
 **Transports** carry the messages; a transport has ``num_workers``, ``restartable``,
-``send(k, tag, version, flat)`` (parameters to worker ``k``, which is idle), ``poll(timeout)``
-(the events that arrived: ``("grad", k, tag, value, grad)``, ``("error", k, text)``,
-``("dead", k, reason)``), ``describe(k)`` (a name for messages), ``restart(k)`` (if
-``restartable``) and ``close(abort=None)`` (stop the workers; with a reason, they raise
-:class:`PeerFailedError` carrying it). The worker side is a *channel* with ``recv()``
+``can_compute_here``, ``send(k, tag, version, flat)`` (parameters to worker ``k``, which is
+idle), ``poll(timeout)`` (the events that arrived: ``("grad", k, tag, value, grad)``,
+``("error", k, text)``, ``("dead", k, reason)``), ``describe(k)`` (a name for messages),
+``restart(k)`` (if ``restartable``), ``compute_here(k, version, flat)`` (if
+``can_compute_here``: worker ``k``'s ``(value, grad)``) and ``close(abort=None)`` (stop the
+workers; with a reason, they raise :class:`PeerFailedError` carrying it). The worker side is a *channel* with ``recv()``
 (``(tag, version, flat)``, ``None`` once told to stop; raises on an abort or a dead server),
 ``send(tag, value, grad)`` and ``fail(text)``, driven by :func:`serve_gradients`.
 Here: :class:`ConnectionWorkers` / :class:`ConnectionChannel` over
@@ -68,6 +77,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import threading
 import time
 import traceback
 import warnings
@@ -81,6 +91,7 @@ from tqdm.auto import tqdm
 __all__ = [
     "MAX_RESTARTS", "ConnectionChannel", "ConnectionWorkers", "PeerFailedError", "ProcessWorkers", "ProximalServer",
     "StalledWorkerWarning", "accept_workers", "batch_rows", "check_options", "connect_to_server", "serve_gradients",
+    "shard_gradient", "standing_in",
 ]
 
 _POLL_SECONDS = 0.05
@@ -133,6 +144,20 @@ def check_options(N: int, *, num_workers: int, max_delay: int, stall_timeout: fl
     return shards, np.broadcast_to(sleeps, (num_workers,)).tolist()
 
 
+def standing_in(stand_in: bool | None, batch_size: int | None) -> bool:
+    """Whether the server stands in for starting workers (``AsyncProximalSVI(stand_in=...)``):
+    ``stand_in`` itself, or for ``None``, with minibatches only. A minibatch gradient costs
+    milliseconds, against the seconds a worker takes to start; a whole shard's can cost more
+    than that, and the server would then compute the starting workers' gradients one after the
+    other while they could compute them side by side. Raises ``ValueError`` for anything but
+    ``None``, ``True`` or ``False``."""
+    if stand_in is None:
+        return batch_size is not None
+    if not isinstance(stand_in, bool):
+        raise ValueError(f"stand_in: expected None, True or False, got {stand_in!r}")
+    return stand_in
+
+
 # ---- the worker side -----------------------------------------------------------------------------
 def batch_rows(version: int, n: int, batch_size: int | None, seed: int, worker: int) -> np.ndarray | None:
     """The rows of worker ``worker``'s shard (``n`` rows) whose data term it differentiates at
@@ -153,19 +178,33 @@ def batch_rows(version: int, n: int, batch_size: int | None, seed: int, worker: 
     return np.sort(rng.choice(n, size=batch_size, replace=False))
 
 
+def shard_gradient(compute: Callable, flat, version: int, n: int | None, *, batch_size: int | None = None,
+                   seed: int = 0, worker: int = 0) -> tuple:
+    """Worker ``worker``'s gradient at the parameters ``flat`` of ``version``: ``compute(flat) =
+    (g_k, grad g_k)`` on its whole shard of ``n`` rows or, with ``batch_size`` (smaller than
+    ``n``; ``n`` is only read then), the unbiased minibatch estimate ``(n / b) compute(flat, rows)``
+    on the ``b`` rows :func:`batch_rows` draws. Whoever computes it (the worker, or the server standing in for a
+    starting worker) gets the same numbers."""
+    rows = batch_rows(version, n, batch_size, seed, worker) if batch_size is not None else None
+    if rows is None:
+        return compute(flat)
+    value, grad = compute(flat, rows)
+    scale = n / rows.size
+    return value * scale, np.asarray(grad) * scale
+
+
 def serve_gradients(channel, make_compute: Callable, X, y, *, sleep: float = 0.0, batch_size: int | None = None,
                     seed: int = 0, worker: int = 0) -> None:
     """The worker loop: ``compute = make_compute(X, y)`` once (its shard), then until told to
     stop: receive parameters, sleep ``sleep`` seconds (simulated straggler), send back
-    ``compute(flat) = (value, grad)`` with the parameters' tag. An exception is reported
-    to the server (``channel.fail``) and re-raised.
-
-    With ``batch_size`` (smaller than the shard's ``n = len(y)`` rows), each gradient is the
-    unbiased minibatch estimate ``(n / b) (g, grad g)`` of ``compute(flat, rows)``, the data term
-    of the ``b`` rows :func:`batch_rows` draws for ``(seed, worker)`` and the parameters' version:
-    stochastic delayed proximal gradient, each update costing ``O(b)`` rows instead of ``O(n)``."""
+    :func:`shard_gradient` (``compute(flat) = (value, grad)``, or with ``batch_size`` the
+    minibatch estimate ``(n / b) compute(flat, rows)`` on the rows :func:`batch_rows` draws for
+    ``(seed, worker)`` and the parameters' version: stochastic delayed proximal gradient, each
+    update costing ``O(b)`` rows instead of ``O(n)``) with the parameters' tag. An exception is
+    reported to the server (``channel.fail``) and re-raised."""
     try:
         compute = make_compute(X, y)
+        n = None if batch_size is None else len(y)  # (the transport tests' shards are not arrays)
         while True:
             message = channel.recv()
             if message is None:
@@ -173,13 +212,7 @@ def serve_gradients(channel, make_compute: Callable, X, y, *, sleep: float = 0.0
             tag, version, flat = message
             if sleep > 0:
                 time.sleep(sleep)
-            rows = batch_rows(version, len(y), batch_size, seed, worker) if batch_size is not None else None
-            if rows is None:
-                value, grad = compute(flat)
-            else:
-                value, grad = compute(flat, rows)
-                scale = len(y) / rows.size
-                value, grad = value * scale, np.asarray(grad) * scale
+            value, grad = shard_gradient(compute, flat, version, n, batch_size=batch_size, seed=seed, worker=worker)
             channel.send(tag, value, grad)
     except PeerFailedError:
         raise
@@ -226,6 +259,7 @@ class ConnectionWorkers:
     (``names[k]`` for messages). A closed connection is a dead worker; not restartable."""
 
     restartable = False
+    can_compute_here = False
 
     def __init__(self, conns: Sequence[Connection], names: Sequence[str]):
         self._conns = list(conns)
@@ -293,30 +327,53 @@ class ProcessWorkers(ConnectionWorkers):
     worker is restartable on its shard.
 
     ``make_compute`` and the shard go over the worker's own pipe once the process runs, not
-    with the spawn arguments: a process that exits while starting (a spawned process re-imports
-    the main module, so a script that creates the workers outside
-    ``if __name__ == "__main__":`` fails there) breaks that pipe and is reported as
-    :class:`PeerFailedError`, whereas ``multiprocessing`` would wait forever to write spawn
-    arguments larger than a pipe buffer to a process that is gone.
+    with the spawn arguments, and a thread per worker hands them over, so that starting (or
+    restarting) a worker does not hold up the server. Parameters sent to a worker before it has
+    read its shard wait for it (the newest only). A process that exits before reading its shard
+    (a spawned process re-imports the main module, so a script that creates the workers outside
+    ``if __name__ == "__main__":`` fails there) is reported by :meth:`poll` as
+    :class:`PeerFailedError` naming it, whereas ``multiprocessing`` would wait forever to write
+    spawn arguments larger than a pipe buffer to a process that is gone.
 
-    .. note:: Starting a worker costs an interpreter start-up plus ``make_compute``
-       (imports, compilation): seconds; the workers start in parallel, and a restarted
-       worker's start-up is waited for (its shard is handed over when it reads it).
+    With ``stand_in`` (a callable like ``make_compute``, called in this process), the server can
+    compute a worker's gradient itself while that worker starts (:meth:`compute_here`, see
+    :class:`ProximalServer`).
+
+    .. note:: Starting a worker costs an interpreter start-up (which re-imports the main module)
+       plus ``make_compute`` (imports, compilation): seconds; the workers start in parallel.
     """
 
     restartable = True
 
     def __init__(self, context, make_compute: Callable, data: Sequence[tuple], sleeps: Sequence[float], *,
-                 batch_size: int | None = None, seed: int = 0):
+                 batch_size: int | None = None, seed: int = 0, stand_in: Callable | None = None):
         self._context, self._make_compute = context, make_compute
         self._data, self._sleeps = list(data), list(sleeps)
         self._batching = {"batch_size": batch_size, "seed": seed}
+        self._stand_in = stand_in
+        self._local: list = [None] * len(self._data)  # stand_in(*data[k]), built on first use
         self.processes: list = [None] * len(self._data)
+        self._lock = threading.Lock()
+        self._handed = [False] * len(self._data)  # has read its shard
+        self._pending: list = [None] * len(self._data)  # parameters waiting for that
+        self._handing: list = [None] * len(self._data)  # the hand-over threads
         super().__init__([None] * len(self._data), [""] * len(self._data))
         for k in range(self.num_workers):
             self._spawn(k)
-        for k in range(self.num_workers):
-            self._hand_over(k)
+
+    @property
+    def can_compute_here(self) -> bool:
+        """Whether :meth:`compute_here` is available (a ``stand_in`` was given)."""
+        return self._stand_in is not None
+
+    def compute_here(self, k: int, version: int, flat: np.ndarray) -> tuple:
+        """Worker ``k``'s gradient at ``flat`` (of ``version``), computed in this process: what the
+        worker would send (:func:`shard_gradient`, the same minibatch draw). The first call for a
+        shard builds ``stand_in`` on it."""
+        if self._local[k] is None:
+            self._local[k] = self._stand_in(*self._data[k])
+        y = self._data[k][1]
+        return shard_gradient(self._local[k], flat, version, len(y), worker=k, **self._batching)
 
     def _spawn(self, k: int) -> None:
         conn, child = self._context.Pipe(duplex=True)
@@ -325,20 +382,46 @@ class ProcessWorkers(ConnectionWorkers):
         child.close()
         self.processes[k], self._conns[k] = proc, conn
         self._names[k] = f"worker {k} (pid {proc.pid})"
+        self._handed[k], self._pending[k] = False, None
+        self._handing[k] = threading.Thread(target=self._hand_over, args=(k, conn), daemon=True)
+        self._handing[k].start()
 
-    def _hand_over(self, k: int) -> None:
-        """Send worker ``k`` its ``make_compute`` and shard (returns once it has read them);
-        :class:`PeerFailedError` naming it, after stopping every worker, if it exited first."""
+    def _hand_over(self, k: int, conn) -> None:
+        """(In a thread) send worker ``k`` its ``make_compute``, shard and options, then the
+        parameters that wait for it; returns quietly if the process is gone (:meth:`poll`
+        reports it)."""
         try:
             options = {"sleep": self._sleeps[k], "worker": k, **self._batching}
-            self._conns[k].send((self._make_compute, *self._data[k], options))
+            conn.send((self._make_compute, *self._data[k], options))
+            with self._lock:
+                self._handed[k] = True
+                pending, self._pending[k] = self._pending[k], None
+                if pending is not None:
+                    conn.send(pending)
         except OSError:
-            self.processes[k].join(timeout=5.0)
-            message = (f"{self._names[k]} exited while starting (exit code {self.processes[k].exitcode}); "
-                       "its own output, if any, is above. Spawned workers re-import the main module: in a script, "
-                       "create them under `if __name__ == \"__main__\":`")
-            self.close(abort=message)
-            raise PeerFailedError(message) from None
+            pass
+
+    def send(self, k: int, tag: int, version: int, flat: np.ndarray) -> None:
+        with self._lock:
+            if not self._handed[k]:
+                self._pending[k] = ("params", tag, version, flat)
+                return
+        super().send(k, tag, version, flat)
+
+    def poll(self, timeout: float) -> list[tuple]:
+        """As :meth:`ConnectionWorkers.poll`; a worker that died before reading its shard stops
+        every worker and raises :class:`PeerFailedError` naming it."""
+        events = super().poll(timeout)
+        for kind, k, *_ in events:
+            if kind == "dead":
+                self._handing[k].join(timeout=5.0)  # its send fails at once: the process is gone
+                if not self._handed[k]:
+                    message = (f"{self._names[k]} exited while starting ({self._reason(k)}); its own output, "
+                               "if any, is above. Spawned workers re-import the main module: in a script, "
+                               "create them under `if __name__ == \"__main__\":`")
+                    self.close(abort=message)
+                    raise PeerFailedError(message)
+        return events
 
     def _sentinels(self) -> dict:
         return {proc.sentinel: k for k, proc in enumerate(self.processes)}
@@ -353,11 +436,16 @@ class ProcessWorkers(ConnectionWorkers):
         if old.is_alive():  # closed its pipe but lingers: make sure it is gone
             old.kill()
             old.join()
+        self._handing[k].join()
         self._conns[k].close()
         self._spawn(k)
-        self._hand_over(k)
 
     def close(self, abort: str | None = None) -> None:
+        for k, proc in enumerate(self.processes):
+            if not self._handed[k]:  # still starting: nothing of it to wait for
+                proc.kill()
+                proc.join()
+            self._handing[k].join()
         super().close(abort)
         for proc in self.processes:
             proc.join(timeout=5.0)
@@ -426,7 +514,8 @@ class ProximalServer:
 
     Attributes: ``version`` (updates applied), ``staleness`` (the largest delay
     :math:`t - \\min_k t_k` each update used), ``restarts`` (``(worker, version)``),
-    ``stalls`` (``(worker, version, seconds)``).
+    ``stalls`` (``(worker, version, seconds)``), ``stood_in`` (``(worker, version)``: the
+    gradients the server computed for starting workers).
 
     .. note:: Cost per update: ``O(K P)`` here (see the module note) plus the hook.
     """
@@ -440,7 +529,10 @@ class ProximalServer:
         self.restarts: list[tuple[int, int]] = []
         self.stalls: list[tuple[int, int, float]] = []
         self.staleness: list[int] = []
+        self.stood_in: list[tuple[int, int]] = []
         n = self.num_workers
+        self._can_stand_in = bool(workers.can_compute_here)
+        self._starting = [self._can_stand_in] * n  # no gradient from it since it was (re)started
         self._grad: list[np.ndarray | None] = [None] * n
         self._value = [0.0] * n
         self._used = [-1] * n  # the version each latest gradient was computed at
@@ -486,18 +578,27 @@ class ProximalServer:
     def _ready(self) -> bool:
         return not any(self._needs(k) for k in range(self.num_workers))
 
-    def _receive(self, wait_start: float) -> bool:
-        """Handle the events of one poll; whether a usable gradient arrived."""
+    def _receive(self, wait_start: float, timeout: float = _POLL_SECONDS) -> bool:
+        """Handle the events of one poll (waiting up to ``timeout`` seconds); whether a usable
+        gradient arrived."""
         got = False
-        for kind, k, *payload in self._workers.poll(_POLL_SECONDS):
+        try:
+            events = self._workers.poll(timeout)
+        except PeerFailedError:  # the transport stopped the workers (one exited while starting)
+            self._closed = True
+            raise
+        for kind, k, *payload in events:
             if kind == "grad":
                 tag, value, grad = payload
                 self._busy[k] = False
                 self._deaths[k] = 0
                 self._heard[k] = time.monotonic()
                 self._stall_reported[k] = False
-                if tag >= self._first_valid_tag:  # else computed on parameters replaced by a load
-                    self._grad[k], self._value[k], self._used[k] = grad, value, tag + self._tag_offset
+                self._starting[k] = False
+                version = tag + self._tag_offset
+                # else computed on parameters replaced by a load, or older than the server's stand-in
+                if tag >= self._first_valid_tag and version > self._used[k]:
+                    self._grad[k], self._value[k], self._used[k] = grad, value, version
                     got = True
                 if tag != self._tag:
                     self._send(k)  # newer parameters are waiting for it
@@ -507,8 +608,9 @@ class ProximalServer:
                 self._dead(k, payload[0])
         now = time.monotonic()
         for k in range(self.num_workers):
-            silent = now - max(self._heard[k], wait_start)
-            if self._needs(k) and silent > self.stall_timeout and not self._stall_reported[k]:
+            # a starting worker is awaited since its start, even while the server stands in for it
+            silent = now - (self._heard[k] if self._starting[k] else max(self._heard[k], wait_start))
+            if (self._needs(k) or self._starting[k]) and silent > self.stall_timeout and not self._stall_reported[k]:
                 self._stall_reported[k] = True
                 self.stalls.append((k, self.version, silent))
                 warnings.warn(f"{self._workers.describe(k)} has sent no gradient for {silent:.1f} s "
@@ -533,7 +635,14 @@ class ProximalServer:
                       RuntimeWarning)
         self._heard[k] = time.monotonic()
         self._stall_reported[k] = False
+        self._starting[k] = self._can_stand_in
         self._send(k)
+
+    def _stand_in(self, k: int) -> None:
+        """Compute worker ``k``'s gradient at the current version in this process."""
+        value, grad = self._workers.compute_here(k, self.version, self._flat)
+        self._grad[k], self._value[k], self._used[k] = grad, value, self.version
+        self.stood_in.append((k, self.version))
 
     def step(self) -> float:
         """One server update; returns the loss estimate ``sum_k g_k(theta_{t_k}) + h(theta_t)``
@@ -543,7 +652,12 @@ class ProximalServer:
         wait_start = time.monotonic()
         got_new = False
         while not (got_new and self._ready()):
-            got_new = self._receive(wait_start) or got_new
+            covered = [k for k in range(self.num_workers) if self._starting[k] and self._needs(k)]
+            got_new = self._receive(wait_start, 0.0 if covered else _POLL_SECONDS) or got_new
+            for k in covered:
+                if self._starting[k] and self._needs(k):  # (unless its first gradient just came)
+                    self._stand_in(k)
+                    got_new = True
         grad = np.sum(self._grad, axis=0)
         value = float(sum(self._value))
         if not (np.isfinite(value) and np.all(np.isfinite(grad))):

@@ -32,3 +32,21 @@ def jax_x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture
+def until_workers_serve():
+    """A function that steps an ``AsyncProximalSVI`` until three updates in a row needed no
+    stand-in from the server (every worker process is up and serving); fails after 120 s."""
+    import time
+
+    def run(svi, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            before = len(svi.stood_in)
+            svi.run(3, progress_bar=False)
+            if len(svi.stood_in) == before:
+                return
+            assert time.monotonic() < deadline, "the workers never took over from the server"
+
+    return run

@@ -69,7 +69,7 @@ def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
     expected = proximal_gd(Z, X, y, 4)
     model = new_model(Z)
     threads = torch.get_num_threads()
-    with AsyncProximalSVI(model, X, y, num_workers=1, max_delay=0, optim=OPTIM) as svi:
+    with AsyncProximalSVI(model, X, y, num_workers=1, max_delay=0, optim=OPTIM, stand_in=False) as svi:
         losses = []
         for t in range(4):
             losses.append(svi.step())
@@ -92,7 +92,7 @@ def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching
         assert (full[5]["guide.loc_unconstrained"] - expected[5]["guide.loc_unconstrained"]).abs().max() > 1e-3
     pyro.clear_param_store()
     model = new_model(Z)
-    options = dict(num_workers=2, max_delay=0, optim=OPTIM, shards=SHARDS, **batching)
+    options = dict(num_workers=2, max_delay=0, optim=OPTIM, shards=SHARDS, stand_in=False, **batching)
     with AsyncProximalSVI(model, X, y, **options) as svi:
         svi.run(2, progress_bar=False)
         victim = svi.workers[0]
@@ -117,13 +117,34 @@ def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching
     assert_params_equal(resumed, expected[5], rtol=1e-10)
 
 
+def test_server_stands_in_for_starting_and_restarted_workers_with_their_numbers(until_workers_serve):
+    X, y, Z = data()
+    model = new_model(Z)
+    with AsyncProximalSVI(model, X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=SHARDS, **MINIBATCHES) as svi:
+        svi.step()  # at once: spawned interpreters take seconds to start
+        assert sorted(svi.stood_in) == [(0, 0), (1, 0)]
+        until_workers_serve(svi)
+        victim = svi.workers[0]
+        victim.kill()
+        victim.join()
+        killed_at = svi.version
+        with pytest.warns(RuntimeWarning, match="worker 0 .* died"):
+            until_workers_serve(svi)
+        assert [k for k, _ in svi.restarts] == [0] and svi.workers[0].pid != victim.pid
+        assert any(k == 0 and v >= killed_at for k, v in svi.stood_in)  # the server covered the restart
+        assert all(s == 0 for s in svi.staleness)
+        num_steps = svi.version
+    # the same minibatch draws whoever computes the gradient: exactly the in-process run
+    assert_params_equal(model, proximal_gd(Z, X, y, num_steps, **MINIBATCHES)[-1], rtol=1e-10)
+
+
 def test_bounded_delay_with_a_straggler_and_stall_report():
     X, y, Z = data()
     model = new_model(Z)
     start = model.loss(X, y).item()
     with pytest.warns(StalledWorkerWarning, match="worker 1"):
         with AsyncProximalSVI(model, X, y, num_workers=2, max_delay=3, optim=OPTIM,
-                              worker_sleep=[0.0, 1.5], stall_timeout=1.0) as svi:
+                              worker_sleep=[0.0, 1.5], stall_timeout=1.0, stand_in=False) as svi:
             svi.run(12, progress_bar=False)
             assert max(svi.staleness) <= 3
             assert max(svi.staleness) >= 1  # the fast worker really ran ahead
@@ -152,6 +173,8 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y, worker_sleep=-1.0)
     with pytest.raises(ValueError, match="batch_size"):
         AsyncProximalSVI(model, X, y, batch_size=0)
+    with pytest.raises(ValueError, match="stand_in"):
+        AsyncProximalSVI(model, X, y, stand_in="yes")
 
 
 SCRIPT_WITHOUT_MAIN_GUARD = """
@@ -161,8 +184,8 @@ torch.set_default_dtype(torch.float64)
 rng = np.random.default_rng(0)
 X, y = torch.tensor(rng.normal(size=(20_000, 2))), torch.tensor(rng.normal(size=20_000))
 model = ADVGP(gp.kernels.RBF(2), X[:5].clone(), 0.2)
-with AsyncProximalSVI(model, X, y, num_workers=2) as svi:  # spawned workers re-import this script
-    svi.run(3)
+with AsyncProximalSVI(model, X, y, num_workers=2, batch_size=64) as svi:  # spawned workers re-import this script
+    svi.run(10**6)  # the server stands in for the starting workers: the run goes on until their exit is seen
 """
 
 

@@ -68,7 +68,7 @@ def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
     X, y, Z = data()
     model = new_model(Z)
     expected = proximal_gd(model, X, y, 4)
-    with AsyncProximalSVI(model, X, y, num_workers=1, max_delay=0, optim=OPTIM) as svi:
+    with AsyncProximalSVI(model, X, y, num_workers=1, max_delay=0, optim=OPTIM, stand_in=False) as svi:
         losses = []
         for t in range(4):
             losses.append(svi.step())
@@ -86,7 +86,7 @@ def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching
     if batching:  # minibatches follow other (stochastic) gradients than the full data's
         loc = "guide.loc_unconstrained"
         assert np.abs(np.asarray(proximal_gd(model, X, y, 6)[5][loc]) - np.asarray(expected[5][loc])).max() > 1e-3
-    options = dict(num_workers=2, max_delay=0, optim=OPTIM, shards=SHARDS, **batching)
+    options = dict(num_workers=2, max_delay=0, optim=OPTIM, shards=SHARDS, stand_in=False, **batching)
     with AsyncProximalSVI(model, X, y, **options) as svi:
         svi.run(2, progress_bar=False)
         victim = svi.workers[1]
@@ -105,6 +105,26 @@ def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching
         assert_params_equal(svi2.params, expected[5], rtol=1e-10)
 
 
+def test_server_stands_in_for_starting_and_restarted_workers_with_their_numbers(until_workers_serve):
+    X, y, Z = data()
+    model = new_model(Z)
+    with AsyncProximalSVI(model, X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=SHARDS, **MINIBATCHES) as svi:
+        svi.step()  # at once: spawned interpreters take seconds to start
+        assert sorted(svi.stood_in) == [(0, 0), (1, 0)]
+        until_workers_serve(svi)
+        victim = svi.workers[1]
+        victim.kill()
+        victim.join()
+        killed_at = svi.version
+        with pytest.warns(RuntimeWarning, match="worker 1 .* died"):
+            until_workers_serve(svi)
+        assert [k for k, _ in svi.restarts] == [1] and svi.workers[1].pid != victim.pid
+        assert any(k == 1 and v >= killed_at for k, v in svi.stood_in)  # the server covered the restart
+        num_steps = svi.version
+        params = svi.params
+    assert_params_equal(params, proximal_gd(model, X, y, num_steps, **MINIBATCHES)[-1], rtol=1e-10)
+
+
 def test_bad_arguments_raise_before_spawning():
     X, y, Z = data()
     model = new_model(Z)
@@ -118,3 +138,5 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y, optim={"lr": 1.0})
     with pytest.raises(ValueError, match="batch_size"):
         AsyncProximalSVI(model, X, y, batch_size=-3)
+    with pytest.raises(ValueError, match="stand_in"):
+        AsyncProximalSVI(model, X, y, stand_in="yes")

@@ -14,7 +14,7 @@ import pytest
 
 from scalegp.async_server import (MAX_RESTARTS, ConnectionChannel, ConnectionWorkers, PeerFailedError, ProximalServer,
                                   StalledWorkerWarning, accept_workers, batch_rows, check_options,
-                                  connect_to_server, serve_gradients)
+                                  connect_to_server, serve_gradients, standing_in)
 
 GAMMA, LAM = 0.1, 0.5
 CENTRES = [np.array([1.0, -2.0, 0.5]), np.array([-0.5, 3.0, 2.0]), np.array([2.0, 0.0, -1.0])]
@@ -80,8 +80,10 @@ class Scripted:
     """Each poll returns the next scripted list of events, or sleeps a scripted number of seconds;
     running out of script means the server waited where the test expected an update."""
 
-    def __init__(self, num_workers, script=(), *, restartable=True):
+    def __init__(self, num_workers, script=(), *, restartable=True, can_compute_here=False):
         self.num_workers, self.restartable = num_workers, restartable
+        self.can_compute_here = can_compute_here
+        self.computed = []  # (worker, version) of compute_here's calls
         self.script = list(script)
         self.sent, self.versions, self.restarted, self.closed = [], [], [], None
 
@@ -103,6 +105,10 @@ class Scripted:
 
     def restart(self, k):
         self.restarted.append(k)
+
+    def compute_here(self, k, version, flat):
+        self.computed.append((k, version))
+        return gradient(flat, k)
 
     def close(self, abort=None):
         self.closed = ("abort", abort) if abort else ("stop",)
@@ -223,6 +229,53 @@ def test_stalled_worker_is_reported_once_and_only_while_awaited():
     # worker 0, which had answered, was never reported
 
 
+def test_server_stands_in_for_starting_workers_until_their_first_gradient():
+    workers = Scripted(2, [[], [], []], can_compute_here=True)
+    server = QuadraticServer(workers, max_delay=0, stall_timeout=60)
+    theta0 = server.theta.copy()
+    server.step()  # nothing from the starting workers: the server computes both gradients itself
+    server.step()
+    assert workers.computed == [(0, 0), (1, 0), (0, 1), (1, 1)] and server.stood_in == workers.computed
+    assert workers.sent == [(0, 1), (1, 1)]  # the workers are still busy with version 0
+    # worker 0's first gradient (version 0, older than the server's): dropped, and it gets version 2;
+    # from now on the server waits for it, and stands in for worker 1 only
+    theta2 = server.theta.copy()
+    workers.script = [[grad_event(0, 1, theta0)], [grad_event(0, 3, theta2)]]
+    server.step()
+    assert workers.sent[2] == (0, 3) and workers.computed[4:] == [(1, 2)] and workers.script == []
+    assert server.used[-1] == [2, 2] and server.staleness == [0, 0, 0]
+    history, losses = reference(3, CENTRES[:2])
+    np.testing.assert_allclose(server.theta, history[2], rtol=1e-15)
+    # worker 0, up, is waited for (no stand-in); a restarted worker is stood in for again
+    workers.script = [[("dead", 0, "exit code -9")], []]
+    with pytest.warns(RuntimeWarning, match="fake 0 died"):
+        server.step()
+    assert workers.restarted == [0] and sorted(workers.computed[5:]) == [(0, 3), (1, 3)]
+    np.testing.assert_allclose(server.theta, reference(4, CENTRES[:2])[0][3], rtol=1e-15)
+
+
+def test_first_gradient_older_than_the_servers_stand_in_does_not_count_as_new():
+    workers = Scripted(1, [[]], can_compute_here=True)
+    server = QuadraticServer(workers, max_delay=2, stall_timeout=60)
+    theta0 = server.theta.copy()
+    server.step()  # stood in at version 0
+    theta1 = server.theta.copy()
+    # the worker's own version-0 gradient repeats what the update used: the server waits for its next
+    workers.script = [[grad_event(0, 1, theta0)], [grad_event(0, 2, theta1)]]
+    server.step()
+    assert server.used == [[0], [1]] and workers.script == [] and server.stood_in == [(0, 0)]
+
+
+def test_starting_worker_that_stays_silent_is_reported_although_the_server_stands_in():
+    workers = Scripted(1, [0.2, [], []], can_compute_here=True)
+    server = QuadraticServer(workers, max_delay=0, stall_timeout=0.15)
+    with pytest.warns(StalledWorkerWarning, match="fake 0 has sent no gradient"):
+        server.step()
+    assert [s[:2] for s in server.stalls] == [(0, 0)] and server.stood_in == [(0, 0)]
+    server.step()  # reported once
+    assert len(server.stalls) == 1 and server.version == 2
+
+
 def test_load_state_dict_drops_gradients_on_replaced_parameters():
     workers = Scripted(1)
     server = QuadraticServer(workers, max_delay=3, stall_timeout=60)
@@ -254,6 +307,13 @@ def test_check_options_names_the_bad_argument():
                          ({"batch_size": True}, "batch_size"), ({"seed": -1}, "seed"), ({"seed": "a"}, "seed")]:
         with pytest.raises(ValueError, match=name):
             check_options(10, **{"num_workers": 2, "max_delay": 0, "stall_timeout": 1.0, **kwargs})
+
+
+def test_standing_in_defaults_to_minibatch_runs_and_names_a_bad_value():
+    assert standing_in(None, 64) and not standing_in(None, None)
+    assert standing_in(True, None) and not standing_in(False, 64)
+    with pytest.raises(ValueError, match="stand_in: expected None, True or False, got 1"):
+        standing_in(1, None)
 
 
 def test_batch_rows_are_a_uniform_draw_determined_by_seed_worker_and_version():
