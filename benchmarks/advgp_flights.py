@@ -346,9 +346,9 @@ def main(argv=None):
                             if args.batch_size else "every worker's whole shard (exact data terms)")
                          + ". startup_s: ADVGP's wall time to its first update (spawning the workers, first "
                          "gradients), included in its clock. stood_in: worker gradients the server computed itself "
-                         "while the workers started (minibatch runs). share_ahead: share of the checkpoint times at which "
-                         "ADVGP's RMSE is at most the better baseline's (target: 1); ahead_since_s: from when on it "
-                         "stays so. Curves in the JSON (meta.curves) and advgp_flights_M*.png."))
+                         "while the workers started (minibatch runs). share_ahead: share of the checkpoint times at "
+                         "which ADVGP's RMSE is at most the better baseline's (target: 1); ahead_since_s: from when on "
+                         "it stays so. Curves in the JSON (meta.curves) and advgp_flights_M*.png."))
     return rows, curves
 
 

@@ -36,8 +36,8 @@ delayed proximal gradient steps and the reported loss an estimate.
 ``stalls``). A worker that dies is restarted on its own shard where the transport can
 (local processes: :class:`ProcessWorkers`; recorded in ``restarts``; its lost gradient
 is recomputed on the newest parameters, so a synchronous run is unchanged; a worker that
-dies more than ``MAX_RESTARTS`` times without sending a gradient in between, or whose new
-process exits while starting, stops the run with :class:`PeerFailedError`); elsewhere
+dies more than ``MAX_RESTARTS`` times without sending a gradient in between, or whose
+process exits before reading its shard, stops the run with :class:`PeerFailedError`); elsewhere
 (workers in other processes or machines) the server stops and raises
 :class:`PeerFailedError` naming it. A worker whose server dies raises
 :class:`PeerFailedError` naming the server. A NaN or infinite loss or gradient is
@@ -357,6 +357,7 @@ class ProcessWorkers(ConnectionWorkers):
         self._handed = [False] * len(self._data)  # has read its shard
         self._pending: list = [None] * len(self._data)  # parameters waiting for that
         self._handing: list = [None] * len(self._data)  # the hand-over threads
+        self._restarted = [False] * len(self._data)
         super().__init__([None] * len(self._data), [""] * len(self._data))
         for k in range(self.num_workers):
             self._spawn(k)
@@ -417,8 +418,10 @@ class ProcessWorkers(ConnectionWorkers):
                 self._handing[k].join(timeout=5.0)  # its send fails at once: the process is gone
                 if not self._handed[k]:
                     message = (f"{self._names[k]} exited while starting ({self._reason(k)}); its own output, "
-                               "if any, is above. Spawned workers re-import the main module: in a script, "
-                               "create them under `if __name__ == \"__main__\":`")
+                               "if any, is above")
+                    if not self._restarted[k]:
+                        message += (". Spawned workers re-import the main module: in a script, create them under "
+                                    "`if __name__ == \"__main__\":`")
                     self.close(abort=message)
                     raise PeerFailedError(message)
         return events
@@ -438,6 +441,7 @@ class ProcessWorkers(ConnectionWorkers):
             old.join()
         self._handing[k].join()
         self._conns[k].close()
+        self._restarted[k] = True
         self._spawn(k)
 
     def close(self, abort: str | None = None) -> None:
@@ -625,11 +629,7 @@ class ProximalServer:
         if self._deaths[k] > MAX_RESTARTS:
             self._abort(f"{name} died {self._deaths[k]} times without sending a gradient in between "
                         f"(last: {reason}); the server stopped at version {self.version}")
-        try:
-            self._workers.restart(k)
-        except PeerFailedError as exc:  # the new process exited while starting; the workers are stopped
-            self._closed = True
-            raise PeerFailedError(f"{exc} (restarting {name} at version {self.version})") from None
+        self._workers.restart(k)
         self.restarts.append((k, self.version))
         warnings.warn(f"{name} died ({reason}); restarted on its shard at version {self.version}",
                       RuntimeWarning)
