@@ -504,3 +504,28 @@ def test_tcp_missing_or_unauthenticated_workers_are_named():
         accept_workers(listening, b"key", 1, timeout=5)
     thread.join(timeout=5)
     assert failure
+
+
+# ---- local worker processes -------------------------------------------------------------------------
+def test_process_that_exits_before_reading_its_shard_is_named_with_or_without_the_main_guard_hint():
+    import multiprocessing
+
+    from scalegp.async_server import ProcessWorkers
+
+    big = (np.zeros((500_000, 1)), np.zeros(500_000))  # 8 MB: the hand-over waits for the process to read it
+    workers = ProcessWorkers(multiprocessing.get_context("spawn"), np.sum, [big], [0.0])
+    workers.processes[0].kill()  # killed while starting (a spawned interpreter takes far longer to read)
+    workers.send(0, 1, 0, np.zeros(3))  # waits for the hand-over, which fails
+    with pytest.raises(PeerFailedError, match=r"^worker 0 \(pid \d+\) exited while starting \(exit code -9\); "
+                                              r".*`if __name__ == \"__main__\":`"):
+        for _ in range(100):  # the death is seen within a poll or two
+            workers.poll(0.05)
+    assert not workers.processes[0].is_alive()
+    # a restarted worker that dies the same way: the main module was imported fine before, so no hint
+    workers = ProcessWorkers(multiprocessing.get_context("spawn"), np.sum, [big], [0.0])
+    workers.restart(0)
+    workers.processes[0].kill()
+    with pytest.raises(PeerFailedError, match=r"exited while starting \(exit code -9\); its own output, if any, "
+                                              r"is above$"):
+        for _ in range(100):
+            workers.poll(0.05)
