@@ -358,6 +358,7 @@ class ProcessWorkers(ConnectionWorkers):
         self._pending: list = [None] * len(self._data)  # parameters waiting for that
         self._handing: list = [None] * len(self._data)  # the hand-over threads
         self._restarted = [False] * len(self._data)
+        self._unsent: list = [None] * len(self._data)  # why a hand-over failed, other than a dead process
         super().__init__([None] * len(self._data), [""] * len(self._data))
         for k in range(self.num_workers):
             self._spawn(k)
@@ -389,8 +390,8 @@ class ProcessWorkers(ConnectionWorkers):
 
     def _hand_over(self, k: int, conn) -> None:
         """(In a thread) send worker ``k`` its ``make_compute``, shard and options, then the
-        parameters that wait for it; returns quietly if the process is gone (:meth:`poll`
-        reports it)."""
+        parameters that wait for it; returns quietly if the process is gone or the hand-over
+        fails (:meth:`poll` reports either)."""
         try:
             options = {"sleep": self._sleeps[k], "worker": k, **self._batching}
             conn.send((self._make_compute, *self._data[k], options))
@@ -400,7 +401,9 @@ class ProcessWorkers(ConnectionWorkers):
                 if pending is not None:
                     conn.send(pending)
         except OSError:
-            pass
+            pass  # the process is gone: poll reports it
+        except Exception as exc:  # (an object that cannot be pickled) poll reports it
+            self._unsent[k] = exc
 
     def send(self, k: int, tag: int, version: int, flat: np.ndarray) -> None:
         with self._lock:
@@ -410,9 +413,15 @@ class ProcessWorkers(ConnectionWorkers):
         super().send(k, tag, version, flat)
 
     def poll(self, timeout: float) -> list[tuple]:
-        """As :meth:`ConnectionWorkers.poll`; a worker that died before reading its shard stops
-        every worker and raises :class:`PeerFailedError` naming it."""
+        """As :meth:`ConnectionWorkers.poll`; a worker that died before reading its shard, or
+        whose shard could not be sent, stops every worker and raises :class:`PeerFailedError`
+        naming it."""
         events = super().poll(timeout)
+        for k, exc in enumerate(self._unsent):
+            if exc is not None:
+                message = f"{self._names[k]} could not be sent its shard: {exc!r}"
+                self.close(abort=message)
+                raise PeerFailedError(message)
         for kind, k, *_ in events:
             if kind == "dead":
                 self._handing[k].join(timeout=5.0)  # its send fails at once: the process is gone

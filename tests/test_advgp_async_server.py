@@ -507,7 +507,7 @@ def test_tcp_missing_or_unauthenticated_workers_are_named():
 
 
 # ---- local worker processes -------------------------------------------------------------------------
-def test_process_that_exits_before_reading_its_shard_is_named_with_or_without_the_main_guard_hint():
+def test_process_that_exits_before_reading_its_shard_or_cannot_be_sent_it_is_named():
     import multiprocessing
 
     from scalegp.async_server import ProcessWorkers
@@ -529,3 +529,9 @@ def test_process_that_exits_before_reading_its_shard_is_named_with_or_without_th
                                               r"is above$"):
         for _ in range(100):
             workers.poll(0.05)
+    # a shard or make_compute that cannot be pickled: named, not a worker waiting forever for it
+    workers = ProcessWorkers(multiprocessing.get_context("spawn"), lambda X, y: None, [big], [0.0])
+    with pytest.raises(PeerFailedError, match=r"^worker 0 \(pid \d+\) could not be sent its shard: .*pickle"):
+        for _ in range(100):
+            workers.poll(0.05)
+    assert not workers.processes[0].is_alive()
