@@ -58,8 +58,9 @@ idle), ``poll(timeout)`` (the events that arrived: ``("grad", k, tag, value, gra
 ``("error", k, text)``, ``("dead", k, reason)``), ``describe(k)`` (a name for messages),
 ``restart(k)`` (if ``restartable``), ``compute_here(k, version, flat)`` (if
 ``can_compute_here``: worker ``k``'s ``(value, grad)``) and ``close(abort=None)`` (stop the
-workers; with a reason, they raise :class:`PeerFailedError` carrying it). The worker side is a *channel* with ``recv()``
-(``(tag, version, flat)``, ``None`` once told to stop; raises on an abort or a dead server),
+workers; with a reason, they raise :class:`PeerFailedError` carrying it). The worker side is a
+*channel* with ``recv()`` (``(tag, version, flat)``, ``None`` once told to stop; raises on an
+abort or a dead server),
 ``send(tag, value, grad)`` and ``fail(text)``, driven by :func:`serve_gradients`.
 Here: :class:`ConnectionWorkers` / :class:`ConnectionChannel` over
 ``multiprocessing.connection`` objects (pipes, or TCP sockets between separately
@@ -183,9 +184,9 @@ def shard_gradient(compute: Callable, flat, version: int, n: int | None, *, batc
     """Worker ``worker``'s gradient at the parameters ``flat`` of ``version``: ``compute(flat) =
     (g_k, grad g_k)`` on its whole shard of ``n`` rows or, with ``batch_size`` (smaller than
     ``n``; ``n`` is only read then), the unbiased minibatch estimate ``(n / b) compute(flat, rows)``
-    on the ``b`` rows :func:`batch_rows` draws. Whoever computes it (the worker, or the server standing in for a
-    starting worker) gets the same numbers."""
-    rows = batch_rows(version, n, batch_size, seed, worker) if batch_size is not None else None
+    on the ``b`` rows :func:`batch_rows` draws. Whoever computes it (the worker, or the server
+    standing in for a starting worker) gets the same numbers."""
+    rows = batch_rows(version, n, batch_size, seed, worker)
     if rows is None:
         return compute(flat)
     value, grad = compute(flat, rows)
@@ -544,8 +545,7 @@ class ProximalServer:
         self.staleness: list[int] = []
         self.stood_in: list[tuple[int, int]] = []
         n = self.num_workers
-        self._can_stand_in = bool(workers.can_compute_here)
-        self._starting = [self._can_stand_in] * n  # no gradient from it since it was (re)started
+        self._starting = [workers.can_compute_here] * n  # no gradient from it since it was (re)started
         self._grad: list[np.ndarray | None] = [None] * n
         self._value = [0.0] * n
         self._used = [-1] * n  # the version each latest gradient was computed at
@@ -644,7 +644,7 @@ class ProximalServer:
                       RuntimeWarning)
         self._heard[k] = time.monotonic()
         self._stall_reported[k] = False
-        self._starting[k] = self._can_stand_in
+        self._starting[k] = self._workers.can_compute_here
         self._send(k)
 
     def _stand_in(self, k: int) -> None:

@@ -35,12 +35,15 @@ def jax_x64():
 
 
 @pytest.fixture
-def until_workers_serve():
-    """A function that steps an ``AsyncProximalSVI`` until three updates in a row needed no
-    stand-in from the server (every worker process is up and serving); fails after 120 s."""
+def stand_in_through_a_restart():
+    """A function ``run(svi, victim)`` for an ``AsyncProximalSVI`` of 2 minibatch workers, either
+    frontend: checks that the server computes the first update's gradients itself, steps until the
+    workers serve (three updates in a row with no stand-in; at most 120 s), kills worker ``victim``
+    and checks that it is restarted and stood in for until it serves again, then returns the
+    number of updates."""
     import time
 
-    def run(svi, timeout: float = 120.0) -> None:
+    def until_workers_serve(svi, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             before = len(svi.stood_in)
@@ -48,5 +51,20 @@ def until_workers_serve():
             if len(svi.stood_in) == before:
                 return
             assert time.monotonic() < deadline, "the workers never took over from the server"
+
+    def run(svi, victim: int) -> int:
+        svi.step()  # at once: spawned interpreters take seconds to start
+        assert sorted(svi.stood_in) == [(0, 0), (1, 0)]
+        until_workers_serve(svi)
+        process = svi.workers[victim]
+        process.kill()
+        process.join()
+        killed_at = svi.version
+        with pytest.warns(RuntimeWarning, match=f"worker {victim} .* died"):
+            until_workers_serve(svi)
+        assert [k for k, _ in svi.restarts] == [victim] and svi.workers[victim].pid != process.pid
+        assert any(k == victim and v >= killed_at for k, v in svi.stood_in)  # the server covered the restart
+        assert all(s == 0 for s in svi.staleness)
+        return svi.version
 
     return run

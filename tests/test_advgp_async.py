@@ -117,23 +117,11 @@ def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching
     assert_params_equal(resumed, expected[5], rtol=1e-10)
 
 
-def test_server_stands_in_for_starting_and_restarted_workers_with_their_numbers(until_workers_serve):
+def test_server_stands_in_for_starting_and_restarted_workers_with_their_numbers(stand_in_through_a_restart):
     X, y, Z = data()
     model = new_model(Z)
     with AsyncProximalSVI(model, X, y, num_workers=2, max_delay=0, optim=OPTIM, shards=SHARDS, **MINIBATCHES) as svi:
-        svi.step()  # at once: spawned interpreters take seconds to start
-        assert sorted(svi.stood_in) == [(0, 0), (1, 0)]
-        until_workers_serve(svi)
-        victim = svi.workers[0]
-        victim.kill()
-        victim.join()
-        killed_at = svi.version
-        with pytest.warns(RuntimeWarning, match="worker 0 .* died"):
-            until_workers_serve(svi)
-        assert [k for k, _ in svi.restarts] == [0] and svi.workers[0].pid != victim.pid
-        assert any(k == 0 and v >= killed_at for k, v in svi.stood_in)  # the server covered the restart
-        assert all(s == 0 for s in svi.staleness)
-        num_steps = svi.version
+        num_steps = stand_in_through_a_restart(svi, victim=0)
     # the same minibatch draws whoever computes the gradient: exactly the in-process run
     assert_params_equal(model, proximal_gd(Z, X, y, num_steps, **MINIBATCHES)[-1], rtol=1e-10)
 
