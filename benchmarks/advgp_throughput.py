@@ -1,17 +1,21 @@
-"""ADVGP throughput: training points processed per second per worker, 1 and 2 worker processes and 3
-local ``torch.distributed`` processes.
+"""ADVGP throughput: training points processed per second per worker, 1 and 2 worker processes
+(Pyro and NumPyro) and 3 local ``torch.distributed`` processes.
 
 What is measured, on the flights training rows with M inducing inputs, synchronous updates
-(``max_delay=0``: every update takes exactly one gradient of its data term from every worker,
-so an update processes all ``N`` rows): after ``--warmup`` updates (start-up, first
-gradients), the wall time of ``--steps`` further updates. Reported: updates per second, rows
-per second, rows per second per worker, and the scaling efficiency against one worker
-(rows/s per worker relative to the 1-worker run; 1.0 is linear scaling). Configurations:
+(``max_delay=0``: every update takes exactly one gradient of its data term from every worker):
+after ``--warmup`` updates (start-up, first gradients), the wall time of ``--steps`` further
+updates. Reported: updates per second, rows per second, rows per second per worker, and the
+scaling efficiency against one worker (rows/s per worker relative to the 1-worker run of the
+same frontend and batching; 1.0 is linear scaling). Configurations:
 
 * ``in-process``: the data term's value and gradient in this process, one thread, no
   server/worker machinery: the floor one worker could reach;
-* ``processes``: :class:`pyro_scalegp.AsyncProximalSVI` with 1 and 2 ``torch.multiprocessing``
-  workers, one thread each;
+* ``processes``: ``AsyncProximalSVI`` of each frontend with 1 and 2 local workers
+  (one thread each), whole shards: an update processes all ``N`` rows;
+* ``processes, minibatches``: the same with ``--batch-size`` rows an update split between the
+  workers (the flights benchmark's setting; ``--minibatch-steps`` timed updates, the workers
+  started before the clock: ``stand_in=False``), where the cost per update is mostly the
+  messages and each process's threads;
 * ``torch.distributed``: :func:`pyro_scalegp.async_svi.distributed_proximal_svi` over gloo with 3
   processes on 127.0.0.1 (rank 0 the server, ranks 1 and 2 the workers), one thread each.
 
@@ -27,12 +31,13 @@ import socket
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.advgp_flights import ADVGP_OPTIM, new_advgp
-from benchmarks.baselines import kmeans_inducing
+from benchmarks.advgp_flights import ADVGP_MINIBATCH_OPTIM, ADVGP_OPTIM, new_advgp
+from benchmarks.baselines import INIT, kmeans_inducing
 from benchmarks.common import parser, quick_mode, write_results
 from pyro_scalegp import AsyncProximalSVI
 from pyro_scalegp.async_svi import distributed_proximal_svi
@@ -63,12 +68,35 @@ def in_process(data, Z, *, warmup, steps) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def with_processes(data, Z, *, workers, warmup, steps) -> float:
-    """Seconds per synchronous update of :class:`AsyncProximalSVI` with ``workers`` processes."""
-    model = new_advgp(data, Z)
-    X, y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
-    with AsyncProximalSVI(model, X, y, num_workers=workers, max_delay=0, optim=dict(ADVGP_OPTIM),
-                          num_threads=1) as svi:
+def new_numpyro_advgp(data, Z):
+    """The NumPyro twin of :func:`benchmarks.advgp_flights.new_advgp`."""
+    import jax.numpy as jnp
+
+    from numpyro_scalegp import ADVGP as NumPyroADVGP
+    from numpyro_scalegp import kernels
+
+    d = data.X_train.shape[1]
+    kernel = kernels.RBF(d, INIT["variance"], jnp.full((d,), INIT["lengthscale"]))
+    return NumPyroADVGP(kernel, jnp.asarray(Z), INIT["noise"])
+
+
+def with_processes(data, Z, *, frontend, workers, warmup, steps, batch_size=None) -> float:
+    """Seconds per synchronous update of ``frontend``'s ``AsyncProximalSVI`` with ``workers``
+    processes (whole shards, or ``batch_size`` rows per update split between them)."""
+    batching = {} if batch_size is None else {"batch_size": batch_size // workers, "stand_in": False}
+    optim = dict(ADVGP_OPTIM if batch_size is None else ADVGP_MINIBATCH_OPTIM)
+    if frontend == "Pyro":
+        svi_class, model = AsyncProximalSVI, new_advgp(data, Z)
+        X, y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
+    else:
+        import jax
+
+        from numpyro_scalegp import AsyncProximalSVI as svi_class
+
+        jax.config.update("jax_enable_x64", True)
+        model, X, y = new_numpyro_advgp(data, Z), data.X_train, data.y_train
+        optim["learning_rate"] = optim.pop("lr")
+    with svi_class(model, X, y, num_workers=workers, max_delay=0, optim=optim, num_threads=1, **batching) as svi:
         svi.run(warmup, progress_bar=False)
         t0 = time.perf_counter()
         svi.run(steps, progress_bar=False)
@@ -111,6 +139,8 @@ def main(argv=None):
     p.add_argument("--inducing", type=int, default=None, help="M (default 50)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="timed updates (default 10)")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per minibatch update (all workers)")
+    p.add_argument("--minibatch-steps", type=int, default=None, help="timed minibatch updates (default 500)")
     args = p.parse_args(argv)
     quick = quick_mode(args)
     torch.set_default_dtype(torch.float64)
@@ -121,25 +151,40 @@ def main(argv=None):
     data, Z = _data(num_train, M, args.seed)
     n = len(data.y_train)
 
-    timed = [("in-process", 1, in_process(data, Z, warmup=args.warmup, steps=steps))]
-    for w in (1, 2):
-        timed.append(("processes", w, with_processes(data, Z, workers=w, warmup=args.warmup, steps=steps)))
-    timed.append(("torch.distributed (3 processes)", 2,
+    batch = min(args.batch_size, n)
+    mb_steps = args.minibatch_steps or (10 if quick else 500)
+    mb_warmup = max(args.warmup, 20)  # past the jit compile of each NumPyro worker
+    # (setup, frontend, workers, rows per update, seconds per update)
+    timed = [("in-process", "Pyro", 1, n, in_process(data, Z, warmup=args.warmup, steps=steps))]
+    for frontend in ("Pyro", "NumPyro"):
+        for w in (1, 2):
+            timed.append(("processes", frontend, w, n, with_processes(
+                data, Z, frontend=frontend, workers=w, warmup=args.warmup, steps=steps)))
+    timed.append(("torch.distributed (3 processes)", "Pyro", 2, n,
                   with_distributed(num_train, M, args.seed, world=3, warmup=args.warmup, steps=steps)))
+    for frontend in ("Pyro", "NumPyro"):
+        for w in (1, 2):
+            timed.append(("processes, minibatches", frontend, w, batch, with_processes(
+                data, Z, frontend=frontend, workers=w, warmup=mb_warmup, steps=mb_steps, batch_size=batch)))
     rows = []
-    for name, workers, seconds in timed:
-        rows.append({"setup": name, "workers": workers, "s_per_update": seconds, "updates_per_s": 1 / seconds,
-                     "rows_per_s": n / seconds, "rows_per_s_per_worker": n / seconds / workers})
-    base = rows[1]["rows_per_s_per_worker"]
+    for name, frontend, workers, rows_per_update, seconds in timed:
+        rows.append({"setup": name, "frontend": frontend, "workers": workers, "rows_per_update": rows_per_update,
+                     "s_per_update": seconds, "updates_per_s": 1 / seconds, "rows_per_s": rows_per_update / seconds,
+                     "rows_per_s_per_worker": rows_per_update / seconds / workers})
     for row in rows:
-        row["efficiency_vs_1_worker"] = row["rows_per_s_per_worker"] / base
+        base = next(r for r in rows if r["workers"] == 1 and r["frontend"] == row["frontend"]
+                    and r["setup"] == ("processes" if row["setup"] != "processes, minibatches" else row["setup"]))
+        row["efficiency_vs_1_worker"] = row["rows_per_s_per_worker"] / base["rows_per_s_per_worker"]
         print(row, flush=True)
     write_results("advgp_throughput", rows, out=args.out,
                   meta={"n_train": n, "M": M, "warmup": args.warmup, "steps": steps, "quick": quick,
+                        "batch_size": batch, "minibatch_warmup": mb_warmup, "minibatch_steps": mb_steps,
                         "cpus": os.cpu_count()},
-                  notes=(f"{n:,} flights rows, M={M}, float64, synchronous updates (each processes all rows once), "
-                         f"one thread per worker; {os.cpu_count()} cores on this machine. "
-                         "efficiency_vs_1_worker: rows/s per worker relative to the 1-process run."))
+                  notes=(f"{n:,} flights rows, M={M}, float64, synchronous updates, one thread per worker; "
+                         f"{os.cpu_count()} cores on this machine. Whole shards: each update processes all rows "
+                         f"once ({steps} timed updates); minibatches: {batch} rows an update, split between the "
+                         f"workers ({mb_steps} timed updates after {mb_warmup}). efficiency_vs_1_worker: rows/s "
+                         "per worker relative to the 1-process run of the same frontend and batching."))
     return rows
 
 

@@ -43,6 +43,7 @@ from typing import Sequence
 import jax
 import numpy as np
 import optax
+from threadpoolctl import threadpool_limits
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
                                   accept_workers, check_options, connect_to_server, serve_gradients,
@@ -75,14 +76,21 @@ def _unflatten(flat: np.ndarray, names, shapes, dtype) -> dict:
 
 class _Gradient:
     """Picklable: builds, in a worker, the jitted ``compute(flat, rows=None) -> (g_k, grad g_k)``
-    on the shard ``(X, y)`` (or on its ``rows``) for parameter dicts laid out as ``params``."""
+    on the shard ``(X, y)`` (or on its ``rows``) for parameter dicts laid out as ``params``
+    (``num_threads`` BLAS threads in that process, if given)."""
 
-    def __init__(self, advgp: ADVGP, params: dict):
+    def __init__(self, advgp: ADVGP, params: dict, num_threads: int | None = None):
         self._model = pickle.dumps(advgp)
         self._layout = _layout(params)
         self._x64 = bool(jax.config.jax_enable_x64)
+        self._num_threads = num_threads
 
     def __call__(self, X, y):
+        if self._num_threads is not None:
+            # XLA's CPU Cholesky and triangular solves call scipy's OpenBLAS, whose threads spin
+            # between calls: two local workers with a thread per core each took the cores from one
+            # another (2 workers of 512 rows, M = 50, 2 cores: 43 ms a gradient, 2 ms with one thread)
+            threadpool_limits(self._num_threads, user_api="blas")
         # the precision first, then the model: its arrays must not be rebuilt in float32
         jax.config.update("jax_enable_x64", self._x64)
         advgp = pickle.loads(self._model)
@@ -121,6 +129,10 @@ class _Server(ProximalServer):
         self._update = update
         self._kl = jax.jit(lambda p: advgp.kl(params=p))
         super().__init__(workers, max_delay=max_delay, stall_timeout=stall_timeout)
+
+    def _stand_in(self, k: int) -> None:
+        with threadpool_limits(1, user_api="blas"):  # the other cores are the starting workers'
+            super()._stand_in(k)
 
     def _flat_parameters(self) -> np.ndarray:
         return _flatten(self.params, self._names)
@@ -174,6 +186,7 @@ class AsyncProximalSVI(_Server):
     :param params: initial unconstrained parameters (default ``advgp.init_params()``).
     :param worker_sleep: seconds each worker sleeps before every gradient (stragglers).
     :param stall_timeout: seconds of silence before a :class:`StalledWorkerWarning`.
+    :param num_threads: BLAS threads per worker (the LAPACK calls of XLA's CPU backend).
     :param batch_size: rows per gradient and worker (default ``None``: the whole shard); with
         ``b`` rows, the unbiased estimate ``(n_k / b) grad g_k`` from ``b`` rows drawn afresh
         (:func:`scalegp.async_server.batch_rows`).
@@ -195,15 +208,15 @@ class AsyncProximalSVI(_Server):
     def __init__(self, advgp: ADVGP, X, y, *, num_workers: int = 1, max_delay: int = 0,
                  optim: dict | None = None, shards: Sequence | None = None, params: dict | None = None,
                  worker_sleep: float | Sequence[float] = 0.0, stall_timeout: float = 60.0,
-                 batch_size: int | None = None, seed: int = 0, stand_in: bool | None = None):
+                 num_threads: int = 1, batch_size: int | None = None, seed: int = 0,
+                 stand_in: bool | None = None):
         X, y, optim, params = _check(advgp, X, y, optim, params)
         shards, sleeps = check_options(X.shape[0], num_workers=num_workers, max_delay=max_delay,
                                        stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
-                                       batch_size=batch_size, seed=seed)
-        gradient = _Gradient(advgp, params)
-        workers = ProcessWorkers(multiprocessing.get_context("spawn"), gradient, [(X[s], y[s]) for s in shards],
-                                 sleeps, batch_size=batch_size, seed=seed,
-                                 stand_in=gradient if standing_in(stand_in, batch_size) else None)
+                                       batch_size=batch_size, seed=seed, num_threads=num_threads)
+        workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, params, num_threads),
+                                 [(X[s], y[s]) for s in shards], sleeps, batch_size=batch_size, seed=seed,
+                                 stand_in=_Gradient(advgp, params) if standing_in(stand_in, batch_size) else None)
         super().__init__(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout)
 
     @property

@@ -200,10 +200,10 @@ class AsyncProximalSVI(_Server):
             raise ValueError("y: required")
         shards, sleeps = check_options(X.shape[0], num_workers=num_workers, max_delay=max_delay,
                                        stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
-                                       batch_size=batch_size, seed=seed)
+                                       batch_size=batch_size, seed=seed, num_threads=num_threads)
         optim = _check_optim(optim)
         data = [(X[torch.as_tensor(s)].numpy(), y[torch.as_tensor(s)].numpy()) for s in shards]
-        workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, int(num_threads)),
+        workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, num_threads),
                                  data, sleeps, batch_size=batch_size, seed=seed,
                                  stand_in=_Gradient(advgp) if standing_in(stand_in, batch_size) else None)
         super().__init__(advgp, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout)

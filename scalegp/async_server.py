@@ -110,17 +110,20 @@ class PeerFailedError(RuntimeError):
 
 def check_options(N: int, *, num_workers: int, max_delay: int, stall_timeout: float,
                   shards: Sequence | None = None, worker_sleep=0.0, batch_size: int | None = None,
-                  seed: int = 0) -> tuple[list[np.ndarray], list[float]]:
+                  seed: int = 0, num_threads: int = 1) -> tuple[list[np.ndarray], list[float]]:
     """Check the options shared by every frontend; returns ``(shards, sleeps)``: ``num_workers``
     arrays of row indices (default ``numpy.array_split`` of the ``N`` rows in order) that
     together cover every row, and one straggler sleep (seconds) per worker. ``batch_size``
-    (``None`` or a positive integer) and ``seed`` (a non-negative integer) are checked too
-    (see :func:`batch_rows`). Raises ``ValueError`` naming the bad argument."""
+    (``None`` or a positive integer, see :func:`batch_rows`), ``seed`` (a non-negative integer)
+    and ``num_threads`` (a positive integer) are checked too. Raises ``ValueError`` naming the
+    bad argument."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                    or batch_size < 1):
         raise ValueError(f"batch_size: expected None or a positive integer, got {batch_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
+        raise ValueError(f"num_threads: expected a positive integer, got {num_threads!r}")
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers: expected a positive integer, got {num_workers!r}")
     if not isinstance(max_delay, int) or max_delay < 0:

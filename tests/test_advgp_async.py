@@ -163,6 +163,8 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y, batch_size=0)
     with pytest.raises(ValueError, match="stand_in"):
         AsyncProximalSVI(model, X, y, stand_in="yes")
+    with pytest.raises(ValueError, match="num_threads"):
+        AsyncProximalSVI(model, X, y, num_threads=0)
 
 
 SCRIPT_WITHOUT_MAIN_GUARD = """

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from numpyro_scalegp import kernels as nk
 from numpyro_scalegp.advgp import ADVGP
-from numpyro_scalegp.async_svi import AsyncProximalSVI
+from numpyro_scalegp.async_svi import AsyncProximalSVI, _flatten, _Gradient
 from numpyro_scalegp.optim import proximal_adadelta
 from scalegp.async_server import batch_rows
 
@@ -129,3 +130,33 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y, batch_size=-3)
     with pytest.raises(ValueError, match="stand_in"):
         AsyncProximalSVI(model, X, y, stand_in="yes")
+    with pytest.raises(ValueError, match="num_threads"):
+        AsyncProximalSVI(model, X, y, num_threads=0)
+
+
+def blas_threads() -> set:
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
+def test_a_worker_limits_its_blas_threads_and_the_stand_in_runs_on_one_and_gives_the_rest_back():
+    # XLA's CPU LAPACK calls go through scipy's OpenBLAS, whose spinning threads took the cores
+    # from the other local workers; the worker's gradient sets the count for its whole process
+    X, y, Z = data()
+    model = new_model(Z)
+    with threadpool_limits(2, user_api="blas"):  # restored when the test ends
+        assert blas_threads() == {2}
+        compute = _Gradient(model, model.init_params(), num_threads=1)(X, y)
+        assert blas_threads() == {1}
+        threadpool_limits(2, user_api="blas")
+        with AsyncProximalSVI(model, X, y, num_workers=1, optim=OPTIM, **MINIBATCHES) as svi:
+            seen, compute_here = [], svi._workers.compute_here
+
+            def recording(*args):  # the server's count while it computes a worker's gradient
+                seen.append(blas_threads())
+                return compute_here(*args)
+
+            svi._workers.compute_here = recording
+            svi.step()
+            assert svi.stood_in == [(0, 0)] and seen == [{1}] and blas_threads() == {2}
+    value, grad = compute(_flatten(model.init_params(), sorted(model.init_params())))
+    assert np.isfinite(value) and np.all(np.isfinite(grad))

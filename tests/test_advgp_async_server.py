@@ -304,7 +304,8 @@ def test_check_options_names_the_bad_argument():
                          ({"worker_sleep": [0.0, np.nan]}, "worker_sleep"),
                          ({"worker_sleep": [0.0, 1.0, 2.0]}, "worker_sleep"),
                          ({"batch_size": 0}, "batch_size"), ({"batch_size": 2.5}, "batch_size"),
-                         ({"batch_size": True}, "batch_size"), ({"seed": -1}, "seed"), ({"seed": "a"}, "seed")]:
+                         ({"batch_size": True}, "batch_size"), ({"seed": -1}, "seed"), ({"seed": "a"}, "seed"),
+                         ({"num_threads": 0}, "num_threads"), ({"num_threads": 1.5}, "num_threads")]:
         with pytest.raises(ValueError, match=name):
             check_options(10, **{"num_workers": 2, "max_delay": 0, "stall_timeout": 1.0, **kwargs})
 
