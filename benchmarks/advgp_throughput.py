@@ -11,7 +11,8 @@ same frontend and batching; 1.0 is linear scaling). Configurations:
 * ``in-process``: the data term's value and gradient in this process, one thread, no
   server/worker machinery: the floor one worker could reach;
 * ``processes``: ``AsyncProximalSVI`` of each frontend with 1 and 2 local workers
-  (one thread each), whole shards: an update processes all ``N`` rows;
+  (``num_threads=1``: one torch thread, or one BLAS thread beside XLA's own), whole shards:
+  an update processes all ``N`` rows;
 * ``processes, minibatches``: the same with ``--batch-size`` rows an update split between the
   workers (the flights benchmark's setting; ``--minibatch-steps`` timed updates, the workers
   started before the clock: ``stand_in=False``), where the cost per update is mostly the
@@ -180,7 +181,8 @@ def main(argv=None):
                   meta={"n_train": n, "M": M, "warmup": args.warmup, "steps": steps, "quick": quick,
                         "batch_size": batch, "minibatch_warmup": mb_warmup, "minibatch_steps": mb_steps,
                         "cpus": os.cpu_count()},
-                  notes=(f"{n:,} flights rows, M={M}, float64, synchronous updates, one thread per worker; "
+                  notes=(f"{n:,} flights rows, M={M}, float64, synchronous updates, one thread per worker (NumPyro: one BLAS "
+                         "thread; XLA runs its compiled code on its own threads); "
                          f"{os.cpu_count()} cores on this machine. Whole shards: each update processes all rows "
                          f"once ({steps} timed updates); minibatches: {batch} rows an update, split between the "
                          f"workers ({mb_steps} timed updates after {mb_warmup}). efficiency_vs_1_worker: rows/s "
