@@ -77,13 +77,16 @@ def _unflatten(flat: np.ndarray, names, shapes, dtype) -> dict:
 class _Gradient:
     """Picklable: builds, in a worker, the jitted ``compute(flat, rows=None) -> (g_k, grad g_k)``
     on the shard ``(X, y)`` (or on its ``rows``) for parameter dicts laid out as ``params``
-    (``num_threads`` BLAS threads in that process, if given)."""
+    (``num_threads`` BLAS threads in that process, if given). The jitted function is built once
+    per instance: the server's stand-in, called for every shard, compiles a minibatch gradient
+    once (a second or more), not once per worker."""
 
     def __init__(self, advgp: ADVGP, params: dict, num_threads: int | None = None):
         self._model = pickle.dumps(advgp)
         self._layout = _layout(params)
         self._x64 = bool(jax.config.jax_enable_x64)
         self._num_threads = num_threads
+        self._value_and_grad = None
 
     def __call__(self, X, y):
         if self._num_threads is not None:
@@ -91,15 +94,16 @@ class _Gradient:
             # between calls: two local workers with a thread per core each took the cores from one
             # another (2 workers of 512 rows, M = 50, 2 cores: 43 ms a gradient, 2 ms with one thread)
             threadpool_limits(self._num_threads, user_api="blas")
-        # the precision first, then the model: its arrays must not be rebuilt in float32
-        jax.config.update("jax_enable_x64", self._x64)
-        advgp = pickle.loads(self._model)
-        names = self._layout[0]
+        if self._value_and_grad is None:
+            # the precision first, then the model: its arrays must not be rebuilt in float32
+            jax.config.update("jax_enable_x64", self._x64)
+            advgp = pickle.loads(self._model)
+            self._value_and_grad = jax.jit(jax.value_and_grad(lambda p, X, y: advgp.data_term(X, y, params=p)))
+        value_and_grad, names = self._value_and_grad, self._layout[0]
         # the shard on the device for whole-shard gradients; minibatches are gathered by numpy
         # (an eager JAX gather per call costs more than a small batch's gradient)
         X, y = np.asarray(X), np.asarray(y)
         shard = (jax.numpy.asarray(X), jax.numpy.asarray(y))
-        value_and_grad = jax.jit(jax.value_and_grad(lambda p, X, y: advgp.data_term(X, y, params=p)))
 
         def compute(flat, rows=None):
             data = shard if rows is None else (X[rows], y[rows])
@@ -193,8 +197,8 @@ class AsyncProximalSVI(_Server):
     :param seed: seeds the minibatch draws (with the worker and the parameter version).
     :param stand_in: while a worker process starts or restarts (seconds: a spawned interpreter
         imports JAX and compiles), the server computes that worker's gradients itself when an
-        update waits for them (``stood_in`` lists them; it compiles the gradient once per
-        shard). Default ``None``: with ``batch_size`` only
+        update waits for them (``stood_in`` lists them; it compiles the gradient once, for
+        every worker whose batch has the same size). Default ``None``: with ``batch_size`` only
         (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
 
     ``params`` holds the current parameters (a dict of arrays).

@@ -134,6 +134,15 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y, num_threads=0)
 
 
+def test_the_stand_in_compiles_one_minibatch_gradient_for_every_worker():
+    X, y, Z = data()
+    model = new_model(Z)
+    with AsyncProximalSVI(model, X, y, num_workers=2, optim=OPTIM, shards=SHARDS, **MINIBATCHES) as svi:
+        svi.step()
+        assert svi.stood_in == [(0, 0), (1, 0)]
+        assert svi._workers._stand_in._value_and_grad._cache_size() == 1  # (one compile: seconds on a busy machine)
+
+
 def blas_threads() -> set:
     return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
 
