@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.spatial.distance import pdist
 
-from benchmarks.advgp_flights import constant_rmse, plot_curves, run_advgp
+from benchmarks.advgp_flights import ADVGP_OPTIM, constant_rmse, plot_curves, run_advgp
 from benchmarks.baselines import INIT, kmeans_inducing
 from benchmarks.common import parser, quick_mode, set_threads, write_results
 from scalegp.datasets import load_flights
@@ -48,6 +48,8 @@ def main(argv=None):
     p.add_argument("--sleeps", type=float, nargs="+", default=None,
                    help="the sleeps (s) workers draw from (default 0.1 0.5 1.0)")
     p.add_argument("--budget", type=float, default=None, help="training seconds per run")
+    p.add_argument("--eps", type=float, default=ADVGP_OPTIM["eps"],
+                   help=f"ADADELTA's eps, the size of its first steps (default {ADVGP_OPTIM['eps']:g})")
     p.add_argument("--median-lengthscale", action="store_true",
                    help="start the lengthscales at the median distance between training inputs "
                         "(default: the shared initial values of benchmarks.baselines.INIT)")
@@ -68,7 +70,7 @@ def main(argv=None):
     for tau in args.delays:
         curves[tau], startups[tau] = run_advgp(data, Z, workers=args.workers, max_delay=tau, budget_s=budget,
                                 interval_s=budget / 40, worker_sleep=sleeps, threads=threads,
-                                lengthscale=lengthscale)
+                                lengthscale=lengthscale, optim={**ADVGP_OPTIM, "eps": args.eps})
         print(f"max_delay={tau}: {curves[tau][-1]}", flush=True)
     sync = curves.get(0)
     rows = []
@@ -90,7 +92,7 @@ def main(argv=None):
     write_results("advgp_stragglers", rows, out=args.out,
                   meta={"n_train": num_train, "M": M, "workers": args.workers, "sleeps_s": sleeps,
                         "sleep_choices_s": choices, "budget_s": budget, "threads": threads, "quick": quick,
-                        "initial_lengthscale": lengthscale,
+                        "initial_lengthscale": lengthscale, "optim": {**ADVGP_OPTIM, "eps": args.eps},
                         "curves": {str(t): c for t, c in curves.items()}},
                   notes=(f"{args.workers} workers on {num_train:,} flights rows, M={M}; each worker sleeps its own "
                          f"random time ({sleeps} s, drawn from {choices}) before every gradient. RMSE in minutes. "
