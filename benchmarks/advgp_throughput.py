@@ -173,16 +173,17 @@ def main(argv=None):
                      "s_per_update": seconds, "updates_per_s": 1 / seconds, "rows_per_s": rows_per_update / seconds,
                      "rows_per_s_per_worker": rows_per_update / seconds / workers})
     for row in rows:
-        base = next(r for r in rows if r["workers"] == 1 and r["frontend"] == row["frontend"]
-                    and r["setup"] == ("processes" if row["setup"] != "processes, minibatches" else row["setup"]))
+        # against one worker process of the same frontend and batching
+        setup = row["setup"] if row["setup"] == "processes, minibatches" else "processes"
+        base = next(r for r in rows if (r["setup"], r["frontend"], r["workers"]) == (setup, row["frontend"], 1))
         row["efficiency_vs_1_worker"] = row["rows_per_s_per_worker"] / base["rows_per_s_per_worker"]
         print(row, flush=True)
     write_results("advgp_throughput", rows, out=args.out,
                   meta={"n_train": n, "M": M, "warmup": args.warmup, "steps": steps, "quick": quick,
                         "batch_size": batch, "minibatch_warmup": mb_warmup, "minibatch_steps": mb_steps,
                         "cpus": os.cpu_count()},
-                  notes=(f"{n:,} flights rows, M={M}, float64, synchronous updates, one thread per worker (NumPyro: one BLAS "
-                         "thread; XLA runs its compiled code on its own threads); "
+                  notes=(f"{n:,} flights rows, M={M}, float64, synchronous updates, one thread per worker "
+                         "(NumPyro: one BLAS thread; XLA runs its compiled code on its own threads); "
                          f"{os.cpu_count()} cores on this machine. Whole shards: each update processes all rows "
                          f"once ({steps} timed updates); minibatches: {batch} rows an update, split between the "
                          f"workers ({mb_steps} timed updates after {mb_warmup}). efficiency_vs_1_worker: rows/s "

@@ -218,7 +218,7 @@ class AsyncProximalSVI(_Server):
         shards, sleeps = check_options(X.shape[0], num_workers=num_workers, max_delay=max_delay,
                                        stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
                                        batch_size=batch_size, seed=seed, num_threads=num_threads)
-        workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, params, num_threads),
+        workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, params, int(num_threads)),
                                  [(X[s], y[s]) for s in shards], sleeps, batch_size=batch_size, seed=seed,
                                  stand_in=_Gradient(advgp, params) if standing_in(stand_in, batch_size) else None)
         super().__init__(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout)

@@ -203,7 +203,7 @@ class AsyncProximalSVI(_Server):
                                        batch_size=batch_size, seed=seed, num_threads=num_threads)
         optim = _check_optim(optim)
         data = [(X[torch.as_tensor(s)].numpy(), y[torch.as_tensor(s)].numpy()) for s in shards]
-        workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, num_threads),
+        workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, int(num_threads)),
                                  data, sleeps, batch_size=batch_size, seed=seed,
                                  stand_in=_Gradient(advgp) if standing_in(stand_in, batch_size) else None)
         super().__init__(advgp, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout)

@@ -156,7 +156,7 @@ def test_a_worker_limits_its_blas_threads_and_the_stand_in_runs_on_one_and_gives
         assert blas_threads() == {2}
         compute = _Gradient(model, model.init_params(), num_threads=1)(X, y)
         assert blas_threads() == {1}
-        threadpool_limits(2, user_api="blas")
+        threadpool_limits(2, user_api="blas")  # back to 2 for the server
         with AsyncProximalSVI(model, X, y, num_workers=1, optim=OPTIM, **MINIBATCHES) as svi:
             seen, compute_here = [], svi._workers.compute_here
 
