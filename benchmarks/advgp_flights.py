@@ -7,7 +7,9 @@ NLPD (per test point, standardized unit) of each method at checkpoints taken eve
 evaluation itself is excluded from the clock. ADVGP's clock includes its workers' start-up
 (reported on its own as ``startup_s``), and its budget counts from its first update.
 
-* ADVGP: :class:`pyro_scalegp.AsyncProximalSVI` with 1, 2 and 4 worker processes, proximal
+* ADVGP: :class:`pyro_scalegp.AsyncProximalSVI` (and with ``--frontends pyro numpyro`` also
+  :class:`numpyro_scalegp.AsyncProximalSVI`, rows "ADVGP (NumPyro) ...", whose clock includes
+  compiling its jitted gradient and step) with 1, 2 and 4 worker processes, proximal
   ADADELTA on the server, ``max_delay`` 0 (synchronous) unless ``--max-delay`` says otherwise.
   Each update uses ``--batch-size`` rows (default 1024, as the baselines' steps), split
   evenly between the workers, each sending the minibatch estimate of its data term's
@@ -93,10 +95,55 @@ def new_advgp(data, Z, lengthscale: float | None = None) -> ADVGP:
     return ADVGP(kernel, torch.as_tensor(Z), INIT["noise"])
 
 
+def new_numpyro_advgp(data, Z, lengthscale: float | None = None):
+    """The NumPyro twin of :func:`new_advgp` (float64: turns on JAX's 64-bit mode)."""
+    import jax
+    import jax.numpy as jnp
+
+    from numpyro_scalegp import ADVGP as NumPyroADVGP
+    from numpyro_scalegp import kernels
+
+    jax.config.update("jax_enable_x64", True)
+    d = data.X_train.shape[1]
+    ell = INIT["lengthscale"] if lengthscale is None else lengthscale
+    return NumPyroADVGP(kernels.RBF(d, INIT["variance"], jnp.full((d,), ell)), jnp.asarray(Z), INIT["noise"])
+
+
+def _frontend(name: str, data, Z, lengthscale, optim: dict):
+    """``(AsyncProximalSVI class, model, X, y, optim, predict)`` of frontend ``name`` ("pyro" or
+    "numpyro"); ``predict(svi)`` returns the test rows' predictive means and variances (numpy) at
+    ``svi``'s parameters, or at the initial ones for ``svi=None``."""
+    if name == "pyro":
+        model, Xt = new_advgp(data, Z, lengthscale), torch.as_tensor(data.X_test)
+
+        def predict(svi):
+            with torch.no_grad():
+                pred = model.predict(Xt)  # the server updates the module in place
+            return pred.mean.numpy(), pred.variance.numpy()
+
+        return (AsyncProximalSVI, model, torch.as_tensor(data.X_train), torch.as_tensor(data.y_train), dict(optim),
+                predict)
+    import jax
+
+    from numpyro_scalegp import AsyncProximalSVI as NumPyroAsyncProximalSVI
+
+    model = new_numpyro_advgp(data, Z, lengthscale)
+    moments = jax.jit(lambda params: (lambda p: (p.mean, p.variance))(model.predict(data.X_test, params=params)))
+
+    def predict(svi):
+        mean, var = moments(model.init_params() if svi is None else svi.params)
+        return np.asarray(mean), np.asarray(var)
+
+    optim = {("learning_rate" if k == "lr" else k): v for k, v in optim.items()}
+    return NumPyroAsyncProximalSVI, model, data.X_train, data.y_train, optim, predict
+
+
 def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interval_s: float,
               optim: dict | None = None, worker_sleep=0.0, threads: int | None = None,
-              lengthscale: float | None = None, batch_size: int | None = None) -> tuple[list[dict], float]:
-    """Train ADVGP with :class:`AsyncProximalSVI` for ``budget_s`` seconds after its first update.
+              lengthscale: float | None = None, batch_size: int | None = None,
+              frontend: str = "pyro") -> tuple[list[dict], float]:
+    """Train ADVGP with ``AsyncProximalSVI`` of ``frontend`` ("pyro" or "numpyro") for ``budget_s``
+    seconds after its first update.
 
     The clock starts before the workers are spawned, so the curve's times include their start-up.
     ``threads`` (default: all cores) are split between the workers; ``worker_sleep`` is passed
@@ -106,31 +153,26 @@ def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interva
     for them; each checkpoint records how many gradients the server has computed so far,
     ``stood_in``). ``lengthscale``: see :func:`new_advgp`.
     """
-    model = new_advgp(data, Z, lengthscale)
-    X, y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
-    Xt = torch.as_tensor(data.X_test)
+    svi_class, model, X, y, optim, predict = _frontend(frontend, data, Z, lengthscale,
+                                                       ADVGP_OPTIM if optim is None else optim)
     threads = (os.cpu_count() or 1) if threads is None else threads
     staleness: list[int] = []
     stood_in: list = []
+    svi = None
     # the first torch optimizer of a process imports torch._dynamo (about 2 s); the baselines build
     # theirs before their clocks start, so this one is built before ADVGP's
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
 
     def evaluate():
-        with torch.no_grad():
-            pred = model.predict(Xt)
-        return {**metrics(data, pred.mean.numpy(), pred.variance.numpy()), "max_staleness": max(staleness, default=0),
-                "stood_in": len(stood_in)}
+        return {**metrics(data, *predict(svi)), "max_staleness": max(staleness, default=0), "stood_in": len(stood_in)}
 
     curve = []
     clock = Clock(interval_s)
     clock.checkpoint(curve, 0, evaluate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # stall warnings of deliberately slow workers
-        with AsyncProximalSVI(model, X, y, num_workers=workers, max_delay=max_delay,
-                              optim=dict(ADVGP_OPTIM if optim is None else optim), worker_sleep=worker_sleep,
-                              num_threads=max(1, threads // workers), batch_size=batch_size,
-                              seed=0) as svi:
+        with svi_class(model, X, y, num_workers=workers, max_delay=max_delay, optim=optim, worker_sleep=worker_sleep,
+                       num_threads=max(1, threads // workers), batch_size=batch_size, seed=0) as svi:
             staleness, stood_in = svi.staleness, svi.stood_in
             svi.step()
             startup = clock.elapsed()
@@ -289,6 +331,8 @@ def main(argv=None):
     p.add_argument("--num-train", type=int, default=None, help="training rows (default: all)")
     p.add_argument("--inducing", type=int, nargs="+", default=None, help="M values (default 50 100)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--frontends", nargs="+", choices=["pyro", "numpyro"], default=["pyro"],
+                   help="ADVGP's frontends (default: pyro; NumPyro's rows are named 'ADVGP (NumPyro) ...')")
     p.add_argument("--max-delay", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1024,
                    help="rows per ADVGP update, split between the workers (0: every worker's whole shard)")
@@ -309,10 +353,11 @@ def main(argv=None):
     rows, curves = [], {}
     for M in inducing:
         Z = kmeans_inducing(data.X_train, M, seed=args.seed)
-        runs = {f"ADVGP {w} worker{'s' if w > 1 else ''}": lambda w=w: run_advgp(
-            data, Z, workers=w, max_delay=args.max_delay, budget_s=budget, interval_s=interval, threads=threads,
-            **advgp_batching(args.batch_size, w))
-            for w in args.workers}
+        runs = {f"ADVGP {'(NumPyro) ' if f == 'numpyro' else ''}{w} worker{'s' if w > 1 else ''}":
+                lambda w=w, f=f: run_advgp(data, Z, workers=w, max_delay=args.max_delay, budget_s=budget,
+                                           interval_s=interval, threads=threads, frontend=f,
+                                           **advgp_batching(args.batch_size, w))
+                for f in args.frontends for w in args.workers}
         sgd = dict(budget_s=budget, interval_s=interval, lr=0.01, batch_size=1024, seed=args.seed)
         runs["SVGP (GPyTorch)"] = lambda: (run_svgp(data, Z, **sgd), None)
         runs["VariationalSparseGP (Pyro)"] = lambda: (run_pyro_vsgp(data, Z, **sgd), None)
@@ -334,6 +379,7 @@ def main(argv=None):
     write_results("advgp_flights", rows, out=args.out,
                   meta={"budget_s": budget, "interval_s": interval, "inducing": inducing, "workers": args.workers,
                         "max_delay": args.max_delay, "threads": threads, "batch_size": args.batch_size,
+                        "frontends": args.frontends,
                         "advgp_optim": advgp_batching(args.batch_size, 1)["optim"],
                         "quick": quick, "curves": {str(M): c for M, c in curves.items()}},
                   columns=["M", "method", "n_train", "steps", "time_s", "rmse", "nlpd", "startup_s", "stood_in",

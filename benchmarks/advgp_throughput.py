@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.advgp_flights import ADVGP_MINIBATCH_OPTIM, ADVGP_OPTIM, new_advgp
-from benchmarks.baselines import INIT, kmeans_inducing
+from benchmarks.advgp_flights import ADVGP_MINIBATCH_OPTIM, ADVGP_OPTIM, new_advgp, new_numpyro_advgp
+from benchmarks.baselines import kmeans_inducing
 from benchmarks.common import parser, quick_mode, write_results
 from pyro_scalegp import AsyncProximalSVI
 from pyro_scalegp.async_svi import distributed_proximal_svi
@@ -69,18 +69,6 @@ def in_process(data, Z, *, warmup, steps) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def new_numpyro_advgp(data, Z):
-    """The NumPyro twin of :func:`benchmarks.advgp_flights.new_advgp`."""
-    import jax.numpy as jnp
-
-    from numpyro_scalegp import ADVGP as NumPyroADVGP
-    from numpyro_scalegp import kernels
-
-    d = data.X_train.shape[1]
-    kernel = kernels.RBF(d, INIT["variance"], jnp.full((d,), INIT["lengthscale"]))
-    return NumPyroADVGP(kernel, jnp.asarray(Z), INIT["noise"])
-
-
 def with_processes(data, Z, *, frontend, workers, warmup, steps, batch_size=None) -> float:
     """Seconds per synchronous update of ``frontend``'s ``AsyncProximalSVI`` with ``workers``
     processes (whole shards, or ``batch_size`` rows per update split between them)."""
@@ -90,11 +78,8 @@ def with_processes(data, Z, *, frontend, workers, warmup, steps, batch_size=None
         svi_class, model = AsyncProximalSVI, new_advgp(data, Z)
         X, y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
     else:
-        import jax
-
         from numpyro_scalegp import AsyncProximalSVI as svi_class
 
-        jax.config.update("jax_enable_x64", True)
         model, X, y = new_numpyro_advgp(data, Z), data.X_train, data.y_train
         optim["learning_rate"] = optim.pop("lr")
     with svi_class(model, X, y, num_workers=workers, max_delay=0, optim=optim, num_threads=1, **batching) as svi:
