@@ -109,7 +109,7 @@ def new_numpyro_advgp(data, Z, lengthscale: float | None = None):
     return NumPyroADVGP(kernels.RBF(d, INIT["variance"], jnp.full((d,), ell)), jnp.asarray(Z), INIT["noise"])
 
 
-def _frontend(name: str, data, Z, lengthscale, optim: dict):
+def advgp_frontend(name: str, data, Z, lengthscale, optim: dict):
     """``(AsyncProximalSVI class, model, X, y, optim, predict)`` of frontend ``name`` ("pyro" or
     "numpyro"); ``predict(svi)`` returns the test rows' predictive means and variances (numpy) at
     ``svi``'s parameters, or at the initial ones for ``svi=None``."""
@@ -128,7 +128,10 @@ def _frontend(name: str, data, Z, lengthscale, optim: dict):
     from numpyro_scalegp import AsyncProximalSVI as NumPyroAsyncProximalSVI
 
     model = new_numpyro_advgp(data, Z, lengthscale)
-    moments = jax.jit(lambda params: (lambda p: (p.mean, p.variance))(model.predict(data.X_test, params=params)))
+    @jax.jit
+    def moments(params):
+        pred = model.predict(data.X_test, params=params)
+        return pred.mean, pred.variance
 
     def predict(svi):
         mean, var = moments(model.init_params() if svi is None else svi.params)
@@ -153,8 +156,8 @@ def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interva
     for them; each checkpoint records how many gradients the server has computed so far,
     ``stood_in``). ``lengthscale``: see :func:`new_advgp`.
     """
-    svi_class, model, X, y, optim, predict = _frontend(frontend, data, Z, lengthscale,
-                                                       ADVGP_OPTIM if optim is None else optim)
+    svi_class, model, X, y, optim, predict = advgp_frontend(frontend, data, Z, lengthscale,
+                                                            ADVGP_OPTIM if optim is None else optim)
     threads = (os.cpu_count() or 1) if threads is None else threads
     staleness: list[int] = []
     stood_in: list = []

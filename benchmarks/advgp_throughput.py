@@ -32,15 +32,13 @@ import socket
 import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.advgp_flights import ADVGP_MINIBATCH_OPTIM, ADVGP_OPTIM, new_advgp, new_numpyro_advgp
+from benchmarks.advgp_flights import ADVGP_MINIBATCH_OPTIM, ADVGP_OPTIM, advgp_frontend, new_advgp
 from benchmarks.baselines import kmeans_inducing
 from benchmarks.common import parser, quick_mode, write_results
-from pyro_scalegp import AsyncProximalSVI
 from pyro_scalegp.async_svi import distributed_proximal_svi
 from scalegp.datasets import load_flights
 
@@ -73,15 +71,8 @@ def with_processes(data, Z, *, frontend, workers, warmup, steps, batch_size=None
     """Seconds per synchronous update of ``frontend``'s ``AsyncProximalSVI`` with ``workers``
     processes (whole shards, or ``batch_size`` rows per update split between them)."""
     batching = {} if batch_size is None else {"batch_size": batch_size // workers, "stand_in": False}
-    optim = dict(ADVGP_OPTIM if batch_size is None else ADVGP_MINIBATCH_OPTIM)
-    if frontend == "Pyro":
-        svi_class, model = AsyncProximalSVI, new_advgp(data, Z)
-        X, y = torch.as_tensor(data.X_train), torch.as_tensor(data.y_train)
-    else:
-        from numpyro_scalegp import AsyncProximalSVI as svi_class
-
-        model, X, y = new_numpyro_advgp(data, Z), data.X_train, data.y_train
-        optim["learning_rate"] = optim.pop("lr")
+    svi_class, model, X, y, optim, _ = advgp_frontend(frontend.lower(), data, Z, None,
+                                                      ADVGP_OPTIM if batch_size is None else ADVGP_MINIBATCH_OPTIM)
     with svi_class(model, X, y, num_workers=workers, max_delay=0, optim=optim, num_threads=1, **batching) as svi:
         svi.run(warmup, progress_bar=False)
         t0 = time.perf_counter()
