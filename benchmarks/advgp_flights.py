@@ -210,7 +210,9 @@ def _minibatch_loop(step_fn, evaluate, *, budget_s, interval_s):
 
 
 def run_svgp(data, Z, *, budget_s, interval_s, lr, batch_size, seed):
-    """GPyTorch SVGP (zero mean, ARD RBF, learned inducing inputs), minibatch Adam."""
+    """GPyTorch SVGP (zero mean, ARD RBF, learned inducing inputs), minibatch Adam. Its variational
+    mean starts at zero (``mean_init_std=0``; GPyTorch's default adds N(0, 1e-3^2) noise), so that at
+    t = 0 it predicts what ADVGP and ``VariationalSparseGP`` predict before training."""
     import gpytorch
     from gpytorch.variational import CholeskyVariationalDistribution, VariationalStrategy
 
@@ -219,7 +221,7 @@ def run_svgp(data, Z, *, budget_s, interval_s, lr, batch_size, seed):
 
     class SVGP(gpytorch.models.ApproximateGP):
         def __init__(self, Z):
-            strategy = VariationalStrategy(self, Z, CholeskyVariationalDistribution(Z.size(0)),
+            strategy = VariationalStrategy(self, Z, CholeskyVariationalDistribution(Z.size(0), mean_init_std=0.0),
                                            learn_inducing_locations=True)
             super().__init__(strategy)
             self.mean_module = gpytorch.means.ZeroMean()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 from multiprocessing import AuthenticationError, Pipe
@@ -536,3 +537,65 @@ def test_process_that_exits_before_reading_its_shard_or_cannot_be_sent_it_is_nam
         for _ in range(100):
             workers.poll(0.05)
     assert not workers.processes[0].is_alive()
+
+
+def freed_block_faults(cycles: int = 20) -> int:
+    """Page faults of ``cycles`` rounds of allocating ten 400 kB arrays (a gradient's ``M x b``
+    intermediates) and freeing them: about 19,000 with glibc's defaults, none when freed memory is kept."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(cycles):
+        arrays = [np.ones(50_000) for _ in range(10)]
+        del arrays
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def make_fault_counter(X, y):
+    """A worker's ``make_compute`` whose value is :func:`freed_block_faults` in the worker process."""
+    return lambda flat: (float(freed_block_faults()), np.zeros_like(flat))
+
+
+needs_glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                                 reason="mallopt is glibc's")
+
+
+@needs_glibc
+def test_keep_freed_memory_stops_the_page_faults_of_freed_blocks():
+    import subprocess
+
+    code = ("from tests.test_advgp_async_server import freed_block_faults\n"
+            "from scalegp.async_server import keep_freed_memory\n"
+            "freed_block_faults(2)\n"
+            "before, took = freed_block_faults(), keep_freed_memory()\n"
+            "freed_block_faults(1)  # the heap grows once more, and is kept from then on\n"
+            "print(before, took, freed_block_faults())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    before, took, after = out.stdout.split()
+    assert took == "True"
+    assert int(before) > 1000  # glibc's defaults: the freed heap is trimmed and faults in again
+    assert int(after) < 50
+
+
+@needs_glibc
+def test_local_worker_processes_keep_freed_memory():
+    import multiprocessing
+
+    from scalegp.async_server import ProcessWorkers
+
+    workers = ProcessWorkers(multiprocessing.get_context("spawn"), make_fault_counter, [(np.zeros(3), np.zeros(3))],
+                             [0.0])
+    try:
+        events = []
+        for tag in (1, 2):  # the second gradient's rounds run on the memory the first one freed
+            workers.send(0, tag, tag - 1, np.zeros(3))
+            deadline = time.monotonic() + 60
+            while not events or events[-1][2] != tag:
+                assert time.monotonic() < deadline, "the worker sent no gradient in 60 s"
+                events += workers.poll(0.1)
+        kind, k, tag, faults, grad = events[-1]
+        assert (kind, k, tag) == ("grad", 0, 2)
+        assert faults < 50
+    finally:
+        workers.close()
