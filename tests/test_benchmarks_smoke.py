@@ -216,7 +216,7 @@ def test_speed_quick_torch(tmp_path):
 
 
 def test_advgp_curve_comparisons():
-    from benchmarks.advgp_flights import share_ahead, value_at
+    from benchmarks.advgp_flights import share_ahead, share_ahead_by_checkpoint, value_at
     from benchmarks.advgp_stragglers import time_to_reach
 
     ours = [{"time_s": 0.0, "rmse": 45.0}, {"time_s": 2.0, "rmse": 44.0}, {"time_s": 4.0, "rmse": 40.0}]
@@ -227,6 +227,14 @@ def test_advgp_curve_comparisons():
     share, since = share_ahead(ours, [other])
     assert share == pytest.approx(2 / 5) and since == 4.0
     assert share_ahead(other, [ours]) == (pytest.approx(4 / 5), None)  # behind at the end
+    # checkpoint by checkpoint (the first three of each): 45 = 45, 44 > 43, 40 < 42
+    assert share_ahead_by_checkpoint(ours, [other]) == (pytest.approx(2 / 3), 4.0)
+    assert share_ahead_by_checkpoint(other, [ours]) == (pytest.approx(2 / 3), None)
+    # ours 1 ms late at every checkpoint, and better at each: by the union grid behind at each of the
+    # other's checkpoint times after the first (1, 3, 5 of 0.001, 1, 1.001, 3, 3.001, 5), never by checkpoint
+    late = [{"time_s": p["time_s"] + 0.001, "rmse": p["rmse"] - 0.5} for p in other]
+    assert share_ahead(late, [other]) == (pytest.approx(1 / 2), None)
+    assert share_ahead_by_checkpoint(late, [other]) == (1.0, late[0]["time_s"])
     assert time_to_reach(ours, 44.0) == 2.0 and time_to_reach(ours, 39.0) is None
 
 
@@ -242,7 +250,7 @@ def test_advgp_flights_quick(tmp_path, float64_torch, jax_x64):
         assert r["steps"] >= 1 and math.isfinite(r["rmse"]) and math.isfinite(r["nlpd"])
         assert 30 < r["rmse"] < 60  # minutes
     for r in rows[:2]:
-        assert 0.0 <= r["share_ahead"] <= 1.0 and r["startup_s"] > 0
+        assert 0.0 <= r["share_ahead"] <= 1.0 and 0.0 <= r["share_ahead_by_checkpoint"] <= 1.0 and r["startup_s"] > 0
         assert r["stood_in"] >= 2  # the first update's two gradients came from the server (minibatches)
     advgp = curves[20]["ADVGP 2 workers"]
     assert advgp[0]["step"] == 0 and advgp[-1]["time_s"] >= rows[0]["startup_s"] + 2
