@@ -322,13 +322,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
     """Make glibc's ``malloc`` in this process serve blocks under ``mmap_threshold`` bytes from its
-    heap and keep up to ``trim_threshold`` bytes of freed heap, instead of mapping each block of
-    more than 128 KiB afresh and unmapping it when freed (its default, adjusted as blocks are
-    freed). A worker's gradient allocates and frees tensors of hundreds of KiB dozens of times;
-    mapped afresh, each one's pages fault in again (a 1,024-row Pyro gradient at M = 50 on this
-    machine: about 190 page faults and 4.7-6.7 ms; with this setting none and 3.1-3.4 ms). Called
-    by the worker processes :class:`ProcessWorkers` starts (the user's own process is left as it
-    is). Returns whether the settings took (``False`` where ``mallopt`` is missing: not glibc).
+    heap and keep up to ``trim_threshold`` bytes of freed heap for reuse. Under glibc's defaults
+    (larger blocks mapped afresh and unmapped when freed, freed heap beyond a few hundred KiB given
+    back to the system) a worker's gradient, which allocates and frees tensors of hundreds of KiB
+    dozens of times, faults their pages in again on every call: a 1,024-row Pyro gradient at M = 50
+    on the 2-core benchmark machine took about 190 page faults and a median 4.7 ms, with this
+    setting none and 3.9 ms. Called by the worker processes :class:`ProcessWorkers` starts (the
+    user's own process is left as it is). Returns whether the settings took (``False`` where
+    ``mallopt`` is missing: not glibc).
 
     .. note:: Cost: two ``mallopt`` calls; the process keeps up to ``trim_threshold`` bytes of freed
        memory for reuse.
