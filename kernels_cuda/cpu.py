@@ -50,7 +50,7 @@ def _sigs():
         sig[f"sgp_diag_from_pairs_{suffix}"] = (None, [_i32p, _i64, _i32p, tp, tp, _int, tp])
     sig["sgp_build_table"] = (ctypes.c_int32, [_i32p, _i64, _int, _i32p, _i64, _i32p, _i32p, _i32p, _i32p])
     sig["sgp_build_neighbours"] = (None, [ctypes.c_int32, _int, _i32p, _i32p, _i32p, _i64, _i32p, _int, _i32p])
-    sig["sgp_number_rows"] = (ctypes.c_int32, [_i32p, _i64, _int, _i32p, _i32p])
+    sig["sgp_number_rows"] = (ctypes.c_int32, [_i32p, _i64, _int, _i64, _i32p, _i32p])
     sig["sgp_pair_keys"] = (None, [_i32p, _i64, _int, _i32p, _i32p])
     sig["sgp_max_d"] = (_int, [])
     return sig
@@ -96,13 +96,28 @@ def probe_plan(m: int, d: int, order: int, probes: int, dtype, exact=None, pairs
     return total, bool(exact), block, work
 
 
-def number_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+#: slots of the CPU build's first vertex table (256 KiB, in cache), 8x larger while over half full (see CpuLattice)
+FIRST_TABLE = 1 << 16
+
+
+def _mapped(shape, dtype) -> np.ndarray:
+    """A new array with its pages already mapped, written once here on one thread. The C loops that fill
+    the lattice's arrays run on several threads, and page faults taken by several threads at once cost far
+    more here: the 105 MB of per-point-vertex arrays of all flights rows took 110 ms to embed fresh against
+    11 + 40 ms mapped first (2 threads)."""
+    a = np.empty(shape, dtype)
+    a.fill(0)
+    return a
+
+
+def number_rows(keys: np.ndarray, expect: int = FIRST_TABLE // 2) -> tuple[np.ndarray, np.ndarray]:
     """``(first, ids)`` of the rows of an int32 array ``keys`` (``n x len``): the distinct rows numbered
     ``0..K-1`` in the order of their first occurrence (by hashing), ``first`` (``K``) the index of each
-    one's first row and ``ids`` (``n``) every row's number, so that ``keys[first][ids] == keys``."""
+    one's first row and ``ids`` (``n``) every row's number, so that ``keys[first][ids] == keys``. The hash
+    table is sized for ``expect`` distinct rows first (small tables stay in cache), and grown as needed."""
     keys = np.ascontiguousarray(keys, np.int32)
-    owner, ids = np.empty(keys.shape[0], np.int32), np.empty(keys.shape[0], np.int32)
-    k = load_library().sgp_number_rows(_ptr(keys), keys.shape[0], keys.shape[1], _ptr(owner), _ptr(ids))
+    owner, ids = _mapped(keys.shape[0], np.int32), _mapped(keys.shape[0], np.int32)
+    k = load_library().sgp_number_rows(_ptr(keys), keys.shape[0], keys.shape[1], int(expect), _ptr(owner), _ptr(ids))
     if k < 0:
         raise RuntimeError("kernels_cuda: row hash table overflowed (internal error)")
     return owner[:k].copy(), ids
@@ -120,7 +135,8 @@ def _output(out, shape, dtype, xp=np):
 
 
 def table_capacity(n_pv: int) -> int:
-    """Hash-table slots: the power of two at least twice the point-vertex count (load <= 1/2)."""
+    """Hash-table slots: the power of two at least twice the point-vertex count (load <= 1/2 whatever the
+    number of distinct vertices; the GPU build's table, and the largest the CPU build tries)."""
     return 1 << max(4, int(2 * n_pv - 1).bit_length())
 
 
@@ -151,25 +167,32 @@ class CpuLattice:
         scale = np.ascontiguousarray(scale, dtype=z.dtype)
         dp1 = d + 1
         n_pv = n * dp1
-        self.bary = np.empty((n, dp1), z.dtype)
-        self.rank = np.empty((n, dp1), np.int32)
-        self.greedy = np.empty((n, dp1), np.int32)
-        pv_keys = np.empty((n_pv, d), np.int32)
+        self.bary = _mapped((n, dp1), z.dtype)
+        self.rank = _mapped((n, dp1), np.int32)
+        self.greedy = _mapped((n, dp1), np.int32)
+        pv_keys = _mapped((n_pv, d), np.int32)
         getattr(lib, f"sgp_embed_{self.suffix}")(
             _ptr(z), n, d, _ptr(scale), _ptr(self.bary), _ptr(self.rank), _ptr(self.greedy), _ptr(pv_keys))
-        cap = table_capacity(n_pv)
-        table = np.empty(cap, np.int32)
-        rep = np.empty(n_pv, np.int32)
-        owner_vid = np.empty(n_pv, np.int32)
-        vertex_owner = np.empty(n_pv, np.int32)
-        self.vid = np.empty((n, dp1), np.int32)
-        m = lib.sgp_build_table(_ptr(pv_keys), n_pv, d, _ptr(table), cap - 1, _ptr(rep), _ptr(owner_vid),
-                                _ptr(vertex_owner), _ptr(self.vid))
+        rep = _mapped(n_pv, np.int32)
+        owner_vid = _mapped(n_pv, np.int32)
+        vertex_owner = _mapped(n_pv, np.int32)
+        self.vid = _mapped((n, dp1), np.int32)
+        # a table sized for the distinct vertices, which are often far fewer than the point-vertices (7k of
+        # 2.2M on all flights rows), stays in cache: the first tried holds FIRST_TABLE / 2, and the build
+        # starts again 8x larger while more distinct keys arrive (table_capacity always suffices)
+        cap = min(FIRST_TABLE, table_capacity(n_pv))
+        while True:
+            table = np.empty(cap, np.int32)
+            m = lib.sgp_build_table(_ptr(pv_keys), n_pv, d, _ptr(table), cap - 1, _ptr(rep), _ptr(owner_vid),
+                                    _ptr(vertex_owner), _ptr(self.vid))
+            if m >= 0 or cap >= table_capacity(n_pv):
+                break
+            cap = min(8 * cap, table_capacity(n_pv))
         if m < 0:
             raise RuntimeError("kernels_cuda: lattice hash table overflowed (internal error)")
         self.m = int(m)
         self.capacity = cap
-        self.nbr = np.empty((self.m, dp1, 2 * self.order), np.int32)
+        self.nbr = _mapped((self.m, dp1, 2 * self.order), np.int32)
         lib.sgp_build_neighbours(self.m, d, _ptr(vertex_owner), _ptr(pv_keys), _ptr(table), cap - 1,
                                  _ptr(owner_vid), self.order, _ptr(self.nbr))
 
@@ -226,9 +249,10 @@ class CpuLattice:
         _, coef, _ = self._cols(np.zeros((self.n, 1), self.dtype), coef)
         lib = load_library()
         first, simplex = number_rows(self.vid)
-        all_keys = np.empty((first.size * (self.d + 1) * (self.d + 2) // 2, 2), np.int32)
+        all_keys = _mapped((first.size * (self.d + 1) * (self.d + 2) // 2, 2), np.int32)
         lib.sgp_pair_keys(_ptr(first), first.size, self.d, _ptr(self.vid), _ptr(all_keys))
-        owner, pid = number_rows(all_keys)
+        # distinct pairs: 14-19 a vertex on 8-D flights inputs, expected (d+1)(d+2)/4 (half of a simplex's)
+        owner, pid = number_rows(all_keys, expect=self.m * (self.d + 1) * (self.d + 2) // 4)
         keys = np.ascontiguousarray(all_keys[owner])
         total, exact, block, work = probe_plan(self.m, self.d, self.order, probes, self.dtype, exact, owner.size)
         values = np.empty(owner.size, work)

@@ -87,36 +87,48 @@ def _from_backend(a, like: torch.Tensor) -> torch.Tensor:
 
 
 class _Lattice:
-    """The lattice of one ``(X, lengthscale)`` plus the constants of the differentiable weights."""
+    """The lattice of one ``(X, lengthscale)`` (already validated) plus the constants of the differentiable
+    weights, converted to torch on their first use: products without a gradient in the weights need none."""
 
     def __init__(self, X: torch.Tensor, lengthscale: torch.Tensor, name: str, order: int, backend: str):
-        Xn, elln = sl.validate_inputs(X.detach().cpu().numpy(), lengthscale.detach().cpu().numpy(), 1.0, name, order)
-        n, d = Xn.shape
+        n, d = X.shape
         limit, where = memory_limit(backend)
         sl.check_memory(n, d, order, 1, X.element_size(), limit=limit, where=where)
         self.st = sl.stencil(name, order)
         self.backend = backend
         scale = sl.elevation_scale(d, self.st)
         self.proj = torch.as_tensor(sl.elevation_matrix(d) * scale[None, :], dtype=X.dtype, device=X.device)
-        z = X.detach() / lengthscale.detach()
-        self.device = X.device
+        z = _to_backend(X.detach() / lengthscale.detach(), backend)
+        self.device, self.dtype = X.device, X.dtype
         with _on_torch_stream(backend, self.device):
-            self.impl = build_lattice(_to_backend(z, backend), scale.astype(Xn.dtype), order, backend=backend)
+            self.impl = build_lattice(z, scale.astype(z.dtype), order, backend=backend)
             self.coef = np.asarray(self.st.coef, dtype=self.impl.dtype)
-            self.vid = _from_backend(self.impl.vid, X).long()
-            self.rank = _from_backend(self.impl.rank, X).long()
-            self.greedy = _from_backend(self.impl.greedy, X).to(X.dtype)
             self.calibration = self.impl.calibrate(self.coef)
             # the weights and the calibration at the build's (X, lengthscale), for products that need no gradient
             self.w0 = _from_backend(self.impl.bary, X)
             self.s0 = _from_backend(self.calibration.diagonal(), X).rsqrt()
         self.n, self.d = n, d
 
+    def _tensor(self, a) -> torch.Tensor:
+        with _on_torch_stream(self.backend, self.device):
+            return _from_backend(a, self.w0)
+
+    @functools.cached_property
+    def vid(self) -> torch.Tensor:
+        return self._tensor(self.impl.vid).long()
+
+    @functools.cached_property
+    def rank(self) -> torch.Tensor:
+        return self._tensor(self.impl.rank).long()
+
+    @functools.cached_property
+    def greedy(self) -> torch.Tensor:
+        return self._tensor(self.impl.greedy).to(self.dtype)
+
     @functools.cached_property
     def gram(self) -> torch.Tensor:
         """The local Grams ``N x (d+1) x (d+1)`` of the calibration, formed on the first gradient in the weights."""
-        with _on_torch_stream(self.backend, self.device):
-            return _from_backend(self.calibration.gram(), self.w0)
+        return self._tensor(self.calibration.gram())
 
     def weights(self, X: torch.Tensor, lengthscale: torch.Tensor) -> torch.Tensor:
         """Barycentric weights, differentiable in ``X`` and ``lengthscale`` (simplices held fixed)."""

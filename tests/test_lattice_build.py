@@ -76,7 +76,7 @@ def test_hash_table_unique_keys_and_neighbours(d, order):
     _, _, L = _lattice(300, d, order)
     keys = _vertex_keys(L).reshape(-1, d + 1)
     vid = L.vid.reshape(-1)
-    assert L.capacity >= 2 * keys.shape[0]  # load factor <= 1/2
+    assert L.capacity >= 2 * L.m  # load factor <= 1/2
     table = {}
     for key, v in zip(map(tuple, keys), vid):
         assert table.setdefault(key, v) == v  # one id per key
@@ -90,6 +90,33 @@ def test_hash_table_unique_keys_and_neighbours(d, order):
                 for side, step in ((0, t), (1, -t)):
                     want = table.get(tuple(by_id[a] - step * u), -1)
                     assert L.nbr[a, axis, side * order + t - 1] == want
+
+
+def test_vertex_table_grows_from_a_small_first_table(monkeypatch):
+    import kernels_cuda.cpu as cpu
+
+    _, _, L = _lattice(150, 4)  # 425 vertices of 750 point-vertices: at most 2048 slots
+    monkeypatch.setattr(cpu, "FIRST_TABLE", 64)  # over half full at once, and at 512 slots too
+    _, _, small = _lattice(150, 4)
+    assert L.m > 256 and small.capacity == L.capacity == 2048
+    for attr in ("vid", "nbr", "bary"):
+        np.testing.assert_array_equal(getattr(small, attr), getattr(L, attr))
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_number_rows_in_order_of_first_occurrence(width):
+    from kernels_cuda.cpu import number_rows
+
+    # 600k rows (threaded insertion) of 2 ints (the packed-pair table) or 3 (the general one), many repeated
+    keys = np.random.default_rng(width).integers(0, 40 if width == 3 else 300, size=(600_000, width)).astype(np.int32)
+    _, first_np, inverse_np = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first_np)  # np.unique's rows renumbered in order of first occurrence
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    for expect in (1, 10**6):  # a table grown from 16 slots, and one large enough at once
+        first, ids = number_rows(keys, expect=expect)
+        np.testing.assert_array_equal(first, first_np[order])
+        np.testing.assert_array_equal(ids, rank[inverse_np.reshape(-1)])
 
 
 def _dense_operator(L, coef):
