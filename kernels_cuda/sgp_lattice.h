@@ -239,7 +239,7 @@ SGP_HD inline void sgp_slice_point(int64_t i, const T* values, T* out, int nc, i
 //      sgp_pair_dot, B[a][b] ~= Z_a . Z_b / S;
 //   3. sgp_diag_from_pairs_point computes every point's diagonal w_i^T G_i w_i from its simplex's pairs, and
 //      sgp_gram_from_pairs_point fills its Gram where the gradient needs it.
-// A Rademacher sign is a hash of (vertex id, column), so no probe matrix is ever stored whole.
+// A Rademacher sign is a bit of a hash of (vertex id, column / 64), so no probe matrix is ever stored whole.
 SGP_HD inline uint64_t sgp_mix64(uint64_t x) {  // splitmix64 finalizer
     x += 0x9e3779b97f4a7c15ULL;
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -247,13 +247,20 @@ SGP_HD inline uint64_t sgp_mix64(uint64_t x) {  // splitmix64 finalizer
     return x ^ (x >> 31);
 }
 
+// Row v of columns col0 .. col0+nc-1 of the identity, or of the probes: the sign of column col is bit col % 64 of the
+// hash of (v, col / 64), one hash for 64 columns (one a column was most of the time of filling and blurring them).
 template <typename T>
 SGP_HD inline void sgp_probe_fill_vertex(int32_t v, int64_t col0, int nc, int identity, T* out) {
+    uint64_t bits = 0;
     for (int c = 0; c < nc; ++c) {
         const int64_t col = col0 + c;
         T val;
-        if (identity) val = (int64_t)v == col ? (T)1 : (T)0;
-        else val = (sgp_mix64(((uint64_t)(uint32_t)v << 32) ^ (uint64_t)col) >> 63) ? (T)1 : (T)-1;
+        if (identity) {
+            val = (int64_t)v == col ? (T)1 : (T)0;
+        } else {
+            if (c == 0 || (col & 63) == 0) bits = sgp_mix64(((uint64_t)(uint32_t)v << 32) ^ (uint64_t)(col >> 6));
+            val = ((bits >> (col & 63)) & 1) ? (T)1 : (T)-1;
+        }
         out[(int64_t)v * nc + c] = val;
     }
 }

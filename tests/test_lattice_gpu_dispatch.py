@@ -99,13 +99,13 @@ def _host_kernel(name, args):
         v, col = np.arange(int(m), dtype=np.uint64)[:, None], int(col0) + np.arange(int(nc), dtype=np.uint64)[None, :]
         if identity:
             vals = (v == col).astype(out.dtype)
-        else:  # splitmix64 of (v << 32) ^ col, the sign from its top bit
+        else:  # splitmix64 of (v << 32) ^ (col / 64), the sign from its bit col % 64
             with np.errstate(over="ignore"):
-                x = ((v << np.uint64(32)) ^ col) + np.uint64(0x9E3779B97F4A7C15)
+                x = ((v << np.uint64(32)) ^ (col >> np.uint64(6))) + np.uint64(0x9E3779B97F4A7C15)
                 x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
                 x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
                 x = x ^ (x >> np.uint64(31))
-            vals = np.where(x >> np.uint64(63), 1.0, -1.0).astype(out.dtype)
+            vals = np.where((x >> (col & np.uint64(63))) & np.uint64(1), 1.0, -1.0).astype(out.dtype)
         out[: vals.size] = vals.reshape(-1)
     elif name == "sgp_pair_keys":
         idx, u, vid, d, keys = args
