@@ -195,7 +195,8 @@ class LatticeKernelOperator(LinearOperator):
                  kernel_name_: str | None = None, lattice: _Lattice | None = None):
         if kernel is not None:
             kernel_name_ = kernel_name(kernel)
-            X = kernel._slice_input(X) if X.dim() == 2 else X
+            if X.dim() == 2 and list(kernel.active_dims) != list(range(X.shape[1])):
+                X = kernel._slice_input(X)  # a copy: not made when the kernel takes every column in order
             lengthscale, variance = kernel.lengthscale, kernel.variance
         if not torch.is_tensor(X) or X.dim() != 2:
             raise ValueError(f"X: expected a 2-D (N, d) tensor, got {type(X).__name__} of shape {getattr(X, 'shape', None)}")

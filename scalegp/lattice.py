@@ -243,7 +243,9 @@ def validate_inputs(X, lengthscale, variance, kernel: str, order) -> tuple[np.nd
         raise ValueError("X: N must be positive (got no rows)")
     if d == 0:
         raise ValueError("X: d must be positive (got no columns)")
-    if not np.all(np.isfinite(X)):
+    # the column extremes: NaN propagates through them, and they bound the lattice coordinates (no N x d temporaries)
+    hi, lo = X.max(axis=0), X.min(axis=0)
+    if not (np.all(np.isfinite(hi)) and np.all(np.isfinite(lo))):
         raise ValueError("X: contains NaN or infinite values")
     ell = np.asarray(lengthscale, dtype=np.float64)
     if ell.ndim > 1 or (ell.ndim == 1 and ell.shape[0] not in (1, d)):
@@ -257,10 +259,11 @@ def validate_inputs(X, lengthscale, variance, kernel: str, order) -> tuple[np.nd
         raise ValueError(f"order: must be a positive integer, got {order!r}")
     ell = np.broadcast_to(ell, (d,))
     st = stencil(kernel, int(order))
-    bound = np.abs(X / ell).max() * elevation_scale(d, st).max() * 2 * (d + 1)
+    span = (np.maximum(hi, -lo) / ell).max()
+    bound = span * elevation_scale(d, st).max() * 2 * (d + 1)
     if not bound < _MAX_COORD:
         raise ValueError(
-            f"X: inputs span {np.abs(X / ell).max():.3g} lengthscales, too far for 32-bit lattice coordinates; "
+            f"X: inputs span {span:.3g} lengthscales, too far for 32-bit lattice coordinates; "
             "centre the inputs or increase the lengthscale")
     return X, ell
 
