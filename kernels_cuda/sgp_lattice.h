@@ -76,11 +76,17 @@ SGP_HD inline void sgp_embed_point(int64_t i, const T* z, int d, const T* scale,
         rank[j] = 0;
     }
     sum /= dp1;
-    for (int j = 0; j < d; ++j)
+    T res[SGP_MAX_D + 1];
+    for (int j = 0; j <= d; ++j) res[j] = el[j] - (T)greedy[j];
+    for (int j = 0; j < d; ++j) {  // without branches: the comparisons are unpredictable (CPU: 69 -> 57 ms on 244k points)
+        int rj = rank[j];
         for (int k = j + 1; k <= d; ++k) {
-            if (el[j] - (T)greedy[j] < el[k] - (T)greedy[k]) rank[j]++;
-            else rank[k]++;
+            const int lt = res[j] < res[k];
+            rj += lt;
+            rank[k] += 1 - lt;
         }
+        rank[j] = rj;
+    }
     if (sum > 0) {
         for (int j = 0; j <= d; ++j) {
             if (rank[j] >= dp1 - sum) { greedy[j] -= dp1; rank[j] += sum - dp1; }
