@@ -96,7 +96,7 @@ def probe_plan(m: int, d: int, order: int, probes: int, dtype, exact=None, pairs
     return total, bool(exact), block, work
 
 
-#: slots of the CPU build's first vertex table (256 KiB, in cache), 8x larger while over half full (see CpuLattice)
+#: slots of the CPU build's first vertex table (256 KiB, in cache), and of number_rows' by default (see _growing)
 FIRST_TABLE = 1 << 16
 
 
@@ -110,16 +110,42 @@ def _mapped(shape, dtype) -> np.ndarray:
     return a
 
 
+def table_capacity(n_pv: int) -> int:
+    """Hash-table slots: the power of two at least twice the number of keys, ``n_pv`` point-vertices for the
+    vertex table (load <= 1/2 however many are distinct; the GPU build's table, and the largest the CPU build
+    tries)."""
+    return 1 << max(4, int(2 * n_pv - 1).bit_length())
+
+
+def _growing(first: int, n: int, attempt) -> tuple[int, int]:
+    """``(count, capacity)`` of numbering ``n`` keys with a hash table sized for the distinct keys, which
+    are often far fewer (7k vertices of 2.2M point-vertices on all flights rows), so that it stays in
+    cache: ``attempt(capacity)`` numbers them with a table of that many slots, or returns -1 once more
+    than half fill; it is tried with the power of two at least ``first`` (at least 16), then 8x larger,
+    up to :func:`table_capacity` ``(n)``, which always suffices."""
+    largest = table_capacity(n)
+    cap = min(largest, 1 << max(4, int(first - 1).bit_length()))
+    while True:
+        count = attempt(cap)
+        if count >= 0 or cap >= largest:
+            break
+        cap = min(8 * cap, largest)
+    if count < 0:
+        raise RuntimeError("kernels_cuda: hash table overflowed (internal error)")
+    return count, cap
+
+
 def number_rows(keys: np.ndarray, expect: int = FIRST_TABLE // 2) -> tuple[np.ndarray, np.ndarray]:
     """``(first, ids)`` of the rows of an int32 array ``keys`` (``n x len``): the distinct rows numbered
     ``0..K-1`` in the order of their first occurrence (by hashing), ``first`` (``K``) the index of each
     one's first row and ``ids`` (``n``) every row's number, so that ``keys[first][ids] == keys``. The hash
-    table is sized for ``expect`` distinct rows first (small tables stay in cache), and grown as needed."""
+    table is sized for ``expect`` distinct rows first, and grown as needed (:func:`_growing`)."""
     keys = np.ascontiguousarray(keys, np.int32)
-    owner, ids = _mapped(keys.shape[0], np.int32), _mapped(keys.shape[0], np.int32)
-    k = load_library().sgp_number_rows(_ptr(keys), keys.shape[0], keys.shape[1], int(expect), _ptr(owner), _ptr(ids))
-    if k < 0:
-        raise RuntimeError("kernels_cuda: row hash table overflowed (internal error)")
+    n, width = keys.shape
+    owner, ids = _mapped(n, np.int32), _mapped(n, np.int32)
+    lib = load_library()
+    k, _ = _growing(2 * int(expect), n,
+                    lambda cap: lib.sgp_number_rows(_ptr(keys), n, width, cap, _ptr(owner), _ptr(ids)))
     return owner[:k].copy(), ids
 
 
@@ -132,12 +158,6 @@ def _output(out, shape, dtype, xp=np):
         raise ValueError(f"out: expected a C-contiguous {np.dtype(dtype)} array of shape {tuple(shape)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
     return out
-
-
-def table_capacity(n_pv: int) -> int:
-    """Hash-table slots: the power of two at least twice the point-vertex count (load <= 1/2 whatever the
-    number of distinct vertices; the GPU build's table, and the largest the CPU build tries)."""
-    return 1 << max(4, int(2 * n_pv - 1).bit_length())
 
 
 class CpuLattice:
@@ -177,19 +197,15 @@ class CpuLattice:
         owner_vid = _mapped(n_pv, np.int32)
         vertex_owner = _mapped(n_pv, np.int32)
         self.vid = _mapped((n, dp1), np.int32)
-        # a table sized for the distinct vertices, which are often far fewer than the point-vertices (7k of
-        # 2.2M on all flights rows), stays in cache: the first tried holds FIRST_TABLE / 2, and the build
-        # starts again 8x larger while more distinct keys arrive (table_capacity always suffices)
-        cap = min(FIRST_TABLE, table_capacity(n_pv))
-        while True:
+        table = None
+
+        def build_table(cap):
+            nonlocal table
             table = np.empty(cap, np.int32)
-            m = lib.sgp_build_table(_ptr(pv_keys), n_pv, d, _ptr(table), cap - 1, _ptr(rep), _ptr(owner_vid),
-                                    _ptr(vertex_owner), _ptr(self.vid))
-            if m >= 0 or cap >= table_capacity(n_pv):
-                break
-            cap = min(8 * cap, table_capacity(n_pv))
-        if m < 0:
-            raise RuntimeError("kernels_cuda: lattice hash table overflowed (internal error)")
+            return lib.sgp_build_table(_ptr(pv_keys), n_pv, d, _ptr(table), cap - 1, _ptr(rep), _ptr(owner_vid),
+                                       _ptr(vertex_owner), _ptr(self.vid))
+
+        m, cap = _growing(FIRST_TABLE, n_pv, build_table)
         self.m = int(m)
         self.capacity = cap
         self.nbr = _mapped((self.m, dp1, 2 * self.order), np.int32)

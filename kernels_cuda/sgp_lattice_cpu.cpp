@@ -289,26 +289,18 @@ void sgp_splat_blur_f64(const double* v, int64_t n, int nc, int d, const int32_t
 }
 
 // Number the distinct rows of keys (n x len) 0..K-1 in the order of their first occurrence: id[j] is row j's
-// number, owner_of[k] the first row holding key k. Returns K. The hash table is first sized for `expect` distinct
-// keys, and grown as needed (see number_keys). Used for the distinct simplices (rows of vid) and the distinct vertex
-// pairs (rows of sgp_pair_keys).
-int32_t sgp_number_rows(const int32_t* keys, int64_t n, int len, int64_t expect, int32_t* owner_of, int32_t* id) {
-    std::vector<int32_t> rep((size_t)n), first_id;
-    int64_t cap = 16;
-    while (cap < 2 * expect && cap < 2 * n) cap <<= 1;
-    for (;; cap *= 8) {  // load <= 1/2; cap >= 2 n always succeeds
-        int32_t count;
-        if (len == 2) {
-            std::vector<uint64_t> table((size_t)cap);
-            first_id.resize((size_t)cap);
-            count = number_pairs(keys, n, table.data(), cap - 1, rep.data(), first_id.data(), owner_of, id);
-        } else {
-            std::vector<int32_t> table((size_t)cap);
-            first_id.resize((size_t)n);
-            count = number_keys(keys, n, len, table.data(), cap - 1, rep.data(), first_id.data(), owner_of, id);
-        }
-        if (count >= 0 || cap >= 2 * n) return count;
+// number, owner_of[k] the first row holding key k. Returns K, or -1 if more than cap / 2 distinct keys arrived in a
+// table of cap slots (cannot happen for cap >= 2 n; the caller retries larger). Used for the distinct simplices
+// (rows of vid) and the distinct vertex pairs (rows of sgp_pair_keys, in 64-bit table entries).
+int32_t sgp_number_rows(const int32_t* keys, int64_t n, int len, int64_t cap, int32_t* owner_of, int32_t* id) {
+    std::vector<int32_t> rep((size_t)n);
+    if (len == 2) {
+        std::vector<uint64_t> table((size_t)cap);
+        std::vector<int32_t> first_id((size_t)cap);
+        return number_pairs(keys, n, table.data(), cap - 1, rep.data(), first_id.data(), owner_of, id);
     }
+    std::vector<int32_t> table((size_t)cap), first_id((size_t)n);
+    return number_keys(keys, n, len, table.data(), cap - 1, rep.data(), first_id.data(), owner_of, id);
 }
 
 // keys (u (d+1)(d+2)/2 x 2): the vertex pairs (a <= b) of the simplices of the points idx[0..u).
