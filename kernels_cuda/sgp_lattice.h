@@ -291,8 +291,15 @@ template <typename T>
 SGP_HD inline void sgp_pair_dot(int64_t p, const int32_t* keys, const T* z, int nc, T scale, T* acc) {
     const T* za = z + (int64_t)keys[2 * p] * nc;
     const T* zb = z + (int64_t)keys[2 * p + 1] * nc;
+    // 8 partial sums: one running sum is a chain of dependent adds that the compiler may not reorder (strict
+    // floating point), so it neither vectorizes nor overlaps them
+    T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int c = 0;
+    for (; c + 8 <= nc; c += 8)
+        for (int l = 0; l < 8; ++l) part[l] += za[c + l] * zb[c + l];
+    for (; c < nc; ++c) part[c & 7] += za[c] * zb[c];
     T s = 0;
-    for (int c = 0; c < nc; ++c) s += za[c] * zb[c];
+    for (int l = 0; l < 8; ++l) s += part[l];
     acc[p] += scale * s;
 }
 

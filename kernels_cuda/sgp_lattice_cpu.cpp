@@ -2,6 +2,7 @@
 // C ABI only (plain pointers and integers); the Python side (kernels_cuda/cpu.py) loads it with ctypes.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <vector>
@@ -153,6 +154,44 @@ void diag_from_pairs(const int32_t* simplex, int64_t n, const int32_t* pid, cons
     for (int64_t i = 0; i < n; ++i) sgp_diag_from_pairs_point<T>(i, simplex, pid, acc, bary, d, diag);
 }
 
+// The distinct keys inserted into a table of mask + 1 slots, counted by each thread and added to the shared count
+// every `batch` insertions (one shared atomic per insertion, bouncing its cache line between the cores, was half of
+// numbering the 380k vertex pairs of 10k flights points). Once the shared count passes half the slots the insertions
+// stop (full()); over() says whether the final count did. The batches keep the load under 5/8 meanwhile, so probing
+// always finds an empty slot: at most threads x batch <= limit / 4 insertions go uncounted.
+class DistinctCount {
+   public:
+    explicit DistinctCount(int64_t mask)
+        : limit_((mask + 1) / 2),
+          batch_(std::max<int64_t>(1, std::min<int64_t>(1024, limit_ / (4 * omp_get_max_threads())))) {}
+    bool full() const { return __atomic_load_n(&full_, __ATOMIC_RELAXED); }
+    void set_full() { __atomic_store_n(&full_, 1, __ATOMIC_RELAXED); }
+    bool over() const { return full_ || count_ > limit_; }
+
+    class Local {  // one thread's uncounted insertions, added on destruction
+       public:
+        explicit Local(DistinctCount& shared) : shared_(shared) {}
+        ~Local() { flush(); }
+        void add() {
+            if (++pending_ == shared_.batch_) flush();
+        }
+
+       private:
+        void flush() {
+            if (pending_ && __atomic_add_fetch(&shared_.count_, pending_, __ATOMIC_RELAXED) > shared_.limit_)
+                shared_.set_full();
+            pending_ = 0;
+        }
+        DistinctCount& shared_;
+        int64_t pending_ = 0;
+    };
+
+   private:
+    const int64_t limit_, batch_;
+    int64_t count_ = 0;
+    int full_ = 0;
+};
+
 // Hash the n keys (key length `len`) into table (cap = mask + 1 slots), number the distinct keys 0..K-1 in the
 // order of their first occurrence (whichever occurrence won the slot, so ids do not depend on thread scheduling)
 // and write each occurrence's id. Returns K, or -1 once more than cap / 2 distinct keys arrive (the insertions stop
@@ -164,18 +203,20 @@ int32_t number_keys(const int32_t* keys, int64_t n, int len, int32_t* table, int
                     int32_t* first_id, int32_t* owner_of, int32_t* id) {
 #pragma omp parallel for schedule(static) if (mask >= kParallelMin)
     for (int64_t s = 0; s <= mask; ++s) table[s] = -1;
-    const int64_t limit = (mask + 1) / 2;
-    int64_t distinct = 0;
-    int full = 0;
-#pragma omp parallel for schedule(static) if (n * len * kHashWork >= kParallelMin)
-    for (int64_t j = 0; j < n; ++j) {
-        if (__atomic_load_n(&full, __ATOMIC_RELAXED)) continue;
-        rep[j] = sgp_insert((int32_t)j, keys, len, table, mask);
-        if (rep[j] < 0 || (rep[j] == j && __atomic_add_fetch(&distinct, 1, __ATOMIC_RELAXED) > limit))
-            __atomic_store_n(&full, 1, __ATOMIC_RELAXED);
-        first_id[j] = -1;
+    DistinctCount distinct(mask);
+#pragma omp parallel if (n * len * kHashWork >= kParallelMin)
+    {
+        DistinctCount::Local mine(distinct);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; ++j) {
+            if (distinct.full()) continue;
+            rep[j] = sgp_insert((int32_t)j, keys, len, table, mask);
+            if (rep[j] < 0) distinct.set_full();
+            else if (rep[j] == j) mine.add();
+            first_id[j] = -1;
+        }
     }
-    if (full) return -1;
+    if (distinct.over()) return -1;
     int32_t count = 0;
     for (int64_t j = 0; j < n; ++j)
         if (first_id[rep[j]] < 0) {
@@ -199,29 +240,30 @@ int32_t number_pairs(const int32_t* keys, int64_t n, uint64_t* table, int64_t ma
         table[s] = kEmpty;
         first_id[s] = -1;
     }
-    const int64_t limit = (mask + 1) / 2;
-    int64_t distinct = 0;
-    int full = 0;
-#pragma omp parallel for schedule(static) if (n * 2 * kHashWork >= kParallelMin)
-    for (int64_t j = 0; j < n; ++j) {
-        if (__atomic_load_n(&full, __ATOMIC_RELAXED)) continue;
-        const uint64_t key = ((uint64_t)(uint32_t)keys[2 * j] << 32) | (uint32_t)keys[2 * j + 1];
-        int64_t s = (int64_t)(sgp_mix64(key) & (uint64_t)mask);
-        for (;;) {
-            uint64_t cur = __atomic_load_n(table + s, __ATOMIC_RELAXED);
-            if (cur == kEmpty) {
-                if (__atomic_compare_exchange_n(table + s, &cur, key, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
-                    if (__atomic_add_fetch(&distinct, 1, __ATOMIC_RELAXED) > limit)
-                        __atomic_store_n(&full, 1, __ATOMIC_RELAXED);
-                    break;
-                }  // else cur holds the key that took the slot
+    DistinctCount distinct(mask);
+#pragma omp parallel if (n * 2 * kHashWork >= kParallelMin)
+    {
+        DistinctCount::Local mine(distinct);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; ++j) {
+            if (distinct.full()) continue;
+            const uint64_t key = ((uint64_t)(uint32_t)keys[2 * j] << 32) | (uint32_t)keys[2 * j + 1];
+            int64_t s = (int64_t)(sgp_mix64(key) & (uint64_t)mask);
+            for (;;) {
+                uint64_t cur = __atomic_load_n(table + s, __ATOMIC_RELAXED);
+                if (cur == kEmpty) {
+                    if (__atomic_compare_exchange_n(table + s, &cur, key, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+                        mine.add();
+                        break;
+                    }  // else cur holds the key that took the slot
+                }
+                if (cur == key) break;
+                s = (s + 1) & mask;
             }
-            if (cur == key) break;
-            s = (s + 1) & mask;
+            slot_of[j] = (int32_t)s;
         }
-        slot_of[j] = (int32_t)s;
     }
-    if (full) return -1;
+    if (distinct.over()) return -1;
     int32_t count = 0;
     for (int64_t j = 0; j < n; ++j) {
         int32_t& k = first_id[slot_of[j]];
