@@ -77,7 +77,7 @@ import numpy as np
 __all__ = [
     "KERNELS", "kernel_profile", "coverage_spacing", "Stencil", "stencil", "elevation_scale",
     "elevation_matrix", "memory_estimate", "check_memory", "validate_inputs",
-    "barycentric",
+    "barycentric", "column_extremes",
 ]
 
 KERNELS = ("rbf", "exponential", "matern32", "matern52")
@@ -231,6 +231,21 @@ def check_memory(n: int, d: int, order: int, ncols: int = 1, itemsize: int = 8, 
     return est
 
 
+def column_extremes(X: np.ndarray, rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``(X.max(axis=0), X.min(axis=0))`` of a 2-D array. numpy reduces a narrow C-ordered array over
+    axis 0 one element at a time (30,000 x 8 values: 0.87 ms a reduction here); ``rows`` rows at a time
+    viewed as one wide row, it reduces whole vectors (0.07 ms), then the ``rows`` partial rows."""
+    n, d = X.shape
+    m = n - n % rows
+    if m == 0 or not X.flags.c_contiguous:
+        return X.max(axis=0), X.min(axis=0)
+    wide = X[:m].reshape(m // rows, rows * d)
+    hi, lo = wide.max(axis=0).reshape(rows, d).max(axis=0), wide.min(axis=0).reshape(rows, d).min(axis=0)
+    if m < n:
+        hi, lo = np.maximum(hi, X[m:].max(axis=0)), np.minimum(lo, X[m:].min(axis=0))
+    return hi, lo
+
+
 def validate_inputs(X, lengthscale, variance, kernel: str, order) -> tuple[np.ndarray, np.ndarray]:
     """Check the operator's inputs (numpy views of them); ``ValueError`` naming the bad argument.
     Returns ``X`` as a 2-D array and the lengthscale broadcast to ``(d,)``."""
@@ -244,7 +259,7 @@ def validate_inputs(X, lengthscale, variance, kernel: str, order) -> tuple[np.nd
     if d == 0:
         raise ValueError("X: d must be positive (got no columns)")
     # the column extremes: NaN propagates through them, and they bound the lattice coordinates (no N x d temporaries)
-    hi, lo = X.max(axis=0), X.min(axis=0)
+    hi, lo = column_extremes(X)
     if not (np.all(np.isfinite(hi)) and np.all(np.isfinite(lo))):
         raise ValueError("X: contains NaN or infinite values")
     ell = np.asarray(lengthscale, dtype=np.float64)

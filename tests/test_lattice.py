@@ -58,6 +58,21 @@ def test_memory_estimate_and_check():
         sl.check_memory(10**9, 20, 3, limit=2**30)
 
 
+@pytest.mark.parametrize("n", [1, 63, 64, 640, 1000])
+def test_column_extremes_match_numpy(n):
+    X = np.random.default_rng(n).normal(size=(n, 5))
+    for A in (X, np.asfortranarray(X), X[:, ::2], X.astype(np.float32)):
+        hi, lo = sl.column_extremes(A)
+        np.testing.assert_array_equal(hi, A.max(axis=0))
+        np.testing.assert_array_equal(lo, A.min(axis=0))
+    # a NaN anywhere, in the wide blocks or the remaining rows, reaches its column
+    for row in {0, n // 2, n - 1}:
+        B = X.copy()
+        B[row, 3] = np.nan
+        hi, lo = sl.column_extremes(B)
+        assert np.isnan(hi[3]) and np.isnan(lo[3]) and np.isfinite(np.delete(hi, 3)).all()
+
+
 def test_validation_names_the_argument():
     X = np.random.default_rng(0).normal(size=(10, 3))
     for bad, arg in [
