@@ -16,7 +16,7 @@ import numpy as np
 
 from .build import cpu_library_path
 
-__all__ = ["CALIBRATION_PROBES", "EXACT_MIN", "Calibration", "CpuLattice", "load_library", "number_rows", "probe_plan"]
+__all__ = ["CALIBRATION_PROBES", "EXACT_MIN", "Calibration", "CpuLattice", "load_library", "number_pairs", "number_rows", "probe_plan"]
 
 _LIB = None
 _LOCK = threading.Lock()
@@ -51,6 +51,7 @@ def _sigs():
     sig["sgp_build_table"] = (ctypes.c_int32, [_i32p, _i64, _int, _i32p, _i64, _i32p, _i32p, _i32p, _i32p])
     sig["sgp_build_neighbours"] = (None, [ctypes.c_int32, _int, _i32p, _i32p, _i32p, _i64, _i32p, _int, _i32p])
     sig["sgp_number_rows"] = (ctypes.c_int32, [_i32p, _i64, _int, _i64, _i32p, _i32p])
+    sig["sgp_number_pairs"] = (ctypes.c_int32, [_i32p, _i64, _i64, _i32p, _i32p])
     sig["sgp_pair_keys"] = (None, [_i32p, _i64, _int, _i32p, _i32p])
     sig["sgp_max_d"] = (_int, [])
     return sig
@@ -147,6 +148,26 @@ def number_rows(keys: np.ndarray, expect: int = FIRST_TABLE // 2) -> tuple[np.nd
     k, _ = _growing(2 * int(expect), n,
                     lambda cap: lib.sgp_number_rows(_ptr(keys), n, width, cap, _ptr(owner), _ptr(ids)))
     return owner[:k].copy(), ids
+
+
+def number_pairs(keys: np.ndarray, expect: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(distinct, ids)`` of the vertex pairs ``keys`` (int32, ``n x 2``): the ``K`` distinct pairs
+    (``K x 2``) numbered in the order of their hash-table slots, which can vary from run to run (all
+    threaded; what depends on a pair does not depend on its number), and every key's number (``n``), so
+    that ``distinct[ids] == keys``. The table is sized for ``expect`` distinct pairs first (:func:`_growing`)."""
+    keys = np.ascontiguousarray(keys, np.int32)
+    n = keys.shape[0]
+    ids = _mapped(n, np.int32)
+    lib = load_library()
+    distinct = None
+
+    def attempt(cap):
+        nonlocal distinct
+        distinct = np.empty((cap // 2, 2), np.int32)
+        return lib.sgp_number_pairs(_ptr(keys), n, cap, _ptr(distinct), _ptr(ids))
+
+    k, _ = _growing(2 * int(expect), n, attempt)
+    return distinct[:k].copy(), ids
 
 
 def _output(out, shape, dtype, xp=np):
@@ -268,12 +289,11 @@ class CpuLattice:
         all_keys = _mapped((first.size * (self.d + 1) * (self.d + 2) // 2, 2), np.int32)
         lib.sgp_pair_keys(_ptr(first), first.size, self.d, _ptr(self.vid), _ptr(all_keys))
         # distinct pairs: 14-19 a vertex on 8-D flights inputs, expected (d+1)(d+2)/4 (half of a simplex's)
-        owner, pid = number_rows(all_keys, expect=self.m * (self.d + 1) * (self.d + 2) // 4)
-        keys = np.ascontiguousarray(all_keys[owner])
-        total, exact, block, work = probe_plan(self.m, self.d, self.order, probes, self.dtype, exact, owner.size)
-        values = np.empty(owner.size, work)
+        keys, pid = number_pairs(all_keys, expect=self.m * (self.d + 1) * (self.d + 2) // 4)
+        total, exact, block, work = probe_plan(self.m, self.d, self.order, probes, self.dtype, exact, len(keys))
+        values = np.empty(len(keys), work)
         getattr(lib, f"sgp_pair_gram_{SUFFIX[work]}")(
-            _ptr(keys), owner.size, self.d, self.m, _ptr(self.nbr), self.order, _ptr(coef.astype(work)), total,
+            _ptr(keys), len(keys), self.d, self.m, _ptr(self.nbr), self.order, _ptr(coef.astype(work)), total,
             int(exact), block, _ptr(values))
         return Calibration(self, simplex, pid.reshape(first.size, -1), values.astype(self.dtype, copy=False), exact)
 

@@ -228,25 +228,28 @@ int32_t number_keys(const int32_t* keys, int64_t n, int len, int32_t* table, int
     return count;
 }
 
-// number_keys for keys of two int32 (the vertex pairs), packed into one 64-bit word held in the table itself:
-// no indirection to a key array of n rows, and the first-occurrence numbering reads a table-sized array (3.7M pair
-// keys, 131k distinct, on all flights rows: 63 -> 27 ms with 2 threads). slot_of and first_id are scratch (n and
-// mask + 1 entries).
-int32_t number_pairs(const int32_t* keys, int64_t n, uint64_t* table, int64_t mask, int32_t* slot_of, int32_t* first_id,
-                     int32_t* owner_of, int32_t* id) {
+// The distinct vertex pairs (keys: n x 2 int32) numbered 0..K-1 in the order of their table slots, every step
+// threaded: each pair is packed into one 64-bit word held in the table itself (no indirection to a key array of n
+// rows), the slots are counted and numbered by each thread over its share of the table, and each pair's id read
+// from its slot. Where a key lands depends on the threads' order of insertion, so the numbering can differ from run
+// to run; what is computed per distinct pair does not (a value of B depends only on its two vertices, and a point
+// reads its simplex's pairs in a fixed order). The numbering in order of first occurrence that this replaces read
+// the n slots on one thread (3.7M pair keys, 131k distinct, on all flights rows). Writes the distinct pairs to
+// distinct (at most (mask + 1) / 2 rows) and each key's id; slot_of (n) and slot_id (mask + 1) are scratch.
+// Returns K, or -1 once more than half the slots fill.
+int32_t number_pairs(const int32_t* keys, int64_t n, uint64_t* table, int64_t mask, int32_t* slot_of,
+                     int32_t* slot_id, int32_t* distinct, int32_t* id) {
     constexpr uint64_t kEmpty = ~uint64_t(0);  // (-1, -1): not a pair of vertex ids
 #pragma omp parallel for schedule(static) if (mask >= kParallelMin)
-    for (int64_t s = 0; s <= mask; ++s) {
-        table[s] = kEmpty;
-        first_id[s] = -1;
-    }
-    DistinctCount distinct(mask);
-#pragma omp parallel if (n * 2 * kHashWork >= kParallelMin)
+    for (int64_t s = 0; s <= mask; ++s) table[s] = kEmpty;
+    DistinctCount count(mask);
+    const bool threaded = n * 2 * kHashWork >= kParallelMin;
+#pragma omp parallel if (threaded)
     {
-        DistinctCount::Local mine(distinct);
+        DistinctCount::Local mine(count);
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n; ++j) {
-            if (distinct.full()) continue;
+            if (count.full()) continue;
             const uint64_t key = ((uint64_t)(uint32_t)keys[2 * j] << 32) | (uint32_t)keys[2 * j + 1];
             int64_t s = (int64_t)(sgp_mix64(key) & (uint64_t)mask);
             for (;;) {
@@ -263,17 +266,33 @@ int32_t number_pairs(const int32_t* keys, int64_t n, uint64_t* table, int64_t ma
             slot_of[j] = (int32_t)s;
         }
     }
-    if (distinct.over()) return -1;
-    int32_t count = 0;
-    for (int64_t j = 0; j < n; ++j) {
-        int32_t& k = first_id[slot_of[j]];
-        if (k < 0) {
-            k = count;
-            owner_of[count++] = (int32_t)j;
-        }
-        id[j] = k;
+    if (count.over()) return -1;
+    std::vector<int64_t> first(1, 0);  // first[t]: the first id of thread t's share of the slots
+#pragma omp parallel if (threaded)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t lo = (mask + 1) * t / nt, hi = (mask + 1) * (t + 1) / nt;
+#pragma omp single
+        first.assign(nt + 1, 0);
+        int64_t used = 0;
+        for (int64_t s = lo; s < hi; ++s) used += table[s] != kEmpty;
+        first[t + 1] = used;
+#pragma omp barrier
+#pragma omp single
+        for (int u = 0; u < nt; ++u) first[u + 1] += first[u];
+        int64_t k = first[t];
+        for (int64_t s = lo; s < hi; ++s)
+            if (table[s] != kEmpty) {
+                slot_id[s] = (int32_t)k;
+                distinct[2 * k] = (int32_t)(table[s] >> 32);
+                distinct[2 * k + 1] = (int32_t)(uint32_t)table[s];
+                ++k;
+            }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; ++j) id[j] = slot_id[slot_of[j]];
     }
-    return count;
+    return (int32_t)first.back();
 }
 
 }  // namespace
@@ -333,16 +352,19 @@ void sgp_splat_blur_f64(const double* v, int64_t n, int nc, int d, const int32_t
 // Number the distinct rows of keys (n x len) 0..K-1 in the order of their first occurrence: id[j] is row j's
 // number, owner_of[k] the first row holding key k. Returns K, or -1 if more than cap / 2 distinct keys arrived in a
 // table of cap slots (cannot happen for cap >= 2 n; the caller retries larger). Used for the distinct simplices
-// (rows of vid) and the distinct vertex pairs (rows of sgp_pair_keys, in 64-bit table entries).
+// (rows of vid).
 int32_t sgp_number_rows(const int32_t* keys, int64_t n, int len, int64_t cap, int32_t* owner_of, int32_t* id) {
-    std::vector<int32_t> rep((size_t)n);
-    if (len == 2) {
-        std::vector<uint64_t> table((size_t)cap);
-        std::vector<int32_t> first_id((size_t)cap);
-        return number_pairs(keys, n, table.data(), cap - 1, rep.data(), first_id.data(), owner_of, id);
-    }
-    std::vector<int32_t> table((size_t)cap), first_id((size_t)n);
+    std::vector<int32_t> rep((size_t)n), table((size_t)cap), first_id((size_t)n);
     return number_keys(keys, n, len, table.data(), cap - 1, rep.data(), first_id.data(), owner_of, id);
+}
+
+// The distinct vertex pairs of keys (n x 2), numbered in table order (see number_pairs) with a table of cap slots:
+// distinct (cap / 2 x 2) and every key's id (n). Returns their number K, or -1 if more than cap / 2 arrived (the
+// caller retries larger).
+int32_t sgp_number_pairs(const int32_t* keys, int64_t n, int64_t cap, int32_t* distinct, int32_t* id) {
+    std::vector<uint64_t> table((size_t)cap);
+    std::vector<int32_t> slot_of((size_t)n), slot_id((size_t)cap);
+    return number_pairs(keys, n, table.data(), cap - 1, slot_of.data(), slot_id.data(), distinct, id);
 }
 
 // keys (u (d+1)(d+2)/2 x 2): the vertex pairs (a <= b) of the simplices of the points idx[0..u).
