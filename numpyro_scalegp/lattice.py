@@ -55,6 +55,7 @@ from jax.experimental.buffer_callback import buffer_callback
 from numpyro.distributions import Distribution, Normal, constraints
 from tqdm.auto import tqdm
 
+from kernels_cuda.cpu import aligned_empty
 from kernels_cuda.dispatch import array_module, build_lattice, memory_limit
 from scalegp import krylov
 from scalegp import lattice as sl
@@ -98,9 +99,19 @@ class _Lattice:
         remainder-0 points, the Gram blocks of the diagonal calibration, and at the build's inputs the
         barycentric weights and the calibration scales :math:`D_{ii}^{-1/2}`."""
         cal = self.impl.calibrate(self.coef)
-        return (self.xp.asarray(handle, self.dtype), self.impl.rank.astype(self.dtype),
-                self.impl.greedy.astype(self.dtype), cal.gram().astype(self.dtype, copy=False),
-                self.impl.bary.astype(self.dtype, copy=False), cal.diagonal() ** -0.5)
+        arrays = (self.xp.asarray(handle, self.dtype), self.impl.rank, self.impl.greedy, cal.gram(), self.impl.bary,
+                  cal.diagonal() ** -0.5)
+        return tuple(self._leaf(a) for a in arrays)
+
+    def _leaf(self, a):
+        """``a`` in the inputs' float dtype; on the host, 64-byte aligned, so that JAX takes it without a copy."""
+        if self.xp is not np:
+            return a.astype(self.dtype, copy=False)
+        if a.dtype == self.dtype and a.ctypes.data % 64 == 0:
+            return a
+        out = aligned_empty(a.shape, self.dtype)
+        out[...] = a
+        return out
 
     def filter(self, out, w, u):
         self.impl.filter(u, self.coef, w, out=out)
