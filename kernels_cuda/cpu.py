@@ -48,6 +48,7 @@ def _sigs():
         sig[f"sgp_pair_gram_{suffix}"] = (None, [_i32p, _i64, _int, ctypes.c_int32, _i32p, _int, tp, _i64, _int, _int, tp])
         sig[f"sgp_gram_from_pairs_{suffix}"] = (None, [_i32p, _i64, _i32p, tp, _int, tp])
         sig[f"sgp_diag_from_pairs_{suffix}"] = (None, [_i32p, _i64, _i32p, tp, tp, _int, tp])
+        sig[f"sgp_gram_times_from_pairs_{suffix}"] = (None, [_i32p, _i64, _i32p, tp, tp, _int, tp])
     sig["sgp_build_table"] = (ctypes.c_int32, [_i32p, _i64, _int, _i32p, _i64, _i32p, _i32p, _i32p, _i32p])
     sig["sgp_build_neighbours"] = (None, [ctypes.c_int32, _int, _i32p, _i32p, _i32p, _i64, _i32p, _int, _i32p])
     sig["sgp_number_rows"] = (ctypes.c_int32, [_i32p, _i64, _int, _i64, _i32p, _i32p])
@@ -318,10 +319,10 @@ class CpuLattice:
             out = aligned_empty((self.n, self.d + 1, self.d + 1), self.dtype)
             getattr(lib, f"sgp_gram_from_pairs_{self.suffix}")(
                 _ptr(cal.simplex), self.n, _ptr(cal.pid), _ptr(cal.values), self.d, _ptr(out))
-        else:
-            out = aligned_empty(self.n, self.dtype)
+        else:  # "diagonal" (N) or "gram_times" (N x (d+1)), for the weights bary
+            out = aligned_empty(self.n if what == "diagonal" else (self.n, self.d + 1), self.dtype)
             bary = np.ascontiguousarray(bary, dtype=self.dtype)
-            getattr(lib, f"sgp_diag_from_pairs_{self.suffix}")(
+            getattr(lib, f"sgp_{'diag' if what == 'diagonal' else what}_from_pairs_{self.suffix}")(
                 _ptr(cal.simplex), self.n, _ptr(cal.pid), _ptr(cal.values), _ptr(bary), self.d, _ptr(out))
         return out
 
@@ -330,7 +331,8 @@ class Calibration:
     """The diagonal calibration of a lattice (CPU or GPU, see :meth:`CpuLattice.calibrate`): each point's
     distinct simplex ``simplex`` (``N``), the pair ids ``pid`` (``U x (d+1)(d+2)/2``, entries ``k <= l``
     row by row) and the values of ``B`` at the ``P`` distinct pairs ``values``; ``exact`` says how they
-    were obtained. Costs: :meth:`diagonal` ``O(N d^2)``; :meth:`gram` the same, and ``N (d+1)^2`` memory."""
+    were obtained. Costs: :meth:`diagonal` and :meth:`gram_times` ``O(N d^2)``; :meth:`gram` the same, and
+    ``N (d+1)^2`` memory."""
 
     def __init__(self, lattice, simplex, pid, values, exact: bool):
         self.lattice, self.simplex, self.pid, self.values, self.exact = lattice, simplex, pid, values, bool(exact)
@@ -342,3 +344,8 @@ class Calibration:
     def diagonal(self, bary=None):
         """``w_i^T G_i w_i`` (``N``) for the weights ``bary`` (default: the lattice's own)."""
         return self.lattice._from_pairs("diagonal", self, self.lattice.bary if bary is None else bary)
+
+    def gram_times(self, bary):
+        """``G_i w_i`` (``N x (d+1)``) for the weights ``bary``, without forming the Grams: the gradient of
+        the diagonal in the weights is twice it."""
+        return self.lattice._from_pairs("gram_times", self, bary)

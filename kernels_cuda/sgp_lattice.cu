@@ -128,4 +128,13 @@ __global__ void sgp_diag_from_pairs_f64(const int32_t* simplex, int64_t n, const
     SGP_LOOP(i, n) sgp_diag_from_pairs_point<double>(i, simplex, pid, acc, bary, d, diag);
 }
 
+__global__ void sgp_gram_times_from_pairs_f32(const int32_t* simplex, int64_t n, const int32_t* pid,
+                                              const float* acc, const float* bary, int d, float* out) {
+    SGP_LOOP(i, n) sgp_gram_times_from_pairs_point<float>(i, simplex, pid, acc, bary, d, out);
+}
+__global__ void sgp_gram_times_from_pairs_f64(const int32_t* simplex, int64_t n, const int32_t* pid,
+                                              const double* acc, const double* bary, int d, double* out) {
+    SGP_LOOP(i, n) sgp_gram_times_from_pairs_point<double>(i, simplex, pid, acc, bary, d, out);
+}
+
 }  // extern "C"

@@ -326,6 +326,25 @@ SGP_HD inline void sgp_gram_from_pairs_point(int64_t i, const int32_t* simplex, 
         }
 }
 
+// out_i = G_i w_i (d+1 values) from the pair values of point i's simplex, without forming G_i.
+template <typename T>
+SGP_HD inline void sgp_gram_times_from_pairs_point(int64_t i, const int32_t* simplex, const int32_t* pid,
+                                                   const T* acc, const T* bary, int d, T* out) {
+    const int dp1 = d + 1;
+    const int32_t* p = pid + (int64_t)simplex[i] * sgp_pairs_per_simplex(d);
+    const T* w = bary + i * dp1;
+    T* o = out + i * dp1;
+    for (int k = 0; k < dp1; ++k) o[k] = 0;
+    for (int k = 0; k < dp1; ++k) {
+        o[k] += acc[*p++] * w[k];
+        for (int l = k + 1; l < dp1; ++l) {
+            const T v = acc[*p++];
+            o[k] += v * w[l];
+            o[l] += v * w[k];
+        }
+    }
+}
+
 // diag_i = w_i^T G_i w_i from the pair values of point i's simplex, without forming G_i.
 template <typename T>
 SGP_HD inline void sgp_diag_from_pairs_point(int64_t i, const int32_t* simplex, const int32_t* pid, const T* acc,

@@ -154,6 +154,13 @@ void diag_from_pairs(const int32_t* simplex, int64_t n, const int32_t* pid, cons
     for (int64_t i = 0; i < n; ++i) sgp_diag_from_pairs_point<T>(i, simplex, pid, acc, bary, d, diag);
 }
 
+template <typename T>
+void gram_times_from_pairs(const int32_t* simplex, int64_t n, const int32_t* pid, const T* acc, const T* bary, int d,
+                           T* out) {
+#pragma omp parallel for schedule(static) if (n * (d + 1) * (d + 1) >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) sgp_gram_times_from_pairs_point<T>(i, simplex, pid, acc, bary, d, out);
+}
+
 // The distinct keys inserted into a table of mask + 1 slots, counted by each thread and added to the shared count
 // every `batch` insertions (one shared atomic per insertion, bouncing its cache line between the cores, was half of
 // numbering the 380k vertex pairs of 10k flights points). Once the shared count passes half the slots the insertions
@@ -403,6 +410,16 @@ void sgp_diag_from_pairs_f32(const int32_t* simplex, int64_t n, const int32_t* p
 void sgp_diag_from_pairs_f64(const int32_t* simplex, int64_t n, const int32_t* pid, const double* acc,
                              const double* bary, int d, double* diag) {
     diag_from_pairs<double>(simplex, n, pid, acc, bary, d, diag);
+}
+
+// out (n x (d+1)) = G_i w_i for the weights bary (n x (d+1)), from the same pair values.
+void sgp_gram_times_from_pairs_f32(const int32_t* simplex, int64_t n, const int32_t* pid, const float* acc,
+                                   const float* bary, int d, float* out) {
+    gram_times_from_pairs<float>(simplex, n, pid, acc, bary, d, out);
+}
+void sgp_gram_times_from_pairs_f64(const int32_t* simplex, int64_t n, const int32_t* pid, const double* acc,
+                                   const double* bary, int d, double* out) {
+    gram_times_from_pairs<double>(simplex, n, pid, acc, bary, d, out);
 }
 
 }  // extern "C"

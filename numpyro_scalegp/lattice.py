@@ -13,13 +13,14 @@ The operator is a pytree (leaves ``X``, ``lengthscale``, ``variance``) whose pro
 ``jit``, ``grad`` and ``vmap``. Built from concrete values, the lattice is built at once (its
 per-point data become leaves of the pytree); built from traced values (inside ``jit``, e.g. in a
 NumPyro model under SVI), the lattice is built when the computation runs, by a callback that
-writes the per-point lattice data (simplex ranks, remainder-0 points, the Gram blocks of the
-diagonal calibration; their shapes depend only on ``N`` and ``d``) and a handle to the lattice,
-which the products look up. The filter is a callback into the build wrapped in a ``custom_vjp``
-whose backward is the transposed filtering (the operator is symmetric) and the weight gradient
-:math:`g_i^\top (BWu)_{a_{ik}} + u_i^\top (BWg)_{a_{ik}}`; the barycentric weights and the diagonal
-calibration are differentiated by JAX. Gradients with respect to ``X`` and the lengthscales hold
-the simplices fixed (exact derivatives of the forward map between lattice rebuilds).
+writes the per-point lattice data (simplex ranks, remainder-0 points, the barycentric weights and
+the diagonal calibration's scales; their shapes depend only on ``N`` and ``d``) and a handle to the
+lattice, which the products look up. The filter is a callback into the build wrapped in a
+``custom_vjp`` whose backward is the transposed filtering (the operator is symmetric) and the weight
+gradient :math:`g_i^\top (BWu)_{a_{ik}} + u_i^\top (BWg)_{a_{ik}}`; the barycentric weights and the
+diagonal calibration are differentiated by JAX, with the calibration's local Grams applied by a
+callback (``_scaled_weights``). Gradients with respect to ``X`` and the lengthscales hold the
+simplices fixed (exact derivatives of the forward map between lattice rebuilds).
 
 The callbacks are ``jax.experimental.buffer_callback``: they get XLA's own buffers (numpy views on
 the CPU; on a GPU, CuPy views through the CUDA array interface, with the kernels launched on XLA's
@@ -93,15 +94,22 @@ class _Lattice:
         self.impl = build_lattice(self.xp.ascontiguousarray(X / ell), scale.astype(X.dtype), order, backend=backend)
         self.coef = st.coef.astype(X.dtype)
 
+    @functools.cached_property
+    def calibration(self):
+        return self.impl.calibrate(self.coef)
+
     def arrays(self, handle: int) -> tuple:
         """The per-point data handed to JAX, all in the inputs' float dtype (so the operator has no
         integer leaves and ``jax.grad`` takes it whole): the handle, the residual ranks, the
-        remainder-0 points, the Gram blocks of the diagonal calibration, and at the build's inputs the
-        barycentric weights and the calibration scales :math:`D_{ii}^{-1/2}`."""
-        cal = self.impl.calibrate(self.coef)
-        arrays = (self.xp.asarray(handle, self.dtype), self.impl.rank, self.impl.greedy, cal.gram(), self.impl.bary,
-                  cal.diagonal() ** -0.5)
+        remainder-0 points, and at the build's inputs the barycentric weights and the calibration
+        scales :math:`D_{ii}^{-1/2}`."""
+        arrays = (self.xp.asarray(handle, self.dtype), self.impl.rank, self.impl.greedy, self.impl.bary,
+                  self.calibration.diagonal() ** -0.5)
         return tuple(self._leaf(a) for a in arrays)
+
+    def gram_times(self, out, w):
+        """:math:`G_i w_i` (``N x (d+1)``) into ``out``: half the gradient of the calibrated diagonal in the weights."""
+        out[...] = self.calibration.gram_times(w)
 
     def _leaf(self, a):
         """``a`` in the inputs' float dtype; on the host, 64-byte aligned, so that JAX takes it without a copy."""
@@ -202,17 +210,21 @@ def _device_call(fn, backend: str, shapes: tuple, *args):
     return buffer_callback(run, shapes, vmap_method="sequential")(*args)
 
 
+def _lattice_call(name: str, order: int, backend: str, method: str, out_like, *args):
+    """``method(out, w, *cols)`` of the lattice that ``args = (handle, X, lengthscale, w, *cols)`` identify,
+    by a callback inside the computation; returns ``out`` (shaped as ``out_like``)."""
+    def run(outs, handle, X, ell, w, *cols):
+        getattr(_REGISTRY.get(handle, X, ell, name, order, backend), method)(outs[0], w, *cols)
+
+    shape = (jax.ShapeDtypeStruct(out_like.shape, out_like.dtype),)
+    return _device_call(run, backend, shape, *args)[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _filter(name: str, order: int, backend: str):
     """``W^T C^T C W u`` as a ``custom_vjp`` of ``(handle, X, lengthscale, w, u)``; the handle, ``X``
     and the lengthscale only identify the lattice (their cotangents are zero: the simplices are fixed)."""
-
-    def call(method, out_like, *args):
-        def run(outs, handle, X, ell, w, *cols):
-            getattr(_REGISTRY.get(handle, X, ell, name, order, backend), method)(outs[0], w, *cols)
-
-        shape = (jax.ShapeDtypeStruct(out_like.shape, out_like.dtype),)
-        return _device_call(run, backend, shape, *args)[0]
+    call = functools.partial(_lattice_call, name, order, backend)
 
     @jax.custom_vjp
     def f(handle, X, ell, w, u):
@@ -256,26 +268,30 @@ def _weights(X, ell, proj, rank, greedy):
     return b[:, : d + 1].at[:, 0].add(1 + b[:, d + 1])
 
 
-def _scaled_weights_reference(X, ell, proj, rank, greedy, gram):
-    """The weights ``w`` and calibration scales ``s = (w^T G w)^{-1/2}``, differentiable in ``X`` and ``ell``."""
-    w = _weights(X, ell, proj, rank, greedy)
-    return w, jax.lax.rsqrt(jnp.einsum("nk,nkl,nl->n", w, gram, w))
+@functools.lru_cache(maxsize=None)
+def _scaled_weights(name: str, order: int, backend: str):
+    r"""The barycentric weights ``w`` and calibration scales :math:`s_i = (w_i^\top G_i w_i)^{-1/2}` as a
+    ``custom_jvp`` of ``(handle, X, lengthscale, proj, rank, greedy, w0, s0)``, differentiable in ``X`` and
+    the lengthscale. At the lattice's own inputs they are the build's ``w0`` and ``s0``, which products that
+    are not differentiated take as they are (on all flights rows a product took 65 ms with the weights'
+    scatter and the Gram contraction of every point, 8 ms without). Differentiated, the weights are
+    recomputed by JAX and :math:`G_i w_i` by a callback from the calibration's vertex pairs (the Grams are
+    never formed: ``N (d+1)^2`` values, 158 MB on all flights rows):
+    :math:`\mathrm{d}s_i = -s_i^3 (G_i w_i)^\top \mathrm{d}w_i`, with :math:`G_i` fixed with the simplices."""
 
+    @jax.custom_jvp
+    def f(handle, X, ell, proj, rank, greedy, w0, s0):
+        return w0, s0
 
-@jax.custom_jvp
-def _scaled_weights(X, ell, proj, rank, greedy, gram, w0, s0):
-    """:func:`_scaled_weights_reference` at the lattice's own inputs, where it equals the build's weights
-    ``w0`` and scales ``s0``: products that are not differentiated take those, without the weights' scatter
-    and the ``N (d+1)^2`` Gram contraction (all flights rows: 65 -> 8 ms a product). Differentiated, the
-    reference is evaluated and differentiated by JAX."""
-    return w0, s0
+    @f.defjvp
+    def jvp(primals, tangents):
+        handle, X, ell, proj, rank, greedy = primals[:6]
+        w, dw = jax.jvp(lambda X_, ell_: _weights(X_, ell_, proj, rank, greedy), (X, ell), tangents[1:3])
+        gw = _lattice_call(name, order, backend, "gram_times", w, handle, X, ell, w)
+        s = jax.lax.rsqrt(jnp.sum(w * gw, axis=-1))
+        return (w, s), (dw, -s**3 * jnp.sum(gw * dw, axis=-1))
 
-
-@_scaled_weights.defjvp
-def _scaled_weights_jvp(primals, tangents):
-    X, ell, proj, rank, greedy, gram = primals[:6]
-    return jax.jvp(lambda X_, ell_: _scaled_weights_reference(X_, ell_, proj, rank, greedy, gram),
-                   (X, ell), tangents[:2])
+    return f
 
 
 def _is_traced(*values) -> bool:
@@ -321,8 +337,7 @@ class LatticeKernelOperator:
             self.X = jnp.asarray(X, dtype)
             self.lengthscale = jnp.broadcast_to(jnp.asarray(ell, dtype).reshape(-1), (d,))
             self.variance = jnp.asarray(var, dtype).reshape(())
-            shapes = tuple(jax.ShapeDtypeStruct(s, dtype)
-                           for s in ((), (n, d + 1), (n, d + 1), (n, d + 1, d + 1), (n, d + 1), (n,)))
+            shapes = tuple(jax.ShapeDtypeStruct(s, dtype) for s in ((), (n, d + 1), (n, d + 1), (n, d + 1), (n,)))
             stop = jax.lax.stop_gradient
 
             def build(outs, *values):
@@ -363,10 +378,10 @@ class LatticeKernelOperator:
         if v.shape[0] != n or v.ndim not in (1, 2):
             raise ValueError(f"v: expected shape ({n},) or ({n}, c), got {v.shape}")
         u = v[:, None] if v.ndim == 1 else v
-        handle, rank, greedy, gram, w0, s0 = jax.lax.stop_gradient(self._lattice)
+        handle, rank, greedy, w0, s0 = jax.lax.stop_gradient(self._lattice)
         proj = sl.elevation_matrix(d) * sl.elevation_scale(d, sl.stencil(self.kernel_name, self.order))[None, :]
-        w, s = _scaled_weights(self.X, self.lengthscale, jnp.asarray(proj, self.X.dtype), rank.astype(jnp.int32),
-                               greedy, gram, w0, s0)
+        w, s = _scaled_weights(self.kernel_name, self.order, self.backend)(
+            handle, self.X, self.lengthscale, jnp.asarray(proj, self.X.dtype), rank.astype(jnp.int32), greedy, w0, s0)
         filt = _filter(self.kernel_name, self.order, self.backend)
         out = self.variance * s[:, None] * filt(handle, self.X, self.lengthscale, w, s[:, None] * u)
         return out[:, 0] if v.ndim == 1 else out

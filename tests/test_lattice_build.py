@@ -173,6 +173,15 @@ def test_filter_equals_dense_assembly_and_is_symmetric(order):
     np.testing.assert_allclose(cal.diagonal(), np.diag(K), rtol=1e-11)
     w = L.bary + 0.1 * rng.normal(size=L.bary.shape)
     np.testing.assert_allclose(cal.diagonal(w), np.einsum("nk,nkl,nl->n", w, G, w), rtol=1e-11)
+    np.testing.assert_allclose(cal.gram_times(w), np.einsum("nkl,nl->nk", G, w), rtol=1e-11, atol=1e-14)
+    probed = L.calibrate(st.coef, probes=64, exact=False)  # the same for the probe estimate, in float32 too
+    np.testing.assert_allclose(probed.gram_times(w), np.einsum("nkl,nl->nk", probed.gram(), w), rtol=1e-11,
+                               atol=1e-14)
+    L32 = CpuLattice(z.astype(np.float32), sl.elevation_scale(z.shape[1], st).astype(np.float32), L.order)
+    cal32 = L32.calibrate(st.coef.astype(np.float32))
+    w32 = w.astype(np.float32)
+    np.testing.assert_allclose(cal32.gram_times(w32), np.einsum("nkl,nl->nk", cal32.gram(), w32), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_calibration_plan():

@@ -129,6 +129,13 @@ def _host_kernel(name, args):
         vals = acc[pid[simplex]]  # n x pairs
         gram[:, k, l] = vals
         gram[:, l, k] = vals
+    elif name.startswith("sgp_gram_times_from_pairs_"):
+        simplex, n, pid, acc, bary, d, out = args
+        k, l = np.triu_indices(int(d) + 1)
+        G = np.zeros((int(n), int(d) + 1, int(d) + 1), acc.dtype)
+        G[:, k, l] = acc[pid[simplex]]
+        G[:, l, k] = acc[pid[simplex]]
+        out[:] = np.einsum("nkl,nl->nk", G, bary)
     elif name.startswith("sgp_diag_from_pairs_"):
         simplex, n, pid, acc, bary, d, diag = args
         k, l = np.triu_indices(int(d) + 1)

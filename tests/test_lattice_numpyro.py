@@ -43,23 +43,25 @@ def test_agrees_with_torch_operator_values_and_gradients(jk, tk, order):
     np.testing.assert_allclose(np.asarray(g_v), gv_t.numpy(), rtol=1e-9, atol=1e-10)
 
 
-def test_products_take_the_build_weights_and_gradients_the_gram():
-    """A product that is not differentiated uses the weights and calibration scales of the build, and
-    never reads the Gram blocks; a gradient recomputes them from the Gram (NaN there shows which)."""
+def test_products_take_the_build_weights_and_gradients_the_gram(monkeypatch):
+    """A product that is not differentiated uses the weights and calibration scales of the build; a gradient
+    recomputes them, applying the calibration's local Grams by a callback (``_Lattice.gram_times``)."""
+    from numpyro_scalegp import lattice as nl
+
     X, ell, U, V = _data(seed=2)
     op = LatticeKernelOperator(X, nk.RBF(3, variance=1.3, lengthscale=jnp.asarray(ell)))
-    handle, rank, greedy, gram, w0, s0 = op._lattice
-    nan_gram = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(op),
-        [op.X, op.lengthscale, op.variance, handle, rank, greedy, jnp.full_like(gram, jnp.nan), w0, s0])
-    out = jax.jit(lambda o: o @ jnp.asarray(V))(nan_gram)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(op @ jnp.asarray(V)))
-    g = jax.grad(lambda o: jnp.sum(U * (o @ jnp.asarray(V))))(nan_gram)
-    assert np.isnan(np.asarray(g.X)).all() and np.isfinite(np.asarray(jax.grad(
-        lambda o: jnp.sum(U * (o @ jnp.asarray(V))))(op).X)).all()
-    # the build's scales are those of the Gram: (w^T G w)^(-1/2) at the build's weights
-    np.testing.assert_allclose(np.asarray(s0), np.asarray(jnp.einsum("nk,nkl,nl->n", w0, gram, w0) ** -0.5),
-                               rtol=1e-12)
+    calls = []
+    real = nl._Lattice.gram_times
+    monkeypatch.setattr(nl._Lattice, "gram_times", lambda self, out, w: calls.append(1) or real(self, out, w))
+    out = jax.jit(lambda o: o @ jnp.asarray(V))(op)
+    assert not calls
+    g = jax.grad(lambda o: jnp.sum(U * (o @ jnp.asarray(V))))(op)
+    assert calls and np.isfinite(np.asarray(g.X)).all()
+    # the build's scales are those of the local Grams: (w^T G w)^(-1/2) at the build's weights
+    handle, rank, greedy, w0, s0 = op._lattice
+    G = op._keepalive.calibration.gram()
+    np.testing.assert_allclose(np.asarray(s0), np.einsum("nk,nkl,nl->n", w0, G, w0) ** -0.5, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(op @ jnp.asarray(V)), rtol=1e-14)
 
 
 def test_host_lattice_data_reach_jax_without_copies():
