@@ -105,7 +105,7 @@ FIRST_TABLE = 1 << 16
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
     """A new uninitialized array whose data starts on an ``align``-byte boundary. JAX takes such a host
     array without copying it (``jnp.asarray``), where it copies one that numpy's allocator aligned to 16
-    bytes only (the 158 MB of Gram blocks of all flights rows: 74 ms)."""
+    bytes only (158 MB: 74 ms)."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(nbytes + align, np.uint8)
@@ -338,7 +338,8 @@ class Calibration:
         self.lattice, self.simplex, self.pid, self.values, self.exact = lattice, simplex, pid, values, bool(exact)
 
     def gram(self):
-        """The local Grams ``G_i`` (``N x (d+1) x (d+1)``), for the gradient of the diagonal in the weights."""
+        """The local Grams ``G_i`` (``N x (d+1) x (d+1)``), formed in full (to inspect them; the frontends'
+        gradients take :meth:`gram_times`)."""
         return self.lattice._from_pairs("gram", self, None)
 
     def diagonal(self, bary=None):

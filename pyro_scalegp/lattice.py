@@ -26,8 +26,7 @@ References: [1] Kapoor, Finzi, Wang, Wilson, ICML 2021.
 .. note:: Cost: building ``O(N d^2 + M d r)`` plus the diagonal calibration, ``O(U d^2)`` for the
    ``P`` distinct vertex pairs of the ``U`` distinct simplices, then ``O(M^2 d r)`` exact or
    ``O(S (M d r + P))`` with ``S = 256`` probes (see :mod:`scalegp.lattice`); each product
-   ``O((N d + M d r) c)`` for ``c`` columns; memory ``O(N d + U d^2 + M d r + M c)``, and ``N (d+1)^2``
-   more for the Gram blocks of the first gradient in ``X`` or the lengthscales.
+   ``O((N d + M d r) c)`` for ``c`` columns; memory ``O(N d + U d^2 + M d r + M c)``.
 """
 from __future__ import annotations
 
@@ -125,10 +124,10 @@ class _Lattice:
     def greedy(self) -> torch.Tensor:
         return self._tensor(self.impl.greedy).to(self.dtype)
 
-    @functools.cached_property
-    def gram(self) -> torch.Tensor:
-        """The local Grams ``N x (d+1) x (d+1)`` of the calibration, formed on the first gradient in the weights."""
-        return self._tensor(self.calibration.gram())
+    def gram_times(self, w: torch.Tensor) -> torch.Tensor:
+        """:math:`G_i w_i` (``N x (d+1)``) from the calibration's vertex pairs, without forming the local Grams."""
+        with _on_torch_stream(self.backend, self.device):
+            return _from_backend(self.calibration.gram_times(_to_backend(w, self.backend)), w)
 
     def weights(self, X: torch.Tensor, lengthscale: torch.Tensor) -> torch.Tensor:
         """Barycentric weights, differentiable in ``X`` and ``lengthscale`` (simplices held fixed)."""
@@ -148,6 +147,20 @@ class _Lattice:
         with _on_torch_stream(self.backend, self.device):
             return _from_backend(self.impl.splat_blur(_to_backend(u, self.backend), self.coef,
                                                       _to_backend(w, self.backend)), u)
+
+
+class _GramTimes(torch.autograd.Function):
+    """:math:`w_i \mapsto G_i w_i` for the calibration's local Grams; the Grams are symmetric, so the
+    backward is the same map (itself differentiable)."""
+
+    @staticmethod
+    def forward(ctx, w, lat):
+        ctx.lat = lat
+        return lat.gram_times(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _GramTimes.apply(g.contiguous(), ctx.lat), None
 
 
 class _Filter(torch.autograd.Function):
@@ -219,7 +232,7 @@ class LatticeKernelOperator(LinearOperator):
         if not (torch.is_grad_enabled() and (self.X.requires_grad or self.lengthscale.requires_grad)):
             return self.lattice.w0, self.lattice.s0  # computed once per build (CG and SLQ run here)
         w = self.lattice.weights(self.X, self.lengthscale)
-        diag = torch.einsum("nk,nkl,nl->n", w, self.lattice.gram, w)
+        diag = (w * _GramTimes.apply(w, self.lattice)).sum(-1)
         return w, diag.rsqrt()
 
     def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,8 @@ correlated between nearby points; products lose about 0.01 (up to 0.05 measured)
 similarity against the exact calibration. The cheaper of the two is used, exact on lattices small
 enough (:math:`\le 2^{26}` operations) whatever the probes would cost (``probe_plan``): exact for the
 small problems of the tests, probes for the 8-D flights inputs from 2000 rows up. Each point's
-diagonal :math:`w_i^\top G_i w_i` is then read from its simplex's pairs (:math:`O(N d^2)`); its
-:math:`G_i` (:math:`N (d+1)^2` numbers) only where the gradient in the weights needs it.
+diagonal :math:`w_i^\top G_i w_i` is then read from its simplex's pairs (:math:`O(N d^2)`), and so is
+:math:`G_i w_i`, half its gradient in the weights; the :math:`G_i` themselves are never formed.
 
 Stencil (paper section 4.1): the kernel profile sampled at spacing :math:`s`, ``order`` :math:`r`
 giving :math:`2r+1` taps, with :math:`s` chosen by the coverage criterion: the fraction of the
@@ -193,14 +193,14 @@ def elevation_matrix(d: int) -> np.ndarray:
 def memory_estimate(n: int, d: int, order: int, ncols: int = 1, itemsize: int = 8) -> int:
     """Upper bound in bytes of the lattice built for ``n`` points in ``d`` dimensions (at most
     ``n (d+1)`` vertices), its calibration (for at most ``n`` distinct simplices: their vertex pairs,
-    hashed with 48 bytes of keys, table and scratch per pair, the values at the pairs, the per-point Gram
-    blocks of the gradient, and two column buffers of at most 64 MiB per thread, two threads
+    hashed with 48 bytes of keys, table and scratch per pair, the values at the pairs, the gradient's
+    :math:`G_i w_i`, and two column buffers of at most 64 MiB per thread, two threads
     counted), and the buffers of one product with ``ncols`` columns (with the CPU build's per-thread splat
     buffers, at most 128 MiB)."""
     n_pv = n * (d + 1)
     cap = 1 << max(4, int(2 * n_pv - 1).bit_length())
     per_pv = itemsize + 4 * 3 + 4 * d + 4 * 3  # bary, rank/greedy/vid, keys, build scratch
-    calibration = n * (d + 1) * (d + 2) // 2 * (48 + itemsize) + n * (d + 1) ** 2 * itemsize + (128 << 20)
+    calibration = n * (d + 1) * (d + 2) // 2 * (48 + itemsize) + n * (d + 1) * itemsize + (128 << 20)
     return int(n_pv * per_pv + 4 * cap + n_pv * (d + 1) * 2 * order * 4 + calibration
                + 2 * n_pv * ncols * itemsize + 2 * n * ncols * itemsize + (128 << 20))
 
