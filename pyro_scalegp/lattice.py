@@ -150,7 +150,7 @@ class _Lattice:
 
 
 class _GramTimes(torch.autograd.Function):
-    """:math:`w_i \mapsto G_i w_i` for the calibration's local Grams; the Grams are symmetric, so the
+    r""":math:`w_i \mapsto G_i w_i` for the calibration's local Grams; the Grams are symmetric, so the
     backward is the same map (itself differentiable)."""
 
     @staticmethod
