@@ -319,10 +319,10 @@ class CpuLattice:
             out = aligned_empty((self.n, self.d + 1, self.d + 1), self.dtype)
             getattr(lib, f"sgp_gram_from_pairs_{self.suffix}")(
                 _ptr(cal.simplex), self.n, _ptr(cal.pid), _ptr(cal.values), self.d, _ptr(out))
-        else:  # "diagonal" (N) or "gram_times" (N x (d+1)), for the weights bary
-            out = aligned_empty(self.n if what == "diagonal" else (self.n, self.d + 1), self.dtype)
+        else:  # "diag" (N) or "gram_times" (N x (d+1)), for the weights bary
+            out = aligned_empty(self.n if what == "diag" else (self.n, self.d + 1), self.dtype)
             bary = np.ascontiguousarray(bary, dtype=self.dtype)
-            getattr(lib, f"sgp_{'diag' if what == 'diagonal' else what}_from_pairs_{self.suffix}")(
+            getattr(lib, f"sgp_{what}_from_pairs_{self.suffix}")(
                 _ptr(cal.simplex), self.n, _ptr(cal.pid), _ptr(cal.values), _ptr(bary), self.d, _ptr(out))
         return out
 
@@ -344,7 +344,7 @@ class Calibration:
 
     def diagonal(self, bary=None):
         """``w_i^T G_i w_i`` (``N``) for the weights ``bary`` (default: the lattice's own)."""
-        return self.lattice._from_pairs("diagonal", self, self.lattice.bary if bary is None else bary)
+        return self.lattice._from_pairs("diag", self, self.lattice.bary if bary is None else bary)
 
     def gram_times(self, bary):
         """``G_i w_i`` (``N x (d+1)``) for the weights ``bary``, without forming the Grams: the gradient of

@@ -184,9 +184,8 @@ class GpuLattice:
             out = cp.empty((self.n, self.d + 1, self.d + 1), self.dtype)
             _launch(f"sgp_gram_from_pairs_{self.suffix}", self.n, cal.simplex, np.int64(self.n), cal.pid, cal.values,
                     np.int32(self.d), out)
-        else:  # "diagonal" (N) or "gram_times" (N x (d+1)), for the weights bary
-            out = cp.empty(self.n if what == "diagonal" else (self.n, self.d + 1), self.dtype)
-            _launch(f"sgp_{'diag' if what == 'diagonal' else what}_from_pairs_{self.suffix}", self.n, cal.simplex,
-                    np.int64(self.n), cal.pid, cal.values, cp.ascontiguousarray(bary, dtype=self.dtype),
-                    np.int32(self.d), out)
+        else:  # "diag" (N) or "gram_times" (N x (d+1)), for the weights bary
+            out = cp.empty(self.n if what == "diag" else (self.n, self.d + 1), self.dtype)
+            _launch(f"sgp_{what}_from_pairs_{self.suffix}", self.n, cal.simplex, np.int64(self.n), cal.pid,
+                    cal.values, cp.ascontiguousarray(bary, dtype=self.dtype), np.int32(self.d), out)
         return out

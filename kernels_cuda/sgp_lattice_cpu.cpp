@@ -164,8 +164,8 @@ void gram_times_from_pairs(const int32_t* simplex, int64_t n, const int32_t* pid
 // The distinct keys inserted into a table of mask + 1 slots, counted by each thread and added to the shared count
 // every `batch` insertions (one shared atomic per insertion, bouncing its cache line between the cores, was half of
 // numbering the 380k vertex pairs of 10k flights points). Once the shared count passes half the slots the insertions
-// stop (full()); over() says whether the final count did. The batches keep the load under 5/8 meanwhile, so probing
-// always finds an empty slot: at most threads x batch <= limit / 4 insertions go uncounted.
+// stop (full(), which after the last flush also says whether the final count did). The batches keep the load under
+// 5/8 meanwhile, so probing always finds an empty slot: at most threads x batch <= limit / 4 go uncounted.
 class DistinctCount {
    public:
     explicit DistinctCount(int64_t mask)
@@ -173,7 +173,6 @@ class DistinctCount {
           batch_(std::max<int64_t>(1, std::min<int64_t>(1024, limit_ / (4 * omp_get_max_threads())))) {}
     bool full() const { return __atomic_load_n(&full_, __ATOMIC_RELAXED); }
     void set_full() { __atomic_store_n(&full_, 1, __ATOMIC_RELAXED); }
-    bool over() const { return full_ || count_ > limit_; }
 
     class Local {  // one thread's uncounted insertions, added on destruction
        public:
@@ -223,7 +222,7 @@ int32_t number_keys(const int32_t* keys, int64_t n, int len, int32_t* table, int
             first_id[j] = -1;
         }
     }
-    if (distinct.over()) return -1;
+    if (distinct.full()) return -1;
     int32_t count = 0;
     for (int64_t j = 0; j < n; ++j)
         if (first_id[rep[j]] < 0) {
@@ -273,7 +272,7 @@ int32_t number_pairs(const int32_t* keys, int64_t n, uint64_t* table, int64_t ma
             slot_of[j] = (int32_t)s;
         }
     }
-    if (count.over()) return -1;
+    if (count.full()) return -1;
     std::vector<int64_t> first(1, 0);  // first[t]: the first id of thread t's share of the slots
 #pragma omp parallel if (threaded)
     {
