@@ -144,7 +144,7 @@ def advgp_frontend(name: str, data, Z, lengthscale, optim: dict):
 def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interval_s: float,
               optim: dict | None = None, worker_sleep=0.0, threads: int | None = None,
               lengthscale: float | None = None, batch_size: int | None = None,
-              frontend: str = "pyro") -> tuple[list[dict], float]:
+              frontend: str = "pyro", shrink_stale_steps: bool = True) -> tuple[list[dict], float]:
     """Train ADVGP with ``AsyncProximalSVI`` of ``frontend`` ("pyro" or "numpyro") for ``budget_s``
     seconds after its first update.
 
@@ -154,7 +154,8 @@ def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interva
     largest staleness so far) and the start-up time: the clock when the first update was applied
     (spawning the workers and their first gradients, or with minibatches the server's stand-ins
     for them; each checkpoint records how many gradients the server has computed so far,
-    ``stood_in``). ``lengthscale``: see :func:`new_advgp`.
+    ``stood_in``). ``lengthscale``: see :func:`new_advgp`; ``shrink_stale_steps``: see
+    :class:`pyro_scalegp.AsyncProximalSVI`.
     """
     svi_class, model, X, y, optim, predict = advgp_frontend(frontend, data, Z, lengthscale,
                                                             ADVGP_OPTIM if optim is None else optim)
@@ -175,7 +176,8 @@ def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interva
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # stall warnings of deliberately slow workers
         with svi_class(model, X, y, num_workers=workers, max_delay=max_delay, optim=optim, worker_sleep=worker_sleep,
-                       num_threads=max(1, threads // workers), batch_size=batch_size, seed=0) as svi:
+                       num_threads=max(1, threads // workers), batch_size=batch_size, seed=0,
+                       shrink_stale_steps=shrink_stale_steps) as svi:
             staleness, stood_in = svi.staleness, svi.stood_in
             svi.step()
             startup = clock.elapsed()

@@ -118,7 +118,7 @@ class _Server(ProximalServer):
     ``opt_state`` of :func:`~numpyro_scalegp.optim.proximal_adadelta`."""
 
     def __init__(self, advgp: ADVGP, params: dict, optim: dict, workers, *, max_delay: int,
-                 stall_timeout: float):
+                 stall_timeout: float, shrink_stale_steps: bool = True):
         self.advgp = advgp
         self._names, self._shapes, self._dtype = _layout(params)
         self.params = {n: jax.numpy.asarray(params[n]) for n in self._names}
@@ -126,13 +126,14 @@ class _Server(ProximalServer):
         self.opt_state = tx.init(self.params)
 
         @jax.jit
-        def update(params, grads, state):
-            updates, state = tx.update(grads, state, params)
+        def update(params, grads, state, step_scale):
+            updates, state = tx.update(grads, state, params, step_scale=step_scale)
             return optax.apply_updates(params, updates), state
 
         self._update = update
         self._kl = jax.jit(lambda p: advgp.kl(params=p))
-        super().__init__(workers, max_delay=max_delay, stall_timeout=stall_timeout)
+        super().__init__(workers, max_delay=max_delay, stall_timeout=stall_timeout,
+                         shrink_stale_steps=shrink_stale_steps)
 
     def _stand_in(self, k: int) -> None:
         with threadpool_limits(1, user_api="blas"):  # the other cores are the starting workers'
@@ -141,10 +142,10 @@ class _Server(ProximalServer):
     def _flat_parameters(self) -> np.ndarray:
         return _flatten(self.params, self._names)
 
-    def _proximal_step(self, grad: np.ndarray) -> float:
+    def _proximal_step(self, grad: np.ndarray, step_scale: float) -> float:
         h = float(self._kl(self.params))
         grads = _unflatten(grad, self._names, self._shapes, self._dtype)
-        self.params, self.opt_state = self._update(self.params, grads, self.opt_state)
+        self.params, self.opt_state = self._update(self.params, grads, self.opt_state, step_scale)
         return h
 
     def _checkpoint(self) -> dict:
@@ -200,6 +201,9 @@ class AsyncProximalSVI(_Server):
         update waits for them (``stood_in`` lists them; it compiles the gradient once, for
         every worker whose batch has the same size). Default ``None``: with ``batch_size`` only
         (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
+    :param shrink_stale_steps: divide each update's step sizes by one plus the largest delay
+        among the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the
+        paper's full steps, which overshoot with long delays.
 
     ``params`` holds the current parameters (a dict of arrays).
 
@@ -213,15 +217,17 @@ class AsyncProximalSVI(_Server):
                  optim: dict | None = None, shards: Sequence | None = None, params: dict | None = None,
                  worker_sleep: float | Sequence[float] = 0.0, stall_timeout: float = 60.0,
                  num_threads: int = 1, batch_size: int | None = None, seed: int = 0,
-                 stand_in: bool | None = None):
+                 stand_in: bool | None = None, shrink_stale_steps: bool = True):
         X, y, optim, params = _check(advgp, X, y, optim, params)
         shards, sleeps = check_options(X.shape[0], num_workers=num_workers, max_delay=max_delay,
                                        stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
-                                       batch_size=batch_size, seed=seed, num_threads=num_threads)
+                                       batch_size=batch_size, seed=seed, num_threads=num_threads,
+                                       shrink_stale_steps=shrink_stale_steps)
         workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, params, int(num_threads)),
                                  [(X[s], y[s]) for s in shards], sleeps, batch_size=batch_size, seed=seed,
                                  stand_in=_Gradient(advgp, params) if standing_in(stand_in, batch_size) else None)
-        super().__init__(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout)
+        super().__init__(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout,
+                         shrink_stale_steps=shrink_stale_steps)
 
     @property
     def workers(self) -> list:
@@ -234,7 +240,7 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
                              params: dict | None = None, host: str = "127.0.0.1",
                              stall_timeout: float = 60.0, connect_timeout: float = 60.0,
                              checkpoint: str | None = None, batch_size: int | None = None,
-                             seed: int = 0) -> dict | None:
+                             seed: int = 0, shrink_stale_steps: bool = True) -> dict | None:
     """The same delayed proximal gradient algorithm across the processes of a
     ``jax.distributed`` job: call it in every process (after
     ``jax.distributed.initialize``; on CPU with
@@ -259,8 +265,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     in all and the run is resumable (:meth:`scalegp.async_server.ProximalServer.run_checkpointed`):
     relaunched after a failure (by a job scheduler, or by hand), every process (the dead
     worker on its own shard) starts again and process 0 goes on from the last update
-    written; the result then also holds ``resumed_from``. ``batch_size`` and ``seed``: minibatch
-    gradients, as in :class:`AsyncProximalSVI`.
+    written; the result then also holds ``resumed_from``. ``batch_size`` and ``seed`` (minibatch
+    gradients) and ``shrink_stale_steps``: as in :class:`AsyncProximalSVI`.
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` and ``O(K P)`` on the
        server, plus two messages of ``P`` numbers per worker and update.
@@ -274,7 +280,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
         raise ValueError(f"process_count: expected at least 2 processes (a server and a worker), got {world}")
     X, y, optim, params = _check(advgp, X, y, optim, params)
     shards, _ = check_options(X.shape[0], num_workers=world - 1, max_delay=max_delay,
-                              stall_timeout=stall_timeout, shards=shards, batch_size=batch_size, seed=seed)
+                              stall_timeout=stall_timeout, shards=shards, batch_size=batch_size, seed=seed,
+                              shrink_stale_steps=shrink_stale_steps)
     rendezvous = np.zeros(33, dtype=np.int32)  # the port, then the 32 bytes of the key
     if rank == 0:
         listening = socket.create_server((host, 0))
@@ -288,7 +295,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
                         batch_size=batch_size, seed=seed, worker=rank - 1)
         return None
     workers = accept_workers(listening, authkey, world - 1, timeout=connect_timeout)
-    with _Server(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout) as server:
+    with _Server(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout,
+                 shrink_stale_steps=shrink_stale_steps) as server:
         if checkpoint is not None:
             return server.run_checkpointed(num_steps, checkpoint)
         losses = server.run(num_steps, progress_bar=False)

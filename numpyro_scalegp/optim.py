@@ -22,7 +22,10 @@ element by element (Peng et al., 2017, eqs. 18-20):
 
 The diagonal stays positive whatever ``v``. ``E[\Delta^2]`` accumulates the step
 actually taken, :math:`(x - x_{new})/\eta`; with no proximal leaf this is exactly
-optax's / torch's ADADELTA. Every other leaf (kernel hyperparameters, noise,
+optax's / torch's ADADELTA. ``update(..., step_scale=c)`` takes one step with
+:math:`c\gamma` (and accumulates :math:`(x - x_{new})/(c\eta)`, so the running averages do
+not see ``c``): the delayed server's shrunk steps for stale gradients
+(:mod:`scalegp.async_server`). Every other leaf (kernel hyperparameters, noise,
 inducing inputs) takes a plain ADADELTA step.
 
 The ``scale_tril`` leaf holds :math:`U^\top` unconstrained, as Pyro's
@@ -90,9 +93,10 @@ class ProximalAdadeltaState(NamedTuple):
 
 def proximal_adadelta(learning_rate: float = 1.0, rho: float = 0.9, eps: float = 1e-6, *,
                       loc: str = "guide.loc_unconstrained",
-                      scale_tril: str = "guide.scale_tril_unconstrained") -> optax.GradientTransformation:
-    """Proximal ADADELTA on a dict of parameters, ``update(grads, state, params)`` with the
-    gradients of the data terms only (``h`` enters through its proximal operator).
+                      scale_tril: str = "guide.scale_tril_unconstrained") -> optax.GradientTransformationExtraArgs:
+    """Proximal ADADELTA on a dict of parameters, ``update(grads, state, params, step_scale=1.0)``
+    with the gradients of the data terms only (``h`` enters through its proximal operator);
+    ``step_scale`` multiplies every step size (module docstring).
 
     :param learning_rate: ADADELTA's ``lr`` (scales the per-coordinate step).
     :param rho: decay of the running averages.
@@ -114,32 +118,33 @@ def proximal_adadelta(learning_rate: float = 1.0, rho: float = 0.9, eps: float =
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         return ProximalAdadeltaState(square_avg=zeros, acc_delta=zeros)
 
-    def _step(x, g, sq, acc, prox):
+    def _step(x, g, sq, acc, prox, lr):
         sq = rho * sq + (1.0 - rho) * g**2
-        gamma = learning_rate * jnp.sqrt(acc + eps) / jnp.sqrt(sq + eps)
+        gamma = lr * jnp.sqrt(acc + eps) / jnp.sqrt(sq + eps)
         new = prox(x - gamma * g, gamma)
-        delta = (x - new) / learning_rate
+        delta = (x - new) / lr
         acc = rho * acc + (1.0 - rho) * delta**2
         return new, sq, acc
 
-    def update_fn(grads, state, params=None):
+    def update_fn(grads, state, params=None, *, step_scale=1.0, **extra_args):
         if params is None:
             raise ValueError("params: proximal_adadelta needs the current params in update()")
+        lr = learning_rate * step_scale
         new_params, new_sq, new_acc = {}, {}, {}
         for key, x in params.items():
             g, sq, acc = grads[key], state.square_avg[key], state.acc_delta[key]
             if key == loc:
-                new, sq, acc = _step(x, g, sq, acc, prox_kl_loc)
+                new, sq, acc = _step(x, g, sq, acc, prox_kl_loc, lr)
             elif key == scale_tril:
                 C = lower_cholesky_from_unconstrained(x)
                 u = jnp.diagonal(C)
                 G = jnp.tril(g, -1) + jnp.diag(jnp.diagonal(g) / u)
-                C_new, sq, acc = _step(C, G, sq, acc, prox_kl_scale_tril)
+                C_new, sq, acc = _step(C, G, sq, acc, prox_kl_scale_tril, lr)
                 new = lower_cholesky_to_unconstrained(C_new)
             else:
-                new, sq, acc = _step(x, g, sq, acc, lambda v, gamma: v)
+                new, sq, acc = _step(x, g, sq, acc, lambda v, gamma: v, lr)
             new_params[key], new_sq[key], new_acc[key] = new, sq, acc
         updates = {key: new_params[key] - params[key] for key in params}
         return updates, ProximalAdadeltaState(square_avg=new_sq, acc_delta=new_acc)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

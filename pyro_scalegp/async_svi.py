@@ -96,7 +96,8 @@ class _Server(ProximalServer):
     """The protocol's server with the torch hooks: proximal ADADELTA on ``advgp``'s
     parameters (updated in place)."""
 
-    def __init__(self, advgp: ADVGP, optim: dict, workers, *, max_delay: int, stall_timeout: float):
+    def __init__(self, advgp: ADVGP, optim: dict, workers, *, max_delay: int, stall_timeout: float,
+                 shrink_stale_steps: bool = True):
         self.advgp = advgp
         named = dict(advgp.named_parameters())
         self._names, self._params = list(named), list(named.values())
@@ -105,13 +106,14 @@ class _Server(ProximalServer):
             {"params": [named["guide.scale_tril_unconstrained"]], "prox": "scale_tril"},
             {"params": [p for n, p in named.items() if not n.startswith("guide.")]},
         ], **optim)
-        super().__init__(workers, max_delay=max_delay, stall_timeout=stall_timeout)
+        super().__init__(workers, max_delay=max_delay, stall_timeout=stall_timeout,
+                         shrink_stale_steps=shrink_stale_steps)
 
     def _flat_parameters(self) -> np.ndarray:
         with torch.no_grad():
             return _flatten([p.detach() for p in self._params]).to(torch.float64).numpy()
 
-    def _proximal_step(self, grad: np.ndarray) -> float:
+    def _proximal_step(self, grad: np.ndarray, step_scale: float) -> float:
         # on one thread: the tensors are small (O(M^2)), and a thread pool that spins after each
         # parallel region (`tril`) takes the cores from local workers (an update with 2 workers
         # of 512 rows, M = 50, on 2 cores: 11.7 ms with the step on 2 threads, 8.1 ms on one)
@@ -121,7 +123,7 @@ class _Server(ProximalServer):
             _unflatten_into(torch.as_tensor(grad), [p.grad for p in self._params])
             with torch.no_grad():
                 h = self.advgp.kl().item()
-            self.optimizer.step()
+            self.optimizer.step(step_scale=step_scale)
         return h
 
     def _stand_in(self, k: int) -> None:
@@ -178,6 +180,9 @@ class AsyncProximalSVI(_Server):
         itself when an update waits for them, so training starts at once (``stood_in`` lists
         them; the same numbers as the worker's). Default ``None``: with ``batch_size`` only
         (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
+    :param shrink_stale_steps: divide each update's step sizes by one plus the largest delay
+        among the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the
+        paper's full steps, which overshoot with long delays.
 
     A worker that dies is restarted on its shard (``restarts``); ``state_dict`` /
     ``load_state_dict`` stop and resume; ``workers`` are the processes.
@@ -192,7 +197,7 @@ class AsyncProximalSVI(_Server):
                  optim: dict | None = None, shards: Sequence | None = None,
                  worker_sleep: float | Sequence[float] = 0.0, stall_timeout: float = 60.0,
                  num_threads: int = 1, batch_size: int | None = None, seed: int = 0,
-                 stand_in: bool | None = None):
+                 stand_in: bool | None = None, shrink_stale_steps: bool = True):
         if not isinstance(advgp, ADVGP):
             raise ValueError(f"advgp: expected a pyro_scalegp.ADVGP, got {type(advgp).__name__}")
         X, y = advgp._check_data(X, y)
@@ -200,13 +205,15 @@ class AsyncProximalSVI(_Server):
             raise ValueError("y: required")
         shards, sleeps = check_options(X.shape[0], num_workers=num_workers, max_delay=max_delay,
                                        stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
-                                       batch_size=batch_size, seed=seed, num_threads=num_threads)
+                                       batch_size=batch_size, seed=seed, num_threads=num_threads,
+                                       shrink_stale_steps=shrink_stale_steps)
         optim = _check_optim(optim)
         data = [(X[torch.as_tensor(s)].numpy(), y[torch.as_tensor(s)].numpy()) for s in shards]
         workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, int(num_threads)),
                                  data, sleeps, batch_size=batch_size, seed=seed,
                                  stand_in=_Gradient(advgp) if standing_in(stand_in, batch_size) else None)
-        super().__init__(advgp, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout)
+        super().__init__(advgp, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout,
+                         shrink_stale_steps=shrink_stale_steps)
 
     @property
     def workers(self) -> list:
@@ -329,7 +336,8 @@ class _DistributedChannel:
 def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: int = 0,
                              optim: dict | None = None, shards: Sequence | None = None,
                              stall_timeout: float = 60.0, checkpoint: str | None = None,
-                             batch_size: int | None = None, seed: int = 0) -> dict | None:
+                             batch_size: int | None = None, seed: int = 0,
+                             shrink_stale_steps: bool = True) -> dict | None:
     """The same delayed proximal gradient algorithm over ``torch.distributed`` point-to-point
     messages (gloo): call it in every process of an initialized process group with the same
     model, data and arguments. Rank 0 is the server; rank ``k >= 1`` is the worker of
@@ -349,7 +357,7 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     under ``torchrun --max-restarts=R`` a rank that dies takes the job down, torchrun restarts
     every rank (the dead worker on its own shard), and rank 0 goes on from the last update
     written; the result then also holds ``resumed_from``. ``batch_size`` and ``seed``: minibatch
-    gradients, as in :class:`AsyncProximalSVI`. torchrun's rendezvous store outlives
+    gradients and ``shrink_stale_steps``, as in :class:`AsyncProximalSVI`. torchrun's rendezvous store outlives
     a failed attempt, so initialize the group with a prefix per attempt,
     ``dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)``, or gloo
     reads the dead attempt's addresses (see the README).
@@ -366,7 +374,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
         raise ValueError(f"world_size: expected at least 2 processes (a server and a worker), got {world}")
     X, y = advgp._check_data(X, y)
     shards, _ = check_options(X.shape[0], num_workers=world - 1, max_delay=max_delay,
-                              stall_timeout=stall_timeout, shards=shards, batch_size=batch_size, seed=seed)
+                              stall_timeout=stall_timeout, shards=shards, batch_size=batch_size, seed=seed,
+                              shrink_stale_steps=shrink_stale_steps)
     optim = _check_optim(optim)
     size = sum(p.numel() for p in advgp.parameters())
     if rank > 0:
@@ -375,7 +384,7 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
                         seed=seed, worker=rank - 1)
         return None
     with _Server(advgp, optim, _DistributedWorkers(world - 1, size), max_delay=max_delay,
-                 stall_timeout=stall_timeout) as server:
+                 stall_timeout=stall_timeout, shrink_stale_steps=shrink_stale_steps) as server:
         if checkpoint is not None:
             return server.run_checkpointed(num_steps, checkpoint)
         losses = server.run(num_steps, progress_bar=False)

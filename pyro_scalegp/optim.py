@@ -22,7 +22,10 @@ element by element (Peng et al., 2017, eqs. 18-20):
 
 The diagonal stays positive whatever ``v``. ``E[\Delta^2]`` accumulates the step
 actually taken, :math:`(x - x_{new})/\eta`; with ``prox=None`` this is exactly
-``torch.optim.Adadelta``. Kernel hyperparameters, noise and inducing inputs take
+``torch.optim.Adadelta``. ``step(step_scale=c)`` takes one step with :math:`c\gamma`
+(and accumulates :math:`(x - x_{new})/(c\eta)`, so the running averages do not see
+``c``): the delayed server's shrunk steps for stale gradients
+(:mod:`scalegp.async_server`). Kernel hyperparameters, noise and inducing inputs take
 plain ADADELTA steps.
 
 A ``"scale_tril"`` parameter holds :math:`U^\top` unconstrained, as
@@ -99,13 +102,16 @@ class ProximalAdadeltaOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"prox: expected one of {_PROX}, got {group['prox']!r}")
 
     @torch.no_grad()
-    def step(self, closure: Callable | None = None):
+    def step(self, closure: Callable | None = None, *, step_scale: float = 1.0):
+        """One step; ``step_scale`` multiplies every step size :math:`\\gamma` (module docstring)."""
+        if not step_scale > 0:
+            raise ValueError(f"step_scale: expected a positive number, got {step_scale!r}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, rho, eps, prox = group["lr"], group["rho"], group["eps"], group["prox"]
+            lr, rho, eps, prox = group["lr"] * step_scale, group["rho"], group["eps"], group["prox"]
             for p in group["params"]:
                 if p.grad is None:
                     continue

@@ -22,7 +22,16 @@ applies
 as soon as it has received a new gradient and every worker's latest gradient satisfies
 :math:`t - \tau \le t_k` (``max_delay`` :math:`= \tau`; :math:`\tau = 0` is synchronous
 proximal gradient descent, step for step). It then publishes :math:`\theta_{t+1}`
-(sending it to every idle worker). The loss it reports for the update is
+(sending it to every idle worker).
+
+**Stale steps shrink.** With ``shrink_stale_steps`` (the default) the update's step sizes
+:math:`\gamma` are divided by :math:`1 + s_t`, :math:`s_t = t - \min_k t_k` the largest
+delay among the gradients it sums (staleness-aware steps [2]; the convergence guarantee of
+delayed proximal gradients [1] asks for a learning rate that decreases as the delay bound
+grows). A slow worker's gradient is summed into every update until its next one arrives, up
+to :math:`\tau + 1` times; at full size those repeated steps overshoot: with :math:`\tau` 16
+or 64 and 4 workers at different paces, training stayed near the constant predictor
+(``benchmarks/advgp_stragglers.py``). Synchronous runs (:math:`s_t = 0`) are unchanged. The loss it reports for the update is
 :math:`\sum_k g_k(\theta_{t_k}) + h(\theta_t)`: the exact negative ELBO when :math:`\tau = 0`.
 
 **Minibatches.** With ``batch_size`` :math:`b`, a worker differentiates the data term of
@@ -72,6 +81,10 @@ launched processes: :func:`accept_workers`, :func:`connect_to_server`) and
    gradients, one message of ``P`` numbers to each idle worker) plus the optimizer step;
    on worker ``k``: one gradient of :math:`g_k` plus two messages of ``P`` numbers.
    Waiting polls every 50 ms at most.
+
+References: [1] M. Li, D. G. Andersen, A. J. Smola, *Distributed delayed proximal gradient
+methods*, NIPS Workshop on Optimization for Machine Learning, 2013. [2] W. Zhang, S. Gupta,
+X. Lian, J. Liu, *Staleness-aware async-SGD for distributed deep learning*, IJCAI 2016.
 """
 from __future__ import annotations
 
@@ -111,13 +124,16 @@ class PeerFailedError(RuntimeError):
 
 def check_options(N: int, *, num_workers: int, max_delay: int, stall_timeout: float,
                   shards: Sequence | None = None, worker_sleep=0.0, batch_size: int | None = None,
-                  seed: int = 0, num_threads: int = 1) -> tuple[list[np.ndarray], list[float]]:
+                  seed: int = 0, num_threads: int = 1,
+                  shrink_stale_steps: bool = True) -> tuple[list[np.ndarray], list[float]]:
     """Check the options shared by every frontend; returns ``(shards, sleeps)``: ``num_workers``
     arrays of row indices (default ``numpy.array_split`` of the ``N`` rows in order) that
     together cover every row, and one straggler sleep (seconds) per worker. ``batch_size``
-    (``None`` or a positive integer, see :func:`batch_rows`), ``seed`` (a non-negative integer)
-    and ``num_threads`` (a positive integer) are checked too. Raises ``ValueError`` naming the
-    bad argument."""
+    (``None`` or a positive integer, see :func:`batch_rows`), ``seed`` (a non-negative integer),
+    ``num_threads`` (a positive integer) and ``shrink_stale_steps`` (a bool) are checked too.
+    Raises ``ValueError`` naming the bad argument."""
+    if not isinstance(shrink_stale_steps, (bool, np.bool_)):
+        raise ValueError(f"shrink_stale_steps: expected True or False, got {shrink_stale_steps!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                    or batch_size < 1):
         raise ValueError(f"batch_size: expected None or a positive integer, got {batch_size!r}")
@@ -553,10 +569,14 @@ class ProximalServer:
 
     Frontends subclass it and implement four hooks: ``_flat_parameters()`` (the current
     parameters as one float64 vector, in the order the workers' gradients use),
-    ``_proximal_step(grad)`` (apply the proximal optimizer step with the summed gradient,
-    returning :math:`h(\\theta_t)` before it), ``_checkpoint()`` (``{"params", "optim"}``)
+    ``_proximal_step(grad, step_scale)`` (apply the proximal optimizer step with the summed
+    gradient and its step sizes multiplied by ``step_scale``, returning :math:`h(\\theta_t)`
+    before it), ``_checkpoint()`` (``{"params", "optim"}``)
     and ``_restore(state)``. The hooks must be usable before ``__init__`` is called (it
     publishes the initial parameters).
+
+    ``shrink_stale_steps``: divide each update's step sizes by one plus the largest delay
+    it uses (module docstring).
 
     Attributes: ``version`` (updates applied), ``staleness`` (the largest delay
     :math:`t - \\min_k t_k` each update used), ``restarts`` (``(worker, version)``),
@@ -566,10 +586,11 @@ class ProximalServer:
     .. note:: Cost per update: ``O(K P)`` here (see the module note) plus the hook.
     """
 
-    def __init__(self, workers, *, max_delay: int, stall_timeout: float):
+    def __init__(self, workers, *, max_delay: int, stall_timeout: float, shrink_stale_steps: bool = True):
         self._workers = workers
         self.num_workers = workers.num_workers
         self.max_delay = max_delay
+        self.shrink_stale_steps = bool(shrink_stale_steps)
         self.stall_timeout = float(stall_timeout)
         self.version = 0
         self.restarts: list[tuple[int, int]] = []
@@ -594,7 +615,7 @@ class ProximalServer:
     def _flat_parameters(self) -> np.ndarray:
         raise NotImplementedError
 
-    def _proximal_step(self, grad: np.ndarray) -> float:
+    def _proximal_step(self, grad: np.ndarray, step_scale: float) -> float:
         raise NotImplementedError
 
     def _checkpoint(self) -> dict:
@@ -703,8 +724,9 @@ class ProximalServer:
         value = float(sum(self._value))
         if not (np.isfinite(value) and np.all(np.isfinite(grad))):
             self._refuse_non_finite()
-        loss = value + self._proximal_step(grad)
-        self.staleness.append(self.version - min(self._used))
+        staleness = self.version - min(self._used)
+        loss = value + self._proximal_step(grad, 1.0 / (1 + staleness) if self.shrink_stale_steps else 1.0)
+        self.staleness.append(staleness)
         self.version += 1
         self._publish()
         return loss

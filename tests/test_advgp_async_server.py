@@ -27,15 +27,18 @@ class QuadraticServer(ProximalServer):
     def __init__(self, workers, **options):
         self.theta = np.zeros(3)
         self.used = []  # the versions of the gradients each update used
+        self.scales = []  # each update's step_scale
         super().__init__(workers, **options)
 
     def _flat_parameters(self):
         return self.theta.copy()
 
-    def _proximal_step(self, grad):
+    def _proximal_step(self, grad, step_scale):
         self.used.append(list(self._used))
+        self.scales.append(step_scale)
         h = 0.5 * LAM * self.theta @ self.theta
-        self.theta = (self.theta - GAMMA * grad) / (1 + GAMMA * LAM)
+        gamma = GAMMA * step_scale
+        self.theta = (self.theta - gamma * grad) / (1 + gamma * LAM)
         return h
 
     def _checkpoint(self):
@@ -161,6 +164,27 @@ def test_max_delay_k_updates_without_a_straggler_until_it_is_k_versions_behind()
     assert server.used[-1] == [k + 1, 1] and server.staleness[-1] == k
     # the straggler was sent the newest parameters when its stale gradient came back
     assert (1, server._tag - 1) in workers.sent
+
+
+@pytest.mark.parametrize("shrink", [True, False])
+def test_delayed_updates_divide_their_steps_by_one_plus_the_staleness(shrink):
+    workers = Scripted(2)
+    server = QuadraticServer(workers, max_delay=2, stall_timeout=60, shrink_stale_steps=shrink)
+    thetas = [server.theta.copy()]
+    workers.script = [[grad_event(0, 1, thetas[0]), grad_event(1, 1, thetas[0])]]
+    server.step()
+    for version in (1, 2):  # worker 1 straggles with its gradient of version 0
+        thetas.append(server.theta.copy())
+        workers.script = [[grad_event(0, version + 1, thetas[-1])]]
+        server.step()
+    assert server.staleness == [0, 1, 2]
+    assert server.scales == ([1.0, 1 / 2, 1 / 3] if shrink else [1.0] * 3)
+    # the same updates by hand: prox of the summed delayed gradients, step GAMMA / (1 + staleness)
+    theta = np.zeros(3)
+    for version, scale in zip((0, 1, 2), server.scales):
+        grad = gradient(thetas[version], 0)[1] + gradient(thetas[0], 1)[1]
+        theta = (theta - GAMMA * scale * grad) / (1 + GAMMA * scale * LAM)
+    np.testing.assert_allclose(server.theta, theta, rtol=1e-15)
 
 
 def test_dead_worker_is_restarted_counted_and_resent_the_newest_parameters():
@@ -306,7 +330,9 @@ def test_check_options_names_the_bad_argument():
                          ({"worker_sleep": [0.0, 1.0, 2.0]}, "worker_sleep"),
                          ({"batch_size": 0}, "batch_size"), ({"batch_size": 2.5}, "batch_size"),
                          ({"batch_size": True}, "batch_size"), ({"seed": -1}, "seed"), ({"seed": "a"}, "seed"),
-                         ({"num_threads": 0}, "num_threads"), ({"num_threads": 1.5}, "num_threads")]:
+                         ({"num_threads": 0}, "num_threads"), ({"num_threads": 1.5}, "num_threads"),
+                         ({"shrink_stale_steps": 1}, "shrink_stale_steps"),
+                         ({"shrink_stale_steps": "yes"}, "shrink_stale_steps")]:
         with pytest.raises(ValueError, match=name):
             check_options(10, **{"num_workers": 2, "max_delay": 0, "stall_timeout": 1.0, **kwargs})
 

@@ -168,6 +168,47 @@ def test_pyro_and_numpyro_optimizers_agree_on_advgp():
     assert torch.isfinite(pm.guide.scale_tril).all() and (pm.guide.scale_tril.diagonal() > 0).all()
 
 
+def test_step_scale_is_the_learning_rate_times_it_in_both_frameworks():
+    """Steps with ``step_scale=c`` equal steps with ``lr * c``, running averages included (so
+    repeated scaled steps stay equal); Pyro and NumPyro agree under changing scales."""
+    X, y, Z = data()
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    scaled, plain = pyro_model(Z), pyro_model(Z)
+    opt_scaled, opt_plain = proximal_groups(scaled, lr=2.0), proximal_groups(plain, lr=0.6)
+    for _ in range(6):
+        for model, opt, kw in ((scaled, opt_scaled, {"step_scale": 0.3}), (plain, opt_plain, {})):
+            opt.zero_grad()
+            model.loss_terms(Xt, yt)[0].sum().backward()
+            opt.step(**kw)
+    for (name, p), q in zip(scaled.named_parameters(), plain.parameters()):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-12, atol=1e-14, err_msg=name)
+    assert not torch.allclose(plain.guide.loc, pyro_model(Z).guide.loc)
+    with pytest.raises(ValueError, match="step_scale"):
+        opt_plain.step(step_scale=0.0)
+
+    pm = pyro_model(Z)
+    params = {n: jnp.array(p.detach().numpy(), copy=True) for n, p in pm.named_parameters()}
+    opt = proximal_groups(pm, lr=2.0)
+    nm = NumPyroADVGP(nk.RBF(2, VARIANCE, jnp.asarray(LENGTHSCALE)), jnp.asarray(Z), NOISE, jitter=1e-6)
+    tx = noptim.proximal_adadelta(2.0)
+    state = tx.init(params)
+    grad_fn = jax.jit(jax.grad(lambda p: nm.loss_terms(X, y, params=p)[0].sum()))
+
+    @jax.jit
+    def step(params, state, scale):
+        updates, state = tx.update(grad_fn(params), state, params, step_scale=scale)
+        return optax.apply_updates(params, updates), state
+
+    for scale in (1.0, 0.5, 1 / 3, 0.25, 1.0, 0.2):
+        opt.zero_grad()
+        pm.loss_terms(Xt, yt)[0].sum().backward()
+        opt.step(step_scale=scale)
+        params, state = step(params, state, scale)
+    for name, p in pm.named_parameters():
+        np.testing.assert_allclose(np.asarray(params[name]), p.detach().numpy(), rtol=1e-7, atol=1e-9,
+                                   err_msg=name)
+
+
 def test_proximal_adadelta_converges_to_the_titsias_optimum():
     """Only (mu, U) learn, by proximal steps on g: they reach the analytic optimum
     (NumPyro, jitted; the Pyro optimizer takes the same steps, see the test above)."""
