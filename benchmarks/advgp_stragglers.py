@@ -5,7 +5,7 @@ flights training rows, 4 worker processes, each assigned at start a random sleep
 ``--sleeps`` (seconds) that it waits before every gradient, as in the paper. For
 ``max_delay`` 0 (synchronous), 4, 16 and 64, the same model (same k-means inducing inputs,
 initial hyperparameters, sleeps) trains for the same time budget (updates that use stale
-gradients take steps divided by one plus their delay, ``AsyncProximalSVI``'s default
+gradients take steps divided by one plus their mean delay, ``AsyncProximalSVI``'s default
 ``shrink_stale_steps``; ``--full-stale-steps`` for the paper's full steps); test RMSE (minutes) and
 NLPD are recorded at checkpoints (evaluation excluded from the clock). The summary gives
 each bound's final RMSE, number of updates, largest staleness used, and the first time its
@@ -105,7 +105,7 @@ def main(argv=None):
                   notes=(f"{args.workers} workers on {num_train:,} flights rows, M={M}; each worker sleeps its own "
                          f"random time ({sleeps} s, drawn from {choices}) before every gradient; steps of updates "
                          + ("at full size whatever their gradients' delay (shrink_stale_steps=False). "
-                            if args.full_stale_steps else "divided by 1 + the largest delay they use. ")
+                            if args.full_stale_steps else "divided by 1 + the mean delay of the gradients they sum. ")
                          + "RMSE in minutes. "
                          "startup_s: wall time to the first update (spawning the workers, first gradients). "
                          "reaches_sync_final_s: time after the first update of the first checkpoint with an RMSE at "

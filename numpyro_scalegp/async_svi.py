@@ -201,9 +201,9 @@ class AsyncProximalSVI(_Server):
         update waits for them (``stood_in`` lists them; it compiles the gradient once, for
         every worker whose batch has the same size). Default ``None``: with ``batch_size`` only
         (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
-    :param shrink_stale_steps: divide each update's step sizes by one plus the largest delay
-        among the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the
-        paper's full steps, which overshoot with long delays.
+    :param shrink_stale_steps: divide each update's step sizes by one plus the mean delay of
+        the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the paper's
+        full steps, which overshoot with long delays.
 
     ``params`` holds the current parameters (a dict of arrays).
 

@@ -180,9 +180,9 @@ class AsyncProximalSVI(_Server):
         itself when an update waits for them, so training starts at once (``stood_in`` lists
         them; the same numbers as the worker's). Default ``None``: with ``batch_size`` only
         (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
-    :param shrink_stale_steps: divide each update's step sizes by one plus the largest delay
-        among the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the
-        paper's full steps, which overshoot with long delays.
+    :param shrink_stale_steps: divide each update's step sizes by one plus the mean delay of
+        the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the paper's
+        full steps, which overshoot with long delays.
 
     A worker that dies is restarted on its shard (``restarts``); ``state_dict`` /
     ``load_state_dict`` stop and resume; ``workers`` are the processes.

@@ -167,7 +167,7 @@ def test_max_delay_k_updates_without_a_straggler_until_it_is_k_versions_behind()
 
 
 @pytest.mark.parametrize("shrink", [True, False])
-def test_delayed_updates_divide_their_steps_by_one_plus_the_staleness(shrink):
+def test_delayed_updates_divide_their_steps_by_one_plus_the_mean_delay(shrink):
     workers = Scripted(2)
     server = QuadraticServer(workers, max_delay=2, stall_timeout=60, shrink_stale_steps=shrink)
     thetas = [server.theta.copy()]
@@ -178,8 +178,9 @@ def test_delayed_updates_divide_their_steps_by_one_plus_the_staleness(shrink):
         workers.script = [[grad_event(0, version + 1, thetas[-1])]]
         server.step()
     assert server.staleness == [0, 1, 2]
-    assert server.scales == ([1.0, 1 / 2, 1 / 3] if shrink else [1.0] * 3)
-    # the same updates by hand: prox of the summed delayed gradients, step GAMMA / (1 + staleness)
+    # mean delays 0, 1/2, 1: (version - (version + 0) / 2)
+    assert server.scales == pytest.approx([1.0, 2 / 3, 1 / 2] if shrink else [1.0] * 3, rel=1e-15)
+    # the same updates by hand: prox of the summed delayed gradients, step GAMMA / (1 + mean delay)
     theta = np.zeros(3)
     for version, scale in zip((0, 1, 2), server.scales):
         grad = gradient(thetas[version], 0)[1] + gradient(thetas[0], 1)[1]
