@@ -86,9 +86,12 @@ def main(argv=None):
                "time_s": curve[-1]["time_s"], "rmse": curve[-1]["rmse"], "nlpd": curve[-1]["nlpd"],
                "best_rmse": min(p["rmse"] for p in curve), "startup_s": startups[tau]}
         if sync is not None:
+            sync_time = sync[-1]["time_s"] - startups[0]
             reach = time_to_reach(curve, sync[-1]["rmse"])
             row["reaches_sync_final_s"] = None if reach is None else reach - startups[tau]
-            row["ratio"] = None if reach is None else row["reaches_sync_final_s"] / (sync[-1]["time_s"] - startups[0])
+            row["ratio"] = None if reach is None else row["reaches_sync_final_s"] / sync_time
+            reach = time_to_reach(curve, min(p["rmse"] for p in sync))
+            row["ratio_to_sync_best"] = None if reach is None else (reach - startups[tau]) / sync_time
         rows.append(row)
     os.makedirs(args.out, exist_ok=True)
     after_first = {f"max_delay={tau}": [{**p, "time_s": p["time_s"] - startups[tau]} for p in c if p["step"] >= 1]
@@ -110,7 +113,8 @@ def main(argv=None):
                          "startup_s: wall time to the first update (spawning the workers, first gradients). "
                          "reaches_sync_final_s: time after the first update of the first checkpoint with an RMSE at "
                          "or below the synchronous run's final RMSE; ratio: that time over the synchronous run's "
-                         "training time after its first update (target <= 0.5)."))
+                         "training time after its first update (target <= 0.5); ratio_to_sync_best: the same for the "
+                         "synchronous run's best RMSE (which its final can be above)."))
     return rows, curves
 
 
