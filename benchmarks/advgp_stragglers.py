@@ -1,6 +1,7 @@
 """ADVGP with stragglers (Peng et al. 2017, section 6.1): test RMSE against time for several delay bounds.
 
-What is measured: ADVGP (:class:`pyro_scalegp.AsyncProximalSVI`) on a random subset of the
+What is measured: ADVGP (:class:`pyro_scalegp.AsyncProximalSVI`, or NumPyro's with
+``--frontend numpyro``) on a random subset of the
 flights training rows, 4 worker processes, each assigned at start a random sleep drawn from
 ``--sleeps`` (seconds) that it waits before every gradient, as in the paper. For
 ``max_delay`` 0 (synchronous), 4, 16 and 64, the same model (same k-means inducing inputs,
@@ -20,6 +21,7 @@ bounded delay gets there in at most half the synchronous run's time (``ratio`` <
                                                   # median distance between inputs (not INIT's 1.0)
     .venv/bin/python -m benchmarks.advgp_stragglers --full-stale-steps  # the paper's full steps for
                                                   # stale gradients (shrink_stale_steps=False)
+    .venv/bin/python -m benchmarks.advgp_stragglers --frontend numpyro  # the NumPyro AsyncProximalSVI
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ def main(argv=None):
     p.add_argument("--median-lengthscale", action="store_true",
                    help="start the lengthscales at the median distance between training inputs "
                         "(default: the shared initial values of benchmarks.baselines.INIT)")
+    p.add_argument("--frontend", choices=["pyro", "numpyro"], default="pyro")
     p.add_argument("--full-stale-steps", action="store_true",
                    help="do not shrink the steps of updates that use stale gradients (shrink_stale_steps=False)")
     args = p.parse_args(argv)
@@ -77,7 +80,7 @@ def main(argv=None):
         curves[tau], startups[tau] = run_advgp(data, Z, workers=args.workers, max_delay=tau, budget_s=budget,
                                 interval_s=budget / 40, worker_sleep=sleeps, threads=threads,
                                 lengthscale=lengthscale, optim={**ADVGP_OPTIM, "eps": args.eps},
-                                shrink_stale_steps=not args.full_stale_steps)
+                                shrink_stale_steps=not args.full_stale_steps, frontend=args.frontend)
         print(f"max_delay={tau}: {curves[tau][-1]}", flush=True)
     sync = curves.get(0)
     rows = []
@@ -103,7 +106,7 @@ def main(argv=None):
                   meta={"n_train": num_train, "M": M, "workers": args.workers, "sleeps_s": sleeps,
                         "sleep_choices_s": choices, "budget_s": budget, "threads": threads, "quick": quick,
                         "initial_lengthscale": lengthscale, "optim": {**ADVGP_OPTIM, "eps": args.eps},
-                        "shrink_stale_steps": not args.full_stale_steps,
+                        "shrink_stale_steps": not args.full_stale_steps, "frontend": args.frontend,
                         "curves": {str(t): c for t, c in curves.items()}},
                   notes=(f"{args.workers} workers on {num_train:,} flights rows, M={M}; each worker sleeps its own "
                          f"random time ({sleeps} s, drawn from {choices}) before every gradient; steps of updates "

@@ -262,12 +262,15 @@ def test_advgp_flights_quick(tmp_path, float64_torch, jax_x64):
 
 
 @pytest.mark.slow
-def test_advgp_stragglers_quick(tmp_path, float64_torch):
+@pytest.mark.parametrize("frontend", ["pyro", "numpyro"])
+def test_advgp_stragglers_quick(tmp_path, float64_torch, jax_x64, frontend):
     from benchmarks import advgp_stragglers
 
     rows, curves = advgp_stragglers.main(["--quick", "--workers", "2", "--delays", "0", "8", "--sleeps", "0", "0.5",
-                                          "--budget", "2", "--seed", "1", "--out", str(tmp_path)])
-    assert json.load(open(tmp_path / "advgp_stragglers.json"))["meta"]["sleeps_s"] == [0.0, 0.5]
+                                          "--budget", "2", "--seed", "1", "--frontend", frontend,
+                                          "--out", str(tmp_path)])
+    meta = json.load(open(tmp_path / "advgp_stragglers.json"))["meta"]
+    assert meta["sleeps_s"] == [0.0, 0.5] and meta["frontend"] == frontend
     sync, bounded = rows
     assert sync["max_delay"] == 0 and sync["max_staleness"] == 0 and sync["ratio"] == pytest.approx(1.0)
     assert sync["ratio_to_sync_best"] <= sync["ratio"]  # its best is at most its final RMSE: reached no later
