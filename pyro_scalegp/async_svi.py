@@ -356,9 +356,9 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     all and the run is resumable (:meth:`scalegp.async_server.ProximalServer.run_checkpointed`):
     under ``torchrun --max-restarts=R`` a rank that dies takes the job down, torchrun restarts
     every rank (the dead worker on its own shard), and rank 0 goes on from the last update
-    written; the result then also holds ``resumed_from``. ``batch_size`` and ``seed``: minibatch
-    gradients and ``shrink_stale_steps``, as in :class:`AsyncProximalSVI`. torchrun's rendezvous store outlives
-    a failed attempt, so initialize the group with a prefix per attempt,
+    written; the result then also holds ``resumed_from``. ``batch_size`` and ``seed`` (minibatch
+    gradients) and ``shrink_stale_steps``: as in :class:`AsyncProximalSVI`. torchrun's rendezvous
+    store outlives a failed attempt, so initialize the group with a prefix per attempt,
     ``dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)``, or gloo
     reads the dead attempt's addresses (see the README).
 
