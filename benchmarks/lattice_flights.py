@@ -89,7 +89,7 @@ def simplex_job(data, *, steps: int, lr: float, order: int, num_probes: int, cg_
             y, jnp.asarray(data.X_test), variance_rank=None if neighbors else variance_rank,
             neighbors=neighbors or None)
         mean, var = np.asarray(pred.mean), np.asarray(pred.variance)
-    row = {"method": "Simplex-GP (NumPyro)", "n_train": len(y)}
+    row = {"method": "Simplex-GP (NumPyro)", "n_train": len(y), "platform": jax.default_backend()}
     row.update(gaussian_metrics(data.y_test, mean, var, y_std=data.y_std))
     row.update({"train_s": t_train.seconds, "predict_s": t_pred.seconds, "wall_s": t_train.seconds + t_pred.seconds,
                 "steps": steps, "loss_first": losses[0], "loss_last": losses[-1],

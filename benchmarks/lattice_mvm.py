@@ -34,6 +34,12 @@ Full run (results in benchmarks/results/lattice_mvm.{json,md})::
     nice -n 5 .venv/bin/python -m benchmarks.lattice_mvm --sizes 10000 30000 100000 243853 \\
         --synthetic-sizes 10000 --dims 2 4 8 12 16 20 --out benchmarks/results/lattice_mvm.json
 
+On a GPU (``--device cuda``: CuPy and a CUDA torch; ours runs the CUDA build, the exact product and the
+peer run on the GPU too, and every time waits for the GPU's work to finish, after one untimed call)::
+
+    python -m benchmarks.lattice_mvm --device cuda --exact-rows 250000 --sizes 10000 30000 100000 243853 \
+        --synthetic-sizes 10000 --dims 2 4 8 12 16 20 --lengthscales ... --variance ... --out ...
+
 Writes JSON and a markdown table next to it.
 """
 from __future__ import annotations
@@ -58,7 +64,7 @@ def exact_rows_matmul(Z: torch.Tensor, rows: torch.Tensor, variance: float, V: t
     """``(K V)[rows]`` for the RBF kernel of the scaled inputs ``Z = X / lengthscale`` by row blocks
     (``O(R N d)`` time for ``R`` rows, ``O(block N)`` memory)."""
     sq = (Z**2).sum(1)
-    out = torch.empty(rows.numel(), V.shape[1], dtype=V.dtype)
+    out = torch.empty(rows.numel(), V.shape[1], dtype=V.dtype, device=V.device)
     for s in range(0, rows.numel(), block):
         r = rows[s : s + block]
         r2 = (sq[r, None] - 2 * Z[r] @ Z.T + sq[None, :]).clamp_min_(0)
@@ -66,11 +72,23 @@ def exact_rows_matmul(Z: torch.Tensor, rows: torch.Tensor, variance: float, V: t
     return variance * out
 
 
+def _sync():
+    """Wait for the GPU's queued work (nothing on a CPU run)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_time(fn, repeats):
+    """Median wall time of ``repeats`` calls of ``fn`` and its last result; on a GPU after one untimed
+    call (compilation, library set-up) and waiting for each call's work to finish."""
     times, out = [], None
+    if torch.cuda.is_initialized():
+        fn()
+        _sync()
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times), out
 
@@ -116,17 +134,19 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(c.mean()), float(c.min())
 
 
-def run_case(label, X, ell, variance, orders, repeats, exact_rows, peer):
+def run_case(label, X, ell, variance, orders, repeats, exact_rows, peer, device="cpu"):
     n, d = X.shape
     g = torch.Generator().manual_seed(1)
-    V8 = torch.randn(n, 8, dtype=X.dtype, generator=g)
+    V8 = torch.randn(n, 8, dtype=X.dtype, generator=g).to(device)
     V1 = V8[:, :1].contiguous()
+    X, ell = X.to(device), ell.to(device)
     Z = X / ell
     rows = torch.arange(n) if n <= exact_rows else torch.randperm(n, generator=g)[:exact_rows].sort().values
+    rows = rows.to(device)
     t_rows, _ = _median_time(lambda: exact_rows_matmul(Z, rows, variance, V1), 1)
     t_exact = t_rows * n / rows.numel()
     exact = exact_rows_matmul(Z, rows, variance, V8)  # for the accuracy of all 8 columns
-    kern = gpk.RBF(d, variance=torch.tensor(variance, dtype=X.dtype), lengthscale=ell)
+    kern = gpk.RBF(d, variance=torch.tensor(variance, dtype=X.dtype), lengthscale=ell).to(device)
     out_rows = []
     for order in orders:
         with torch.no_grad():
@@ -137,19 +157,22 @@ def run_case(label, X, ell, variance, orders, repeats, exact_rows, peer):
             t_cal, _ = _median_time(lambda: lat.impl.calibrate(lat.coef), repeats)
             t_p1, _ = _median_time(lambda: op @ V1, repeats)
             t_p8, out = _median_time(lambda: op @ V8, repeats)
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            t_thr1, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V8, repeats)
-            torch.set_num_threads(2)
-            t_thr2, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V8, repeats)
-            torch.set_num_threads(threads)
+            speedup = None
+            if device == "cpu":
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                t_thr1, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V8, repeats)
+                torch.set_num_threads(2)
+                t_thr2, _ = _median_time(lambda: LatticeKernelOperator(X, kern, order=order) @ V8, repeats)
+                torch.set_num_threads(threads)
+                speedup = t_thr1 / t_thr2
         row = dict(data=label, n=n, d=d, order=order, vertices=lat.impl.m,
                    calibration="exact" if lat.calibration.exact else "probes",
                    build_plus_1col_s=t_b1, build_plus_8col_s=t_b8, ratio_8_over_1=t_b8 / t_b1, calibration_s=t_cal,
-                   product_1col_s=t_p1, product_8col_s=t_p8, threads_speedup=t_thr1 / t_thr2,
+                   product_1col_s=t_p1, product_8col_s=t_p8, threads_speedup=speedup,
                    exact_rows=rows.numel(), exact_scaled=rows.numel() < n, exact_1col_s=t_exact,
                    speedup_vs_exact=t_exact / t_b1, scale=float(out[rows].norm() / exact.norm()))
-        row["cosine"], row["cosine_min"] = _cos(out[rows], exact)
+        row["cosine"], row["cosine_min"] = _cos(out[rows].cpu(), exact.cpu())
         if peer is not None:
             RBFLattice, LatticeFilterGeneral = peer
             pk = RBFLattice(ard_num_dims=d, order=order)
@@ -159,7 +182,7 @@ def run_case(label, X, ell, variance, orders, repeats, exact_rows, peer):
             pout = torch.cat([LatticeFilterGeneral.apply(V8[:, j:j + 1].float(), Zp, pk.dkernel_fn) for j in range(8)], 1)
             row.update(peer_1col_s=t_peer, peer_scale=float(pout[rows].double().norm() / exact.norm()),
                        ours_speedup_vs_peer=t_peer / t_b1)
-            row["peer_cosine"], row["peer_cosine_min"] = _cos(pout[rows], exact)
+            row["peer_cosine"], row["peer_cosine_min"] = _cos(pout[rows].cpu(), exact.cpu())
         out_rows.append(row)
         print(json.dumps(row), flush=True)
     return out_rows
@@ -184,7 +207,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000], help="flights sizes")
     p.add_argument("--synthetic-sizes", type=int, nargs="+", default=[2000])
-    p.add_argument("--dims", type=int, nargs="+", default=[2, 8, 20])
+    p.add_argument("--dims", type=int, nargs="*", default=[2, 8, 20], help="synthetic d (none: no synthetic data)")
     p.add_argument("--orders", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--exact-rows", type=int, default=4096, help="exact product on at most this many rows")
@@ -194,6 +217,8 @@ def main(argv=None):
     p.add_argument("--no-flights", action="store_true")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--quick", action="store_true", help="small sizes (also when CI is set)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the data live: 'cuda' runs our CUDA build, the exact product and the peer on the GPU")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick or os.environ.get("CI"):
@@ -202,7 +227,9 @@ def main(argv=None):
     peer, why = (None, "skipped (--no-peer)") if args.no_peer else load_peer()
     if peer is None:
         print("gpytorch-lattice-kernel not run:", why, flush=True)
-    rows, meta = [], {"threads": 2, "peer": why or "gpytorch-lattice-kernel 0.0.dev1"}
+    rows, meta = [], {"threads": 2, "peer": why or "gpytorch-lattice-kernel 0.0.dev1", "device": args.device}
+    if args.device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(0)
     if not args.no_flights:
         data = load_flights()
         Xf = torch.as_tensor(data.X_train, dtype=torch.float64)
@@ -219,13 +246,14 @@ def main(argv=None):
         perm = torch.randperm(Xf.shape[0], generator=torch.Generator().manual_seed(2))
         for n in args.sizes:
             rows += run_case("flights", Xf[perm[: min(n, Xf.shape[0])]], ell, var, args.orders, args.repeats,
-                             args.exact_rows, peer)
+                             args.exact_rows, peer, args.device)
     for d in args.dims:
         for n in args.synthetic_sizes:
             X = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
             rows += run_case("normal", X, torch.full((d,), float(np.sqrt(d)), dtype=torch.float64), 1.0,
-                             args.orders, args.repeats, args.exact_rows, peer)
-    header = (f"Lattice MVM (RBF, float64 ours / float32 peer, {meta['threads']} threads; peer: {meta['peer']}; "
+                             args.orders, args.repeats, args.exact_rows, peer, args.device)
+    where = f"{meta['threads']} threads" if args.device == "cpu" else f"GPU: {meta['gpu']}"
+    header = (f"Lattice MVM (RBF, float64 ours / float32 peer, {where}; peer: {meta['peer']}; "
               f"flights lengthscales: {meta.get('lengthscales_from', 'n/a')}). Exact products on at most "
               f"{args.exact_rows} rows, time scaled by N / rows where exact_scaled.")
     table = markdown(rows, header)

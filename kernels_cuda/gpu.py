@@ -4,9 +4,9 @@ on device arrays, without copies: torch tensors arrive through DLPack, and the b
 framework's (torch's current stream, XLA's stream of the call), so the launches run in order with it.
 
 The kernels of ``sgp_lattice.cu`` are compiled at run time by CuPy's ``RawModule`` and launched in
-the order of the CPU build. No machine this project is tested on has a GPU: CI compiles
-``sgp_lattice.cu`` with nvcc and tests this dispatch with CuPy mocked; the CUDA path itself is
-compiled, not run.
+the order of the CPU build. CI has no GPU: it compiles ``sgp_lattice.cu`` with nvcc and tests this
+dispatch with CuPy mocked; ``tests/test_lattice_cuda.py`` runs the CUDA path on a GPU where there is one
+(it passed on an H200).
 
 Vertex ids are numbered by an atomic counter here (in order of first occurrence on the CPU), so where the calibration
 uses Rademacher probes (signs hashed from vertex ids) its estimate differs from run to run, with the
@@ -40,7 +40,7 @@ def _cupy():
     try:
         return importlib.import_module("cupy")
     except ImportError as err:
-        raise RuntimeError("kernels_cuda: the GPU backend needs CuPy (pip install 'scalegp[cuda]')") from err
+        raise RuntimeError("kernels_cuda: the GPU backend needs CuPy (pip install 'scalegp[cuda]', or the cupy-cudaNNx of your CUDA)") from err
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,7 +26,7 @@ The callbacks are ``jax.experimental.buffer_callback``: they get XLA's own buffe
 the CPU; on a GPU, CuPy views through the CUDA array interface, with the kernels launched on XLA's
 stream) and write their results in place, so no operand or result is copied (except for the CPU
 build where JAX's default backend is a GPU: see ``_device_call``). The CUDA side is tested with CuPy
-mocked (no machine here has a GPU).
+mocked in CI (no GPU) and on a GPU by ``tests/test_lattice_cuda.py``.
 
 :class:`SimplexGPMarginal` is :math:`\mathcal N(m, K + \sigma_n^2 I)` with ``log_prob`` by
 preconditioned CG and stochastic Lanczos quadrature (:mod:`scalegp.krylov`).
@@ -184,7 +184,8 @@ def _build(name: str, order: int, backend: str, X, ell, variance, *, keep: bool 
 def _xla_stream(ctx):
     """XLA's CUDA stream of a ``buffer_callback`` as CuPy's current stream (the launches and
     allocations of the callback go on it, in order with XLA's own work)."""
-    return array_module("cuda").cuda.ExternalStream(ctx.stream)
+    stream = ctx.stream  # a property in jax 0.9.2 (the version pinned), a method in some other versions
+    return array_module("cuda").cuda.ExternalStream(stream() if callable(stream) else stream)
 
 
 def _device_call(fn, backend: str, shapes: tuple, *args):

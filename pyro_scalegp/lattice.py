@@ -315,7 +315,7 @@ def _woodbury_solve(L: torch.Tensor, noise: torch.Tensor):
     :math:`\sigma_n^2 I + L^\top L` (the preconditioner of the CG solves)."""
     if L.shape[1] == 0:
         return lambda v: v / noise
-    chol = torch.linalg.cholesky(noise * torch.eye(L.shape[1], dtype=L.dtype) + L.T @ L)
+    chol = torch.linalg.cholesky(noise * torch.eye(L.shape[1], dtype=L.dtype, device=L.device) + L.T @ L)
     return lambda v: (v - L @ torch.cholesky_solve(L.T @ v, chol)) / noise
 
 
@@ -418,7 +418,8 @@ class SimplexGPMarginal(TorchDistribution):
         self.op = LatticeKernelOperator(X, kernel, order=order, backend=backend)
         self.X = self.op.X
         self.noise = torch.as_tensor(noise, dtype=X.dtype, device=X.device)
-        self.loc = torch.zeros((), dtype=X.dtype, device=X.device) if mean is None else torch.as_tensor(mean, dtype=X.dtype)
+        self.loc = torch.zeros((), dtype=X.dtype, device=X.device) if mean is None else torch.as_tensor(
+            mean, dtype=X.dtype, device=X.device)
         self.cg_tol, self.max_cg_iter, self.num_probes = float(cg_tol), int(max_cg_iter), int(num_probes)
         self.precond_rank = int(precond_rank)
         super().__init__(torch.Size(), torch.Size((X.shape[0],)), validate_args=validate_args)
@@ -430,7 +431,7 @@ class SimplexGPMarginal(TorchDistribution):
                     min(self.max_cg_iter, 100)))
 
     def log_prob(self, y):
-        y = torch.as_tensor(y, dtype=self.X.dtype)
+        y = torch.as_tensor(y, dtype=self.X.dtype, device=self.X.device)
         if y.shape != self.event_shape:
             raise ValueError(f"y: expected shape {tuple(self.event_shape)}, got {tuple(y.shape)}")
         r = (y - self.loc)[:, None]
@@ -474,7 +475,7 @@ class SimplexGPMarginal(TorchDistribution):
            ``O(N k^2)`` reorthogonalization and one product of ``k`` columns, whatever ``T``, or
            with ``neighbors = k`` by ``O(T k^3)`` (see :mod:`scalegp.neighbors`).
         """
-        y = torch.as_tensor(y, dtype=self.X.dtype)
+        y = torch.as_tensor(y, dtype=self.X.dtype, device=self.X.device)
         if y.shape != self.event_shape:
             raise ValueError(f"y: expected shape {tuple(self.event_shape)}, got {tuple(y.shape)}")
         X_new = X_new.unsqueeze(-1) if torch.is_tensor(X_new) and X_new.dim() == 1 else X_new
@@ -489,7 +490,7 @@ class SimplexGPMarginal(TorchDistribution):
         t = X_new.shape[0]
 
         def block(v, rows, cols):  # K_joint[rows, cols] @ v
-            full = torch.zeros(n + t, v.shape[-1], dtype=v.dtype)
+            full = v.new_zeros(n + t, v.shape[-1])
             full[cols] = v
             return (joint @ full)[rows]
 
@@ -497,7 +498,7 @@ class SimplexGPMarginal(TorchDistribution):
         A = lambda v: block(v, train, train) + self.noise * v  # noqa: E731
 
         def column(i):  # K_XX[:, i]
-            e = torch.zeros(n, 1, dtype=self.X.dtype)
+            e = self.X.new_zeros(n, 1)
             e[i] = 1
             return block(e, train, train)[:, 0]
 
@@ -505,7 +506,7 @@ class SimplexGPMarginal(TorchDistribution):
 
         def solve(rhs):
             x, rel = _pcg(A, psolve, rhs, self.cg_tol, self.max_cg_iter)
-            warn_unconverged("SimplexGPMarginal.predict", rel, self.cg_tol, self.max_cg_iter)
+            warn_unconverged("SimplexGPMarginal.predict", rel.cpu(), self.cg_tol, self.max_cg_iter)
             return x
 
         alpha = solve((y - self.loc)[:, None])
@@ -517,16 +518,16 @@ class SimplexGPMarginal(TorchDistribution):
                 variance=host(self.op.variance), noise=host(self.noise), progress_bar=progress_bar)).to(self.X)
             return dist.Normal(mean, (var if noiseless else var + self.noise).sqrt()).to_event(1)
         if variance_rank is not None:
-            start = block(torch.ones(t, 1, dtype=self.X.dtype), train, test)[:, 0]
+            start = block(self.X.new_ones(t, 1), train, test)[:, 0]
             Q, T = _lanczos(A, start, int(variance_rank))
             cross = block(Q, test, train)  # K_{*X} Q
             reduction = (torch.linalg.solve_triangular(torch.linalg.cholesky(T), cross.T, upper=False) ** 2).sum(0)
         else:
-            reduction = torch.empty(t, dtype=self.X.dtype)
+            reduction = self.X.new_empty(t)
             with tqdm(total=t, desc="Simplex-GP variances", unit="point", disable=not progress_bar) as bar:
                 for s in range(0, t, chunk):
                     e = min(t, s + chunk)
-                    onehot = torch.zeros(t, e - s, dtype=self.X.dtype)
+                    onehot = self.X.new_zeros(t, e - s)
                     onehot[torch.arange(s, e), torch.arange(e - s)] = 1
                     kx = block(onehot, train, test)  # N x chunk: K_{X, *}
                     reduction[s:e] = (kx * solve(kx)).sum(0)

@@ -1,10 +1,10 @@
-"""Host-side GPU dispatch (kernels_cuda.gpu) with the device layer mocked: no machine here has a GPU.
+"""Host-side GPU dispatch (kernels_cuda.gpu) with the device layer mocked: CI has no GPU.
 
 A fake ``cupy`` module hands out numpy arrays and a ``RawModule`` whose kernels (1) check every
 launch's arguments against the ``__global__`` signature parsed from ``sgp_lattice.cu`` (count,
 pointer dtypes, 32/64-bit integer scalars) and (2) execute the kernel's semantics on the host, so
-the dispatcher's whole build / product sequence is checked against the CPU build. The CUDA code
-itself is only compiled (tests/test_lattice_build.py), never run.
+the dispatcher's whole build / product sequence is checked against the CPU build. In CI the CUDA code
+itself is only compiled (tests/test_lattice_build.py); tests/test_lattice_cuda.py runs it on a GPU.
 """
 from __future__ import annotations
 

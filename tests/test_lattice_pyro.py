@@ -114,11 +114,16 @@ def test_gradients_match_finite_differences_of_forward(name, order, probes, monk
     def f():
         return (u * (LatticeKernelOperator(X, kern, order=order) @ v)).sum()
 
-    leaves = [X, params["lengthscale_unconstrained"], params["variance_unconstrained"], v]
+    assert_gradients_match_finite_differences(f, [X, params["lengthscale_unconstrained"],
+                                                  params["variance_unconstrained"], v], entries=7)
+
+
+def assert_gradients_match_finite_differences(f, leaves, entries: int, eps: float = 1e-6):
+    """The autograd gradient of the scalar ``f()`` in each tensor of ``leaves`` against central
+    differences, at about ``entries`` entries of each (relative error 1e-6, absolute where below 1)."""
     grads = torch.autograd.grad(f(), leaves)
-    eps = 1e-6
     for t, gr in zip(leaves, grads):
-        for i in range(0, t.numel(), max(1, t.numel() // 7)):
+        for i in range(0, t.numel(), max(1, t.numel() // entries)):
             with torch.no_grad():
                 t.view(-1)[i] += eps
                 fp = f().item()
