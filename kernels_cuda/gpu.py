@@ -12,7 +12,8 @@ Vertex ids are numbered by an atomic counter here (in order of first occurrence 
 uses Rademacher probes (signs hashed from vertex ids) its estimate differs from run to run, with the
 same distribution.
 
-.. note:: Cost: as the CPU build, with one thread per point, point-vertex or vertex.
+.. note:: Cost: as the CPU build, with one thread per point, point-vertex or vertex (per vertex and
+   column in the blur, so that the calibration's small lattices of 64 columns fill the device).
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ class GpuLattice:
         src, dst = vals, buf
         for p in range(2 * (self.d + 1)):
             axis = p if p <= self.d else 2 * self.d + 1 - p
-            _launch(f"sgp_blur_{self.suffix}", self.m, np.int32(self.m), np.int32(axis), src, dst, np.int32(nc),
+            _launch(f"sgp_blur_{self.suffix}", self.m * nc, np.int32(self.m), np.int32(axis), src, dst, np.int32(nc),
                     np.int32(self.d), self.nbr, np.int32(self.order), coef)
             src, dst = dst, src
         return src
@@ -163,7 +164,7 @@ class GpuLattice:
             src, dst = buf0, buf1
             for p in range(0 if exact else dp1, 2 * dp1):  # B = C^T C, or C^T for the probes
                 axis = p if p <= self.d else 2 * self.d + 1 - p
-                _launch(f"sgp_blur_{suffix}", self.m, np.int32(self.m), np.int32(axis), src, dst, np.int32(nc),
+                _launch(f"sgp_blur_{suffix}", self.m * nc, np.int32(self.m), np.int32(axis), src, dst, np.int32(nc),
                         np.int32(self.d), self.nbr, np.int32(self.order), coef)
                 src, dst = dst, src
             if exact:

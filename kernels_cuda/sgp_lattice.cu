@@ -3,7 +3,7 @@
 // extern "C" so CuPy's RawModule (NVRTC) finds them by name; kernels_cuda/gpu.py launches them in
 // the same order as the CPU build: embed, clear/insert/number/resolve, neighbours, then per product
 // zero + splat + 2(d+1) blurs + slice, and for the calibration pair keys + hash, per block fill + blurs + pair values, then the Grams.
-// One thread per element; grid-stride loops.
+// One thread per element (per vertex and column in the blur); grid-stride loops.
 #include "sgp_lattice.h"
 
 #define SGP_LOOP(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
@@ -64,11 +64,13 @@ __global__ void sgp_splat_f64(const double* v, int64_t n, int nc, int d, const i
 
 __global__ void sgp_blur_f32(int32_t m, int axis, const float* in, float* out, int nc, int d, const int32_t* nbr,
                              int r, const float* coef) {
-    SGP_LOOP(a, m) sgp_blur_vertex<float>((int32_t)a, axis, in, out, nc, d, nbr, r, coef);
+    SGP_LOOP(i, (int64_t)m * nc) sgp_blur_vertex<float>((int32_t)(i / nc), axis, in, out, nc, d, nbr, r, coef,
+                                                         (int)(i % nc), (int)(i % nc) + 1);
 }
 __global__ void sgp_blur_f64(int32_t m, int axis, const double* in, double* out, int nc, int d,
                              const int32_t* nbr, int r, const double* coef) {
-    SGP_LOOP(a, m) sgp_blur_vertex<double>((int32_t)a, axis, in, out, nc, d, nbr, r, coef);
+    SGP_LOOP(i, (int64_t)m * nc) sgp_blur_vertex<double>((int32_t)(i / nc), axis, in, out, nc, d, nbr, r, coef,
+                                                          (int)(i % nc), (int)(i % nc) + 1);
 }
 
 __global__ void sgp_slice_f32(const float* vals, float* out, int64_t n, int nc, int d, const int32_t* vid,

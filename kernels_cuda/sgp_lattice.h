@@ -200,21 +200,23 @@ SGP_HD inline void sgp_splat_point(int64_t i, const T* v, int nc, int d, const i
     }
 }
 
-// One 1-D blur along `axis` at vertex a (gather: no atomics; symmetric because the neighbour
-// relation is and the stencil coef[0..r] is used for both sides).
+// One 1-D blur along `axis` at vertex a, columns c0..c1-1 of its nc (gather: no atomics; symmetric
+// because the neighbour relation is and the stencil coef[0..r] is used for both sides). The CPU loops
+// take a vertex's whole row (c0 = 0, c1 = nc); a GPU thread one column, so that small lattices with
+// many columns (the calibration's) still fill the device and neighbouring threads read adjacent values.
 template <typename T>
 SGP_HD inline void sgp_blur_vertex(int32_t a, int axis, const T* in, T* out, int nc, int d, const int32_t* nbr,
-                                   int r, const T* coef) {
+                                   int r, const T* coef, int c0, int c1) {
     const int32_t* nb = nbr + ((int64_t)a * (d + 1) + axis) * 2 * r;
     T* o = out + (int64_t)a * nc;
     const T* x = in + (int64_t)a * nc;
-    for (int c = 0; c < nc; ++c) o[c] = coef[0] * x[c];
+    for (int c = c0; c < c1; ++c) o[c] = coef[0] * x[c];
     for (int t = 1; t <= r; ++t) {  // neighbour rows outside, columns inside: contiguous, vectorizable
         for (int side = 0; side < 2; ++side) {
             const int32_t p = nb[side * r + t - 1];
             if (p < 0) continue;
             const T* y = in + (int64_t)p * nc;
-            for (int c = 0; c < nc; ++c) o[c] += coef[t] * y[c];
+            for (int c = c0; c < c1; ++c) o[c] += coef[t] * y[c];
         }
     }
 }

@@ -71,7 +71,7 @@ void splat_blur(const T* v, int64_t n, int nc, int d, const int32_t* vid, const 
     for (int pass = 0; pass < 2 * (d + 1); ++pass) {
         const int axis = pass <= d ? pass : 2 * d + 1 - pass;
 #pragma omp parallel for schedule(static) if ((int64_t)m * nc * (2 * r + 1) >= kParallelMin)
-        for (int32_t a = 0; a < m; ++a) sgp_blur_vertex<T>(a, axis, src, dst, nc, d, nbr, r, coef);
+        for (int32_t a = 0; a < m; ++a) sgp_blur_vertex<T>(a, axis, src, dst, nc, d, nbr, r, coef, 0, nc);
         T* t = src;
         src = dst;
         dst = t;
@@ -94,7 +94,7 @@ T* blur_block(T* buf0, T* buf1, int32_t m, int nc, int d, const int32_t* nbr, in
     T* dst = buf1;
     for (int pass = first; pass < 2 * (d + 1); ++pass) {
         const int axis = pass <= d ? pass : 2 * d + 1 - pass;
-        for (int32_t a = 0; a < m; ++a) sgp_blur_vertex<T>(a, axis, src, dst, nc, d, nbr, r, coef);
+        for (int32_t a = 0; a < m; ++a) sgp_blur_vertex<T>(a, axis, src, dst, nc, d, nbr, r, coef, 0, nc);
         T* t = src;
         src = dst;
         dst = t;
