@@ -41,7 +41,8 @@ def _cupy():
     try:
         return importlib.import_module("cupy")
     except ImportError as err:
-        raise RuntimeError("kernels_cuda: the GPU backend needs CuPy (pip install 'scalegp[cuda]' for CUDA 12, 'scalegp[cuda13]' for CUDA 13)") from err
+        raise RuntimeError("kernels_cuda: the GPU backend needs CuPy (pip install 'scalegp[cuda]' for CUDA 12, "
+                           "'scalegp[cuda13]' for CUDA 13)") from err
 
 
 @functools.lru_cache(maxsize=None)
