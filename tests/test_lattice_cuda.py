@@ -23,7 +23,8 @@ from kernels_cuda.gpu import GpuLattice  # noqa: E402
 from pyro_scalegp import lattice as pl  # noqa: E402
 from scalegp import lattice as sl  # noqa: E402
 from tests.reference import kernel_matrix  # noqa: E402
-from tests.test_lattice_pyro import assert_gradients_match_finite_differences  # noqa: E402
+from tests.test_lattice_numpyro import _data  # noqa: E402
+from tests.test_lattice_pyro import _problem, assert_gradients_match_finite_differences  # noqa: E402
 
 CUDA = torch.device("cuda")
 TOL = {np.float64: 1e-10, np.float32: 1e-4}
@@ -100,20 +101,9 @@ def test_device_lattice_at_scale_and_in_float32_agrees():
 
 # ---- Pyro frontend -------------------------------------------------------------------------------------------
 
-KERNELS = {"rbf": gpk.RBF, "matern32": gpk.Matern32, "exponential": gpk.Exponential, "matern52": gpk.Matern52}
-
-
-def _torch_problem(n, d, name, seed=0, dtype=torch.float64, ell_factor=1.0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=dtype)
-    ell = ell_factor * (0.8 + 0.4 * torch.rand(d, generator=g, dtype=dtype)) * d**0.5
-    kern = KERNELS[name](d, variance=torch.tensor(1.3, dtype=dtype), lengthscale=ell)
-    return X, kern
-
-
 @pytest.mark.parametrize("name,order", [("rbf", 1), ("matern32", 2), ("exponential", 1), ("matern52", 3)])
 def test_pyro_operator_on_cuda_equals_cpu_values_and_gradients(name, order):
-    X, kern = _torch_problem(1500, 4, name)
+    X, kern = _problem(1500, 4, name)
     V = torch.randn(1500, 3, generator=torch.Generator().manual_seed(2), dtype=X.dtype)
     U = torch.randn(1500, 3, generator=torch.Generator().manual_seed(3), dtype=X.dtype)
     kern_d = copy.deepcopy(kern).to(CUDA)
@@ -139,7 +129,7 @@ def test_pyro_operator_on_cuda_equals_cpu_values_and_gradients(name, order):
 
 
 def test_pyro_gradients_on_cuda_match_finite_differences():
-    X, kern = _torch_problem(150, 3, "rbf")
+    X, kern = _problem(150, 3, "rbf")
     X, kern = X.to(CUDA).requires_grad_(True), kern.to(CUDA)
     u = torch.randn(150, 2, dtype=X.dtype, device=CUDA)
     v = torch.randn(150, 2, dtype=X.dtype, device=CUDA)
@@ -151,7 +141,7 @@ def test_pyro_gradients_on_cuda_match_finite_differences():
 
 
 def test_pyro_operator_float32_symmetric_calibrated_and_on_a_side_stream():
-    X, kern = _torch_problem(150, 4, "matern32", dtype=torch.float32)  # small: an exact calibration
+    X, kern = _problem(150, 4, "matern32", dtype=torch.float32)  # small: an exact calibration
     op = pl.LatticeKernelOperator(X.to(CUDA), kern.to(CUDA), order=2)
     assert op.lattice.calibration.exact
     with torch.no_grad():
@@ -183,7 +173,7 @@ def test_pyro_data_reach_cupy_without_copies_and_memory_is_checked_against_the_g
 
 
 def test_pyro_marginal_on_cuda_matches_the_dense_operator_and_the_cpu_prediction():
-    X, kern = _torch_problem(300, 3, "rbf", ell_factor=0.6)
+    X, kern = _problem(300, 3, "rbf", ell_factor=0.6)
     y = torch.sin(2 * X.sum(1)) + 0.3 * torch.randn(300, generator=torch.Generator().manual_seed(7), dtype=X.dtype)
     kern_d, noise = copy.deepcopy(kern).to(CUDA), torch.tensor(0.1, dtype=X.dtype)
     torch.manual_seed(0)
@@ -213,12 +203,6 @@ def jax_gpu(jax_x64):
     return jax
 
 
-def _np_problem(n=800, d=3, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, d)), np.array([1.0, 1.4, 2.0, 1.2, 0.9])[:d], rng.normal(size=(n, 2)), rng.normal(
-        size=(n, 2))
-
-
 @pytest.mark.parametrize("kind,order", [("RBF", 1), ("Matern32", 2)])
 def test_numpyro_operator_on_gpu_equals_cpu_build_and_torch(jax_gpu, kind, order):
     import jax
@@ -227,7 +211,7 @@ def test_numpyro_operator_on_gpu_equals_cpu_build_and_torch(jax_gpu, kind, order
     from numpyro_scalegp import kernels as nk
     from numpyro_scalegp.lattice import LatticeKernelOperator
 
-    X, ell, U, V = _np_problem()
+    X, ell, U, V = _data(800)
     kernel = getattr(nk, kind)(3, variance=1.3, lengthscale=jnp.asarray(ell))
     gpu = jax.devices("gpu")[0]
     op_d = LatticeKernelOperator(jax.device_put(X, gpu), kernel, order=order)
@@ -267,7 +251,7 @@ def test_numpyro_marginal_on_gpu_matches_the_cpu_build_and_the_dense_operator(ja
     from numpyro_scalegp import kernels as nk
     from numpyro_scalegp.lattice import LatticeKernelOperator, SimplexGPMarginal
 
-    X, ell, _, _ = _np_problem(300, 3, seed=4)
+    X, ell, _, _ = _data(300, seed=4)
     y = np.sin(2 * X.sum(1)) + 0.3 * np.random.default_rng(5).normal(size=300)
     kernel = nk.RBF(3, variance=1.3, lengthscale=jnp.asarray(ell))
     gpu = jax.devices("gpu")[0]

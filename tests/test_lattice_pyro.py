@@ -29,11 +29,11 @@ def _float64():
     torch.set_default_dtype(old)
 
 
-def _problem(n, d, name="rbf", seed=0, variance=1.3, ell_factor=1.0):
+def _problem(n, d, name="rbf", seed=0, variance=1.3, ell_factor=1.0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g)
-    ell = ell_factor * (0.8 + 0.4 * torch.rand(d, generator=g)) * d**0.5
-    kern = KERNELS[name](d, variance=torch.tensor(variance), lengthscale=ell)
+    X = torch.randn(n, d, generator=g, dtype=dtype)
+    ell = ell_factor * (0.8 + 0.4 * torch.rand(d, generator=g, dtype=dtype)) * d**0.5
+    kern = KERNELS[name](d, variance=torch.tensor(variance, dtype=dtype), lengthscale=ell)
     return X, kern
 
 
