@@ -25,7 +25,7 @@ import numpy as np
 from .build import SOURCE_DIR
 from .cpu import CALIBRATION_PROBES, SUFFIX, Calibration, _output, probe_plan, table_capacity
 
-__all__ = ["GpuLattice", "KERNEL_NAMES", "module"]
+__all__ = ["GpuLattice", "KERNEL_NAMES", "external_stream", "module"]
 
 KERNEL_NAMES = (
     "sgp_embed_f32", "sgp_embed_f64", "sgp_fill_i32", "sgp_insert_all", "sgp_number_owners", "sgp_resolve_vids",
@@ -43,6 +43,26 @@ def _cupy():
     except ImportError as err:
         raise RuntimeError("kernels_cuda: the GPU backend needs CuPy (pip install 'scalegp[cuda]' for CUDA 12, "
                            "'scalegp[cuda13]' for CUDA 13)") from err
+
+
+class _StreamPointer:
+    """A ``cudaStream_t`` handle under the CUDA stream protocol (``__cuda_stream__``: version 0, handle)."""
+
+    def __init__(self, ptr: int):
+        self.ptr = int(ptr)
+
+    def __cuda_stream__(self):
+        return 0, self.ptr
+
+
+def external_stream(ptr: int):
+    """CuPy's stream object for the CUDA stream ``ptr`` that another framework owns (torch, XLA), to
+    enter as CuPy's current stream: ``cupy.cuda.Stream.from_external`` (CuPy 14, through the CUDA stream
+    protocol) where CuPy has it, else ``cupy.cuda.ExternalStream`` (CuPy 13; deprecated in 14)."""
+    cuda = _cupy().cuda
+    if hasattr(cuda.Stream, "from_external"):
+        return cuda.Stream.from_external(_StreamPointer(ptr))
+    return cuda.ExternalStream(ptr)
 
 
 @functools.lru_cache(maxsize=None)

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from kernels_cuda.cpu import aligned_empty
 from kernels_cuda.dispatch import array_module, build_lattice, memory_limit
+from kernels_cuda.gpu import external_stream
 from scalegp import krylov
 from scalegp import lattice as sl
 from scalegp.neighbors import check_neighbors, neighbor_variances
@@ -185,7 +186,7 @@ def _xla_stream(ctx):
     """XLA's CUDA stream of a ``buffer_callback`` as CuPy's current stream (the launches and
     allocations of the callback go on it, in order with XLA's own work)."""
     stream = ctx.stream  # a property in jax 0.9.2 (the version pinned), a method in some other versions
-    return array_module("cuda").cuda.ExternalStream(stream() if callable(stream) else stream)
+    return external_stream(stream() if callable(stream) else stream)
 
 
 def _device_call(fn, backend: str, shapes: tuple, *args):

@@ -45,6 +45,7 @@ from torch.distributions import constraints
 from tqdm.auto import tqdm
 
 from kernels_cuda.dispatch import array_module, build_lattice, memory_limit
+from kernels_cuda.gpu import external_stream
 from scalegp import lattice as sl
 from scalegp.krylov import warn_unconverged
 from scalegp.neighbors import check_neighbors, neighbor_variances
@@ -76,7 +77,7 @@ def _on_torch_stream(backend: str, device):
     lattice's launches run in order with torch's own work on it; nothing for the CPU build."""
     if backend != "cuda":
         return contextlib.nullcontext()
-    return array_module("cuda").cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
+    return external_stream(torch.cuda.current_stream(device).cuda_stream)
 
 
 def _from_backend(a, like: torch.Tensor) -> torch.Tensor:

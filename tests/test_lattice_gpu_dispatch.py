@@ -181,8 +181,9 @@ def fake_cupy(monkeypatch):
         fake.streams.append(ptr)
         yield
 
+    # CuPy 13: streams of other frameworks through ExternalStream (the test below gives Stream CuPy 14's from_external)
     fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (fake.free_bytes, 16 << 30)),
-                                      ExternalStream=external_stream)
+                                      ExternalStream=external_stream, Stream=types.SimpleNamespace())
     monkeypatch.setitem(sys.modules, "cupy", fake)
     gpu.module.cache_clear()
     yield launches
@@ -254,6 +255,36 @@ def test_torch_operator_cuda_backend_dispatches(fake_cupy, monkeypatch):
         b = LatticeKernelOperator(X, kern, backend="cpu") @ V
     assert sys.modules["cupy"].streams == [4321, 4321]  # the CPU build enters no stream
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_cupy_14_takes_streams_through_the_cuda_stream_protocol(fake_cupy, monkeypatch):
+    # CuPy 14 deprecates ExternalStream: where cupy.cuda.Stream.from_external exists, torch's and XLA's stream
+    # handles reach it as objects of the CUDA stream protocol, and ExternalStream is not called
+    from pyro.contrib.gp.kernels import RBF
+
+    from numpyro_scalegp import lattice as nl
+    from pyro_scalegp.lattice import LatticeKernelOperator
+
+    fake = sys.modules["cupy"]
+    protocol = []
+
+    @contextlib.contextmanager
+    def from_external(obj):
+        protocol.append(obj.__cuda_stream__())
+        yield
+
+    monkeypatch.setattr(fake.cuda, "Stream", types.SimpleNamespace(from_external=from_external))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=4321))
+    X = torch.randn(60, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kern = RBF(2, variance=torch.tensor(1.0, dtype=torch.float64), lengthscale=torch.ones(2, dtype=torch.float64))
+    with torch.no_grad():
+        LatticeKernelOperator(X, kern, backend="cuda") @ torch.ones(60, 1, dtype=torch.float64)
+    assert protocol == [(0, 4321), (0, 4321)] and fake.streams == []  # the build and the product
+    with nl._xla_stream(types.SimpleNamespace(stream=8765)):  # jax 0.9.2: a property
+        pass
+    with nl._xla_stream(types.SimpleNamespace(stream=lambda: 8766)):  # other versions: a method
+        pass
+    assert protocol[2:] == [(0, 8765), (0, 8766)] and fake.streams == []
 
 
 @pytest.mark.usefixtures("jax_x64")
