@@ -611,7 +611,8 @@ class SimplexGPMarginal(Distribution):
     :param max_cg_iter: CG iteration cap (the first ``min(max_cg_iter, 100)`` steps make the
         Lanczos tridiagonals).
     :param num_probes: probe vectors of the log-determinant.
-    :param precond_rank: rank of the pivoted-Cholesky preconditioner (``0``: :math:`P = \sigma_n^2 I`).
+    :param precond_rank: rank of the pivoted-Cholesky preconditioner, ``0..N`` (``0``:
+        :math:`P = \sigma_n^2 I`; ``None``: 15, at most ``N``).
     :param key: ``jax.random`` key of the probes; ``None`` uses ``PRNGKey(0)``, so the objective is
         a fixed (deterministic) function of the parameters. Pass ``key=numpyro.prng_key()`` inside
         a model for fresh probes at every step.
@@ -630,23 +631,17 @@ class SimplexGPMarginal(Distribution):
     pytree_aux_fields = ("order", "cg_tol", "max_cg_iter", "num_probes", "precond_rank")
 
     def __init__(self, kernel, X, noise, *, order: int = 1, mean=None, cg_tol: float = 1e-3,
-                 max_cg_iter: int = 1000, num_probes: int = 16, precond_rank: int = 15, key=None,
+                 max_cg_iter: int = 1000, num_probes: int = 16, precond_rank: int | None = None, key=None,
                  backend: str = "auto", validate_args: bool | None = None):
-        for name, val in (("cg_tol", cg_tol), ("max_cg_iter", max_cg_iter), ("num_probes", num_probes)):
-            if not (isinstance(val, (int, float, np.integer, np.floating)) and val > 0):
-                raise ValueError(f"{name}: must be positive, got {val!r}")
-        for name, val in (("max_cg_iter", max_cg_iter), ("num_probes", num_probes), ("precond_rank", precond_rank)):
-            if not isinstance(val, (int, np.integer)) or val < 0:
-                raise ValueError(f"{name}: must be a non-negative integer, got {val!r}")
         X = jnp.asarray(X)
         X = X[:, None] if X.ndim == 1 else X
+        precond_rank = krylov.check_solver_options(X.shape[0], cg_tol=cg_tol, max_cg_iter=max_cg_iter,
+                                                   num_probes=num_probes, precond_rank=precond_rank)
         if jnp.ndim(noise) != 0:
             raise ValueError(f"noise: expected a scalar, got shape {jnp.shape(noise)}")
         _check_positive("noise", noise)
         self.op = LatticeKernelOperator(X, kernel, order=order, backend=backend)
         n = self.op.shape[0]
-        if precond_rank > n:
-            raise ValueError(f"precond_rank: at most N = {n}, got {precond_rank}")
         self.kernel, self.order = kernel, int(order)
         dtype = self.op.X.dtype
         self.noise = jnp.asarray(noise, dtype)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from kernels_cuda.dispatch import array_module, build_lattice, memory_limit
 from kernels_cuda.gpu import external_stream
 from scalegp import lattice as sl
-from scalegp.krylov import warn_unconverged
+from scalegp.krylov import check_solver_options, warn_unconverged
 from scalegp.neighbors import check_neighbors, neighbor_variances
 
 __all__ = ["LatticeKernelOperator", "SimplexGPMarginal", "kernel_name"]
@@ -395,7 +395,8 @@ class SimplexGPMarginal(TorchDistribution):
     :param order: stencil order of the lattice.
     :param mean: ``None`` (zero), a scalar or an ``(N,)`` tensor (held as ``loc``).
     :param cg_tol: CG residual tolerance; :param max_cg_iter: CG iteration cap;
-    :param num_probes: SLQ probe vectors; :param precond_rank: preconditioner rank (0: none).
+    :param num_probes: SLQ probe vectors; :param precond_rank: preconditioner rank, ``0..N`` (0: none;
+        ``None``: 15, at most ``N``).
 
     .. note:: Cost: one lattice build, then ``O(I (N d + M d r)(1 + p))`` per ``log_prob`` for
        ``I`` CG/Lanczos iterations and ``p`` probes; memory ``O((N + M)(1 + p))``.
@@ -406,16 +407,13 @@ class SimplexGPMarginal(TorchDistribution):
     has_rsample = False
 
     def __init__(self, kernel, X, noise, *, order: int = 1, mean=None, cg_tol: float = 1e-3,
-                 max_cg_iter: int = 1000, num_probes: int = 16, precond_rank: int = 15, backend: str = "auto",
-                 validate_args=None):
+                 max_cg_iter: int = 1000, num_probes: int = 16, precond_rank: int | None = None,
+                 backend: str = "auto", validate_args=None):
         if not torch.is_tensor(X):
             raise ValueError(f"X: expected a torch.Tensor, got {type(X).__name__}")
         X = X.unsqueeze(-1) if X.dim() == 1 else X
-        for name, val, lo in (("cg_tol", cg_tol, 0), ("max_cg_iter", max_cg_iter, 0), ("num_probes", num_probes, 0)):
-            if not val > lo:
-                raise ValueError(f"{name}: must be positive, got {val!r}")
-        if precond_rank < 0:
-            raise ValueError(f"precond_rank: must be >= 0, got {precond_rank!r}")
+        precond_rank = check_solver_options(X.shape[0], cg_tol=cg_tol, max_cg_iter=max_cg_iter, num_probes=num_probes,
+                                            precond_rank=precond_rank)
         self.op = LatticeKernelOperator(X, kernel, order=order, backend=backend)
         self.X = self.op.X
         self.noise = torch.as_tensor(noise, dtype=X.dtype, device=X.device)

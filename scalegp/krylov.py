@@ -32,11 +32,35 @@ References: [1] Saad, *Iterative Methods for Sparse Linear Systems*, 2003, secti
 """
 from __future__ import annotations
 
-__all__ = ["LANCZOS_CAP", "lanczos_steps", "cg_tridiagonal", "slq_logdet", "warn_unconverged"]
+import numbers
+
+__all__ = ["LANCZOS_CAP", "PRECOND_RANK", "check_solver_options", "lanczos_steps", "cg_tridiagonal", "slq_logdet",
+           "warn_unconverged"]
 
 #: at most this many Lanczos steps are recorded for the quadrature (as the torch frontend sets
 #: ``linear_operator.settings.max_lanczos_quadrature_iterations``)
 LANCZOS_CAP = 100
+
+
+#: rank of the pivoted-Cholesky preconditioner where none is given (at most N)
+PRECOND_RANK = 15
+
+
+def check_solver_options(n: int, *, cg_tol, max_cg_iter, num_probes, precond_rank) -> int:
+    """Check the CG / SLQ settings of a marginal on ``n`` points (``ValueError`` naming the one at fault)
+    and return the preconditioner's rank: ``precond_rank``, an integer in ``0..n``, or for ``None``
+    :data:`PRECOND_RANK` capped at ``n`` (a rank-``n`` factor is already the whole matrix)."""
+    if isinstance(cg_tol, bool) or not isinstance(cg_tol, numbers.Real) or not cg_tol > 0:
+        raise ValueError(f"cg_tol: must be positive, got {cg_tol!r}")
+    for name, val, lo in (("max_cg_iter", max_cg_iter, 1), ("num_probes", num_probes, 1),
+                          ("precond_rank", PRECOND_RANK if precond_rank is None else precond_rank, 0)):
+        if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < lo:
+            raise ValueError(f"{name}: must be an integer >= {lo}, got {val!r}")
+    if precond_rank is None:
+        return min(PRECOND_RANK, int(n))
+    if precond_rank > n:
+        raise ValueError(f"precond_rank: at most N = {n}, got {precond_rank}")
+    return int(precond_rank)
 
 
 def lanczos_steps(max_cg_iter: int) -> int:

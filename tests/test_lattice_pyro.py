@@ -253,6 +253,22 @@ def test_marginal_log_prob_matches_dense_operator():
     assert (g - g_ref).norm() < 0.15 * g_ref.norm() + 1.0, (g, g_ref)
 
 
+def test_marginal_solver_options_and_fewer_points_than_the_default_preconditioner_rank():
+    X, kern, y, noise = _marginal_problem(6)
+    for kwargs, name in (({"cg_tol": 0.0}, "cg_tol"), ({"num_probes": 0}, "num_probes"),
+                         ({"max_cg_iter": 2.5}, "max_cg_iter"), ({"precond_rank": -1}, "precond_rank"),
+                         ({"precond_rank": 7}, "precond_rank: at most N = 6"), ({"precond_rank": 2.0}, "precond_rank")):
+        with pytest.raises(ValueError, match=name):
+            SimplexGPMarginal(kern, X, noise, **kwargs)
+    # precond_rank=None is 15 capped at N (as the NumPyro marginal's); the log-determinant is the SLQ estimate
+    m = SimplexGPMarginal(kern, X, noise, num_probes=256)
+    assert m.precond_rank == 6 and SimplexGPMarginal(kern, X, noise, precond_rank=3).precond_rank == 3
+    A = _dense_joint(m.op) + noise * torch.eye(6)
+    ref = torch.distributions.MultivariateNormal(torch.zeros(6), A).log_prob(y)
+    torch.manual_seed(1)
+    assert abs(m.log_prob(y) - ref) < 0.05 * abs(torch.linalg.slogdet(A)[1]) + 0.05, (m.log_prob(y), ref)
+
+
 def test_marginal_predict_warns_when_cg_stops_before_its_tolerance():
     X, kern, y, noise = _marginal_problem()
     X_new = torch.randn(20, 3, generator=torch.Generator().manual_seed(9))

@@ -322,11 +322,24 @@ def test_svi_under_jit_lowers_the_loss():
     assert params["noise"] < 0.5
 
 
+def test_fewer_points_than_the_default_preconditioner_rank():
+    # precond_rank=None is 15 capped at N: with N = 6 the rank-6 pivoted Cholesky factor is K itself, so the
+    # preconditioner is A and CG and the quadrature are exact; an explicit rank above N is refused
+    X, y, k = _problem(n=6, seed=2)
+    m = SimplexGPMarginal(k, X, 0.1)
+    assert m.precond_rank == 6
+    np.testing.assert_allclose(float(m.log_prob(y)), log_marginal(_dense(m.op), y, 0.1), rtol=1e-8)
+    assert SimplexGPMarginal(k, X, 0.1, precond_rank=4).precond_rank == 4
+    with pytest.raises(ValueError, match="precond_rank: at most N = 6"):
+        SimplexGPMarginal(k, X, 0.1, precond_rank=7)
+
+
 def test_bad_input():
     X, y, k = _problem(n=50)
     for kwargs, name in (({"cg_tol": 0.0}, "cg_tol"), ({"num_probes": 0}, "num_probes"),
                          ({"max_cg_iter": 2.5}, "max_cg_iter"), ({"precond_rank": -1}, "precond_rank"),
-                         ({"precond_rank": 51}, "precond_rank"), ({"mean": np.ones(3)}, "mean"),
+                         ({"precond_rank": 51}, "precond_rank"), ({"precond_rank": 2.0}, "precond_rank"),
+                         ({"num_probes": True}, "num_probes"), ({"mean": np.ones(3)}, "mean"),
                          ({"order": 0}, "order")):
         with pytest.raises(ValueError, match=name):
             SimplexGPMarginal(k, X, 0.1, **kwargs)
