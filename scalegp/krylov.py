@@ -40,8 +40,6 @@ __all__ = ["LANCZOS_CAP", "PRECOND_RANK", "check_solver_options", "lanczos_steps
 #: at most this many Lanczos steps are recorded for the quadrature (as the torch frontend sets
 #: ``linear_operator.settings.max_lanczos_quadrature_iterations``)
 LANCZOS_CAP = 100
-
-
 #: rank of the pivoted-Cholesky preconditioner where none is given (at most N)
 PRECOND_RANK = 15
 
