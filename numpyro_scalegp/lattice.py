@@ -552,8 +552,11 @@ def _log_prob_fwd(op, noise, r, eps, cfg):
     n = r.shape[0]
     prec = _preconditioner(op, n, noise, rank)
     z = prec.sample(eps)
-    x, alpha, beta, active, _ = _pcg(lambda v: op @ v + noise * v, prec.solve, jnp.concatenate([r[:, None], z], 1),
-                                     tol, max_iter, krylov.lanczos_steps(max_iter))
+    x, alpha, beta, active, rel = _pcg(lambda v: op @ v + noise * v, prec.solve, jnp.concatenate([r[:, None], z], 1),
+                                       tol, max_iter, krylov.lanczos_steps(max_iter))
+    # a RuntimeWarning from the host where CG stopped short of its tolerance (as linear_operator warns in Pyro)
+    jax.debug.callback(functools.partial(krylov.warn_unconverged, "SimplexGPMarginal.log_prob", tol=tol,
+                                         max_iter=max_iter), rel)
     a, solves = x[:, 0], x[:, 1:]
     pz = prec.solve(z)
     T = krylov.cg_tridiagonal(jnp, alpha[:, 1:], beta[:, 1:], active[:, 1:])

@@ -72,6 +72,7 @@ def test_float32():
 
 
 @pytest.mark.parametrize("rank", [0, 5])
+@pytest.mark.filterwarnings("ignore:SimplexGPMarginal.log_prob. CG stopped:RuntimeWarning")  # run to exhaustion
 def test_slq_equals_dense_quadrature_with_the_same_probes(rank):
     """With CG run to exhaustion the Lanczos quadrature is exact for every probe, so the estimate equals
     log det P + mean_i (P^-1/2 z_i)^T log(P^-1/2 A P^-1/2) (P^-1/2 z_i) computed densely."""
@@ -177,6 +178,20 @@ def test_gradients_against_finite_differences_and_dense_gradient():
     eps = 1e-3
     fd_noise = (lp(args[0], 1.3, 0.1 + eps, 0.2) - lp(args[0], 1.3, 0.1 - eps, 0.2)) / (2 * eps)
     assert abs(g[2] - fd_noise) < 0.05 * abs(fd_noise), (g[2], fd_noise)
+
+
+def test_log_prob_warns_when_cg_stops_before_its_tolerance():
+    # from inside jit and grad too (a host callback), as linear_operator warns in the Pyro frontend
+    X, y, k = _problem(n=300)
+    m = SimplexGPMarginal(k, X, 0.01, cg_tol=1e-12, max_cg_iter=2)
+    with pytest.warns(RuntimeWarning, match=r"log_prob: CG stopped after max_cg_iter=2 iterations .* cg_tol=1e-12"):
+        float(m.log_prob(y))
+    with pytest.warns(RuntimeWarning, match=r"log_prob: CG stopped after max_cg_iter=2"):
+        g = jax.jit(jax.grad(lambda noise: SimplexGPMarginal(k, X, noise, cg_tol=1e-12, max_cg_iter=2).log_prob(y)))(0.01)
+        float(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        float(SimplexGPMarginal(k, X, 0.1, cg_tol=1e-6).log_prob(y))
 
 
 def test_predict_warns_when_cg_stops_before_its_tolerance():
