@@ -651,7 +651,7 @@ class SimplexGPMarginal(Distribution):
         self.loc = jnp.asarray(_as_loc(mean, n, dtype), dtype)
         self.key = jax.random.PRNGKey(0) if key is None else key
         self.cg_tol, self.max_cg_iter, self.num_probes = float(cg_tol), int(max_cg_iter), int(num_probes)
-        self.precond_rank = int(precond_rank)
+        self.precond_rank = precond_rank
         super().__init__(batch_shape=(), event_shape=(n,), validate_args=validate_args)
 
     @property

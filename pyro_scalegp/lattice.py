@@ -420,7 +420,7 @@ class SimplexGPMarginal(TorchDistribution):
         self.loc = torch.zeros((), dtype=X.dtype, device=X.device) if mean is None else torch.as_tensor(
             mean, dtype=X.dtype, device=X.device)
         self.cg_tol, self.max_cg_iter, self.num_probes = float(cg_tol), int(max_cg_iter), int(num_probes)
-        self.precond_rank = int(precond_rank)
+        self.precond_rank = precond_rank
         super().__init__(torch.Size(), torch.Size((X.shape[0],)), validate_args=validate_args)
 
     def _settings(self):
