@@ -31,7 +31,7 @@ from .common import Timer, progress
 #: with duplicated inputs, whatever L-BFGS's line search tries
 NOISE_FLOOR = 1e-4
 
-__all__ = ["HGPFit", "make_kernel", "fit_hgp", "predict_rules", "variance_scale", "fit_and_evaluate"]
+__all__ = ["HGPFit", "make_kernel", "hyperparameters_in_range", "fit_hgp", "predict_rules", "variance_scale", "fit_and_evaluate"]
 
 
 @dataclass
@@ -55,15 +55,29 @@ class HGPFit:
 
 
 def make_kernel(kernel: str, d: int, *, lengthscale: float = INIT["lengthscale"],
-                variance: float = INIT["variance"]):
-    """A ``pyro.contrib.gp`` kernel with ARD lengthscales."""
+                variance: float = INIT["variance"], dtype=torch.float64):
+    """A ``pyro.contrib.gp`` kernel with ARD lengthscales, its parameters in ``dtype`` (not torch's
+    default dtype, float32 unless set)."""
     import pyro.contrib.gp as gp
 
     cls = {"rbf": gp.kernels.RBF, "matern32": gp.kernels.Matern32, "matern52": gp.kernels.Matern52}
     if kernel not in cls:
         raise ValueError(f"kernel: unknown kernel {kernel!r}; use one of {sorted(cls)}")
-    return cls[kernel](input_dim=d, variance=torch.tensor(float(variance)),
-                       lengthscale=torch.full((d,), float(lengthscale)))
+    return cls[kernel](input_dim=d, variance=torch.tensor(float(variance), dtype=dtype),
+                       lengthscale=torch.full((d,), float(lengthscale), dtype=dtype))
+
+
+LOG_BOUND = 50.0
+
+
+def hyperparameters_in_range(kernel) -> bool:
+    """Whether the kernel's lengthscales and variance lie within ``exp(+-LOG_BOUND)``. L-BFGS line
+    searches can try wild points (log-lengthscales of -196 seen on the flights); past the bound the
+    kernel's entries are 0, 1 or NaN (an overflowing scaled distance), so such a trial is rejected
+    instead of evaluated."""
+    with torch.no_grad():
+        logs = torch.cat([kernel.lengthscale.reshape(-1), kernel.variance.reshape(-1)]).log()
+        return bool((logs.abs() <= LOG_BOUND).all())  # False for NaN too
 
 
 def fit_hgp(X, y, *, kernel: str = "rbf", expert_size: int = 512, duplication: int = 1,
@@ -84,7 +98,7 @@ def fit_hgp(X, y, *, kernel: str = "rbf", expert_size: int = 512, duplication: i
         experts = partition(X.numpy(), method=method, expert_size=expert_size, duplication=duplication,
                                  seed=seed)
     pyro.clear_param_store()
-    k = make_kernel(kernel, d, lengthscale=lengthscale, variance=variance)
+    k = make_kernel(kernel, d, lengthscale=lengthscale, variance=variance, dtype=X.dtype)
     log_noise = torch.tensor(math.log(noise - NOISE_FLOOR), dtype=X.dtype, requires_grad=True)
     params = list(k.parameters()) + [log_noise]
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.5) + 5,
@@ -96,19 +110,23 @@ def fit_hgp(X, y, *, kernel: str = "rbf", expert_size: int = 512, duplication: i
                            "tol": tol, "optimizer": "L-BFGS strong Wolfe", "workers": workers})
     bar = progress(total=opt.defaults["max_eval"], desc=desc, disable=not show_progress)
 
+    def rejected():
+        """A line-search trial point too far out: a huge loss makes the strong-Wolfe search step back."""
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        fit.evaluations += 1
+        bar.update(1)
+        return torch.tensor(1e10, dtype=X.dtype)
+
     def closure():
         opt.zero_grad()
+        if not hyperparameters_in_range(k):
+            return rejected()
         dist = HGPMarginal(k, X, NOISE_FLOOR + log_noise.exp(), experts=experts, workers=workers)
         try:
             loss = -dist.log_prob(y) / N
-        except NotPositiveDefiniteError:
-            # a line-search trial point too far out (e.g. a vanishing noise with duplicated inputs):
-            # a huge loss makes the strong-Wolfe search step back
-            for p in params:
-                p.grad = torch.zeros_like(p)
-            fit.evaluations += 1
-            bar.update(1)
-            return torch.tensor(1e10, dtype=X.dtype)
+        except NotPositiveDefiniteError:  # e.g. a vanishing noise with duplicated inputs
+            return rejected()
         loss.backward()
         fit.evaluations += 1
         fit.losses.append(float(loss.detach()))

@@ -112,6 +112,42 @@ def test_fit_and_predict_rules_match_hgp_predict(method, float64_torch):
         assert np.sqrt(np.mean((mean - y[600:]) ** 2)) < 0.5
 
 
+def test_fit_hgp_trains_float64_hyperparameters_and_rejects_wild_trials(monkeypatch):
+    """Under torch's default float32 the kernel's parameters still follow X's float64 (in float32 a
+    line-search trial at log-lengthscale -196 underflowed to 0 and the kernel matrices to NaN, which
+    stopped the flights benchmark), and trial points outside exp(+-LOG_BOUND) count as evaluations
+    with a huge loss, from which the search steps back, instead of being evaluated."""
+    import math
+
+    import pyro.contrib.gp as gp
+    import torch
+
+    from benchmarks import hgp_fit
+    from scalegp import gp_draws
+
+    assert torch.get_default_dtype() == torch.float32
+    X, y, _ = gp_draws(300, 2, lengthscale=0.8, noise=0.05, method="exact", seed=1)
+    in_range, calls = hgp_fit.hyperparameters_in_range, []
+
+    def third_rejected(kernel):
+        calls.append(in_range(kernel))
+        return calls[-1] and len(calls) != 3
+
+    monkeypatch.setattr(hgp_fit, "hyperparameters_in_range", third_rejected)
+    fit = hgp_fit.fit_hgp(X, y, expert_size=100, method="local", max_iter=6, show_progress=False)
+    assert fit.kernel.lengthscale.dtype == torch.float64 and fit.kernel.variance.dtype == torch.float64
+    assert len(calls) == fit.evaluations >= 4 and len(fit.losses) == fit.evaluations - 1
+    assert all(map(math.isfinite, fit.losses)) and fit.losses[-1] < fit.losses[0]
+
+    def kernel(log_lengthscale, variance=1.0):
+        return gp.kernels.Matern52(2, variance=torch.tensor(variance, dtype=torch.float64),
+                                   lengthscale=torch.full((2,), math.exp(log_lengthscale), dtype=torch.float64))
+
+    assert in_range(kernel(0.5)) and in_range(kernel(-hgp_fit.LOG_BOUND + 1))
+    assert not in_range(kernel(-196.0)) and not in_range(kernel(hgp_fit.LOG_BOUND + 1))
+    assert not in_range(kernel(0.5, variance=0.0)) and not in_range(kernel(0.5, variance=float("nan")))
+
+
 def test_variance_scale_is_the_hgp_with_scaled_amplitude(float64_torch):
     """The calibrated predictor is the HGP with kernel variance and noise times s, for every rule,
     and s minimizes the held-out NLPD."""
