@@ -26,7 +26,7 @@ of the noisy standardized targets (add ``log(45.12) = 3.81`` for minutes), wall 
 predict). Targets (issue 2): HGP best on both metrics, wall time no more than SVGP's (SVGP is
 given HGP's wall time, so the question is which is more accurate at the same cost).
 
-Run: ``python -m benchmarks.hgp_flights`` (measured 70 minutes on 2 cores, 41 of them Pyro's SGPR on
+Run: ``python -m benchmarks.hgp_flights`` (measured 28 minutes on 2 cores, 19 of them Pyro's SGPR on
 50,000 rows; ``--sgpr-train 20000`` shortens it), ``--quick`` for a smoke test.
 """
 from __future__ import annotations
