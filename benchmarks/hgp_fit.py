@@ -31,7 +31,8 @@ from .common import Timer, progress
 #: with duplicated inputs, whatever L-BFGS's line search tries
 NOISE_FLOOR = 1e-4
 
-__all__ = ["HGPFit", "make_kernel", "hyperparameters_in_range", "fit_hgp", "predict_rules", "variance_scale", "fit_and_evaluate"]
+__all__ = ["HGPFit", "make_kernel", "hyperparameters_in_range", "fit_hgp", "predict_rules", "variance_scale",
+           "fit_and_evaluate"]
 
 
 @dataclass
