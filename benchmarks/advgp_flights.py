@@ -15,9 +15,13 @@ evaluation itself is excluded from the clock. ADVGP's clock includes its workers
   evenly between the workers, each sending the minibatch estimate of its data term's
   gradient, and the server stands in for the workers while they start (``stand_in``);
   ``--batch-size 0``: each worker computes the exact data term ``g_k`` of its whole shard
-  (full-data updates, no stand-in).
+  (full-data updates, no stand-in). The checkpoints predict at the server's averaged
+  parameters (``svi.predict``; ``average_decay``'s default: 0.99 with minibatches, the last
+  iterate with whole shards); ``--no-average``: at the last iterate.
 * SVGP (GPyTorch) and ``pyro.contrib.gp.models.VariationalSparseGP``: minibatch Adam
-  (batch 1024, lr 0.01).
+  (batch 1024, lr 0.01), predicting at their last iterate as their users do; with
+  ``--average-baselines`` at the same moving average of their parameters as ADVGP's
+  (rows "..., averaged"), to see how much of a difference is the averaging.
 
 Every run gets the same cores: torch's threads in the process for the baselines, split
 between the worker processes for ADVGP. The summary table gives each method's final RMSE and
@@ -30,6 +34,7 @@ all of them. ``advgp_flights.png`` plots RMSE against time. Run::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -42,6 +47,7 @@ import torch
 from benchmarks.baselines import INIT, _gpytorch_kernel, kmeans_inducing
 from benchmarks.common import gaussian_metrics, parser, quick_mode, set_threads, write_results
 from pyro_scalegp import ADVGP, AsyncProximalSVI
+from scalegp.async_server import DEFAULT_AVERAGE_DECAY, average_weight, averaging
 from scalegp.datasets import load_flights
 
 #: ADADELTA settings of ADVGP's server: eps sets the size of the first steps (1e-4 beat 1e-6, 1e-3 and
@@ -112,13 +118,13 @@ def new_numpyro_advgp(data, Z, lengthscale: float | None = None):
 def advgp_frontend(name: str, data, Z, lengthscale, optim: dict):
     """``(AsyncProximalSVI class, model, X, y, optim, predict)`` of frontend ``name`` ("pyro" or
     "numpyro"); ``predict(svi)`` returns the test rows' predictive means and variances (numpy) at
-    ``svi``'s parameters, or at the initial ones for ``svi=None``."""
+    ``svi``'s averaged parameters (``svi.predict``), or at the initial ones for ``svi=None``."""
     if name == "pyro":
         model, Xt = new_advgp(data, Z, lengthscale), torch.as_tensor(data.X_test)
 
         def predict(svi):
             with torch.no_grad():
-                pred = model.predict(Xt)  # the server updates the module in place
+                pred = model.predict(Xt) if svi is None else svi.predict(Xt)
             return pred.mean.numpy(), pred.variance.numpy()
 
         return (AsyncProximalSVI, model, torch.as_tensor(data.X_train), torch.as_tensor(data.y_train), dict(optim),
@@ -134,7 +140,7 @@ def advgp_frontend(name: str, data, Z, lengthscale, optim: dict):
         return pred.mean, pred.variance
 
     def predict(svi):
-        mean, var = moments(model.init_params() if svi is None else svi.params)
+        mean, var = moments(model.init_params() if svi is None else svi.averaged_params())
         return np.asarray(mean), np.asarray(var)
 
     optim = {("learning_rate" if k == "lr" else k): v for k, v in optim.items()}
@@ -144,7 +150,8 @@ def advgp_frontend(name: str, data, Z, lengthscale, optim: dict):
 def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interval_s: float,
               optim: dict | None = None, worker_sleep=0.0, threads: int | None = None,
               lengthscale: float | None = None, batch_size: int | None = None,
-              frontend: str = "pyro", shrink_stale_steps: bool = True) -> tuple[list[dict], float]:
+              frontend: str = "pyro", shrink_stale_steps: bool = True,
+              average_decay: float | None = None) -> tuple[list[dict], float]:
     """Train ADVGP with ``AsyncProximalSVI`` of ``frontend`` ("pyro" or "numpyro") for ``budget_s``
     seconds after its first update.
 
@@ -154,8 +161,9 @@ def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interva
     largest staleness so far) and the start-up time: the clock when the first update was applied
     (spawning the workers and their first gradients, or with minibatches the server's stand-ins
     for them; each checkpoint records how many gradients the server has computed so far,
-    ``stood_in``). ``lengthscale``: see :func:`new_advgp`; ``shrink_stale_steps``: see
-    :class:`pyro_scalegp.AsyncProximalSVI`.
+    ``stood_in``). ``lengthscale``: see :func:`new_advgp`; ``shrink_stale_steps`` and
+    ``average_decay`` (the checkpoints predict at the averaged parameters, ``svi.predict``; 0: at
+    the last iterate): see :class:`pyro_scalegp.AsyncProximalSVI`.
     """
     svi_class, model, X, y, optim, predict = advgp_frontend(frontend, data, Z, lengthscale,
                                                             ADVGP_OPTIM if optim is None else optim)
@@ -177,7 +185,7 @@ def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interva
         warnings.simplefilter("ignore")  # stall warnings of deliberately slow workers
         with svi_class(model, X, y, num_workers=workers, max_delay=max_delay, optim=optim, worker_sleep=worker_sleep,
                        num_threads=max(1, threads // workers), batch_size=batch_size, seed=0,
-                       shrink_stale_steps=shrink_stale_steps) as svi:
+                       shrink_stale_steps=shrink_stale_steps, average_decay=average_decay) as svi:
             staleness, stood_in = svi.staleness, svi.stood_in
             svi.step()
             startup = clock.elapsed()
@@ -198,6 +206,36 @@ def advgp_batching(batch_size: int, workers: int) -> dict:
     return {"batch_size": max(1, batch_size // workers), "optim": ADVGP_MINIBATCH_OPTIM}
 
 
+class ParameterAverage:
+    """The moving average of torch parameters ``params`` that ADVGP's server keeps of its own
+    (:func:`scalegp.async_server.average_weight`), for the baselines with ``--average-baselines``:
+    :meth:`update` after each optimizer step, predict inside ``with average.applied():``."""
+
+    def __init__(self, params, decay: float):
+        self.params, self.decay, self.t = list(params), float(decay), 0
+        self.average = [p.detach().clone() for p in self.params]
+
+    def update(self) -> None:
+        self.t += 1
+        b = average_weight(self.decay, self.t)
+        with torch.no_grad():
+            for a, p in zip(self.average, self.params):
+                a.mul_(b).add_(p.detach(), alpha=1 - b)
+
+    @contextlib.contextmanager
+    def applied(self):
+        current = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, a in zip(self.params, self.average):
+                    p.copy_(a)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, c in zip(self.params, current):
+                    p.copy_(c)
+
+
 def _minibatch_loop(step_fn, evaluate, *, budget_s, interval_s):
     curve, step = [], 0
     clock = Clock(interval_s)
@@ -211,10 +249,11 @@ def _minibatch_loop(step_fn, evaluate, *, budget_s, interval_s):
     return curve
 
 
-def run_svgp(data, Z, *, budget_s, interval_s, lr, batch_size, seed):
+def run_svgp(data, Z, *, budget_s, interval_s, lr, batch_size, seed, average_decay=None):
     """GPyTorch SVGP (zero mean, ARD RBF, learned inducing inputs), minibatch Adam. Its variational
     mean starts at zero (``mean_init_std=0``; GPyTorch's default adds N(0, 1e-3^2) noise), so that at
-    t = 0 it predicts what ADVGP and ``VariationalSparseGP`` predict before training."""
+    t = 0 it predicts what ADVGP and ``VariationalSparseGP`` predict before training. With
+    ``average_decay`` it predicts at its parameters' moving average (:class:`ParameterAverage`)."""
     import gpytorch
     from gpytorch.variational import CholeskyVariationalDistribution, VariationalStrategy
 
@@ -238,12 +277,14 @@ def run_svgp(data, Z, *, budget_s, interval_s, lr, batch_size, seed):
     lik = gpytorch.likelihoods.GaussianLikelihood().double()
     lik.noise = torch.tensor(INIT["noise"])
     mll = gpytorch.mlls.VariationalELBO(lik, model, num_data=len(y))
-    opt = torch.optim.Adam(list(model.parameters()) + list(lik.parameters()), lr=lr)
+    params = list(model.parameters()) + list(lik.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
+    average = None if average_decay is None else ParameterAverage(params, average_decay)
 
     def evaluate():
         model.eval(); lik.eval()
-        with torch.no_grad():
+        with torch.no_grad(), (contextlib.nullcontext() if average is None else average.applied()):
             pred = lik(model(Xt))
         model.train(); lik.train()
         return metrics(data, pred.mean.numpy(), pred.variance.numpy())
@@ -253,13 +294,16 @@ def run_svgp(data, Z, *, budget_s, interval_s, lr, batch_size, seed):
         opt.zero_grad()
         (-mll(model(X[idx]), y[idx])).backward()
         opt.step()
+        if average is not None:
+            average.update()
 
     model.train(); lik.train()
     return _minibatch_loop(step, evaluate, budget_s=budget_s, interval_s=interval_s)
 
 
-def run_pyro_vsgp(data, Z, *, budget_s, interval_s, lr, batch_size, seed):
-    """``pyro.contrib.gp.models.VariationalSparseGP`` (whitened), minibatch Adam."""
+def run_pyro_vsgp(data, Z, *, budget_s, interval_s, lr, batch_size, seed, average_decay=None):
+    """``pyro.contrib.gp.models.VariationalSparseGP`` (whitened), minibatch Adam; ``average_decay``:
+    as in :func:`run_svgp`."""
     pyro.clear_param_store()
     torch.manual_seed(seed)
     d = data.X_train.shape[1]
@@ -270,14 +314,16 @@ def run_pyro_vsgp(data, Z, *, budget_s, interval_s, lr, batch_size, seed):
     lik = gp.likelihoods.Gaussian(variance=torch.tensor(INIT["noise"]))
     model = gp.models.VariationalSparseGP(X[:batch_size], y[:batch_size], kernel, torch.as_tensor(Z), lik,
                                           num_data=len(y), whiten=True)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
     loss_fn = pyro.infer.Trace_ELBO().differentiable_loss
     gen = torch.Generator().manual_seed(seed)
+    average = None if average_decay is None else ParameterAverage(params, average_decay)
 
     def evaluate():
-        with torch.no_grad():
+        with torch.no_grad(), (contextlib.nullcontext() if average is None else average.applied()):
             mean, var = model(Xt, full_cov=False)
-        return metrics(data, mean.numpy(), (var + lik.variance).detach().numpy())
+            return metrics(data, mean.numpy(), (var + lik.variance).detach().numpy())
 
     def step():
         idx = torch.randint(len(y), (batch_size,), generator=gen)
@@ -285,6 +331,8 @@ def run_pyro_vsgp(data, Z, *, budget_s, interval_s, lr, batch_size, seed):
         opt.zero_grad()
         loss_fn(model.model, model.guide).backward()
         opt.step()
+        if average is not None:
+            average.update()
 
     return _minibatch_loop(step, evaluate, budget_s=budget_s, interval_s=interval_s)
 
@@ -361,6 +409,10 @@ def main(argv=None):
     p.add_argument("--max-delay", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1024,
                    help="rows per ADVGP update, split between the workers (0: every worker's whole shard)")
+    p.add_argument("--no-average", action="store_true",
+                   help="ADVGP predicts at its last iterate, not at its averaged parameters")
+    p.add_argument("--average-baselines", action="store_true",
+                   help="the baselines also predict at their parameters' moving average (as ADVGP's server keeps it)")
     p.add_argument("--budget", type=float, default=None, help="training seconds per run")
     p.add_argument("--interval", type=float, default=None, help="seconds of training between checkpoints")
     args = p.parse_args(argv)
@@ -376,16 +428,20 @@ def main(argv=None):
         data = data.subset(num_train, seed=args.seed)
     n = len(data.y_train)
     rows, curves = [], {}
+    decay = averaging(0.0 if args.no_average else None, advgp_batching(args.batch_size, 1)["batch_size"])
     for M in inducing:
         Z = kmeans_inducing(data.X_train, M, seed=args.seed)
         runs = {f"ADVGP {'(NumPyro) ' if f == 'numpyro' else ''}{w} worker{'s' if w > 1 else ''}":
                 lambda w=w, f=f: run_advgp(data, Z, workers=w, max_delay=args.max_delay, budget_s=budget,
                                            interval_s=interval, threads=threads, frontend=f,
+                                           average_decay=0.0 if args.no_average else None,
                                            **advgp_batching(args.batch_size, w))
                 for f in args.frontends for w in args.workers}
-        sgd = dict(budget_s=budget, interval_s=interval, lr=0.01, batch_size=1024, seed=args.seed)
-        runs["SVGP (GPyTorch)"] = lambda: (run_svgp(data, Z, **sgd), None)
-        runs["VariationalSparseGP (Pyro)"] = lambda: (run_pyro_vsgp(data, Z, **sgd), None)
+        sgd = dict(budget_s=budget, interval_s=interval, lr=0.01, batch_size=1024, seed=args.seed,
+                   average_decay=DEFAULT_AVERAGE_DECAY if args.average_baselines else None)
+        averaged = ", averaged" if args.average_baselines else ""
+        runs[f"SVGP (GPyTorch){averaged}"] = lambda: (run_svgp(data, Z, **sgd), None)
+        runs[f"VariationalSparseGP (Pyro){averaged}"] = lambda: (run_pyro_vsgp(data, Z, **sgd), None)
         curves[M], startups = {}, {}
         for name, fn in runs.items():
             curves[M][name], startups[name] = fn()
@@ -406,7 +462,8 @@ def main(argv=None):
     write_results("advgp_flights", rows, out=args.out,
                   meta={"budget_s": budget, "interval_s": interval, "inducing": inducing, "workers": args.workers,
                         "max_delay": args.max_delay, "threads": threads, "batch_size": args.batch_size,
-                        "frontends": args.frontends,
+                        "frontends": args.frontends, "average_decay": decay,
+                        "average_baselines": args.average_baselines,
                         "advgp_optim": advgp_batching(args.batch_size, 1)["optim"],
                         "quick": quick, "curves": {str(M): c for M, c in curves.items()}},
                   columns=["M", "method", "n_train", "steps", "time_s", "rmse", "nlpd", "startup_s", "stood_in",
@@ -417,6 +474,8 @@ def main(argv=None):
                          "processes). ADVGP's updates use "
                          + (f"{args.batch_size} rows split between its workers (minibatch estimates)"
                             if args.batch_size else "every worker's whole shard (exact data terms)")
+                         + "; it predicts at "
+                         + (f"its averaged parameters (average_decay {decay})" if decay else "its last iterate")
                          + ". startup_s: ADVGP's wall time to its first update (spawning the workers, first "
                          "gradients), included in its clock. stood_in: worker gradients the server computed itself "
                          "while the workers started (minibatch runs). share_ahead: share of the checkpoint times at "

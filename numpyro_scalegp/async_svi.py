@@ -46,7 +46,7 @@ import optax
 from threadpoolctl import threadpool_limits
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
-                                  accept_workers, check_options, connect_to_server, serve_gradients,
+                                  accept_workers, averaging, check_options, connect_to_server, serve_gradients,
                                   standing_in)
 
 from .advgp import ADVGP
@@ -118,7 +118,7 @@ class _Server(ProximalServer):
     ``opt_state`` of :func:`~numpyro_scalegp.optim.proximal_adadelta`."""
 
     def __init__(self, advgp: ADVGP, params: dict, optim: dict, workers, *, max_delay: int,
-                 stall_timeout: float, shrink_stale_steps: bool = True):
+                 stall_timeout: float, shrink_stale_steps: bool = True, average_decay: float = 0.0):
         self.advgp = advgp
         self._names, self._shapes, self._dtype = _layout(params)
         self.params = {n: jax.numpy.asarray(params[n]) for n in self._names}
@@ -133,7 +133,18 @@ class _Server(ProximalServer):
         self._update = update
         self._kl = jax.jit(lambda p: advgp.kl(params=p))
         super().__init__(workers, max_delay=max_delay, stall_timeout=stall_timeout,
-                         shrink_stale_steps=shrink_stale_steps)
+                         shrink_stale_steps=shrink_stale_steps, average_decay=average_decay)
+
+    def averaged_params(self) -> dict:
+        """The averaged parameters (``average``, see :mod:`scalegp.async_server`) as a dict of
+        arrays laid out as ``params`` (unconstrained)."""
+        return {n: jax.numpy.asarray(a) for n, a in _unflatten(self.average, self._names, self._shapes,
+                                                                 self._dtype).items()}
+
+    def predict(self, X_new, *, averaged: bool = True):
+        """``advgp.predict(X_new)`` at the averaged parameters (``averaged=False``: at the
+        current ones, ``params``)."""
+        return self.advgp.predict(X_new, params=self.averaged_params() if averaged else self.params)
 
     def _stand_in(self, k: int) -> None:
         with threadpool_limits(1, user_api="blas"):  # the other cores are the starting workers'
@@ -204,8 +215,14 @@ class AsyncProximalSVI(_Server):
     :param shrink_stale_steps: divide each update's step sizes by one plus the mean delay of
         the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the paper's
         full steps, which overshoot with long delays.
+    :param average_decay: the server keeps an exponential moving average of the parameters
+        with this decay (:mod:`scalegp.async_server`), which :meth:`predict` and
+        :meth:`averaged_params` use.
+        Default ``None``: 0.99 (about the last 100 updates) with ``batch_size``, whose noisy updates
+        the average smooths, and 0 (the last iterate) with whole shards.
 
-    ``params`` holds the current parameters (a dict of arrays).
+    ``params`` holds the current parameters (a dict of arrays), the last iterate;
+    :meth:`predict` predicts at the average, which minibatch noise moves less.
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` (``O(M^3 + b M^2)`` with
        ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting the workers (spawned
@@ -217,17 +234,19 @@ class AsyncProximalSVI(_Server):
                  optim: dict | None = None, shards: Sequence | None = None, params: dict | None = None,
                  worker_sleep: float | Sequence[float] = 0.0, stall_timeout: float = 60.0,
                  num_threads: int = 1, batch_size: int | None = None, seed: int = 0,
-                 stand_in: bool | None = None, shrink_stale_steps: bool = True):
+                 stand_in: bool | None = None, shrink_stale_steps: bool = True,
+                 average_decay: float | None = None):
         X, y, optim, params = _check(advgp, X, y, optim, params)
         shards, sleeps = check_options(X.shape[0], num_workers=num_workers, max_delay=max_delay,
                                        stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
                                        batch_size=batch_size, seed=seed, num_threads=num_threads,
-                                       shrink_stale_steps=shrink_stale_steps)
+                                       shrink_stale_steps=shrink_stale_steps, average_decay=average_decay)
         workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, params, int(num_threads)),
                                  [(X[s], y[s]) for s in shards], sleeps, batch_size=batch_size, seed=seed,
                                  stand_in=_Gradient(advgp, params) if standing_in(stand_in, batch_size) else None)
         super().__init__(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout,
-                         shrink_stale_steps=shrink_stale_steps)
+                         shrink_stale_steps=shrink_stale_steps,
+                         average_decay=averaging(average_decay, batch_size))
 
     @property
     def workers(self) -> list:
@@ -240,7 +259,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
                              params: dict | None = None, host: str = "127.0.0.1",
                              stall_timeout: float = 60.0, connect_timeout: float = 60.0,
                              checkpoint: str | None = None, batch_size: int | None = None,
-                             seed: int = 0, shrink_stale_steps: bool = True) -> dict | None:
+                             seed: int = 0, shrink_stale_steps: bool = True,
+                             average_decay: float | None = None) -> dict | None:
     """The same delayed proximal gradient algorithm across the processes of a
     ``jax.distributed`` job: call it in every process (after
     ``jax.distributed.initialize``; on CPU with
@@ -266,7 +286,9 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     relaunched after a failure (by a job scheduler, or by hand), every process (the dead
     worker on its own shard) starts again and process 0 goes on from the last update
     written; the result then also holds ``resumed_from``. ``batch_size`` and ``seed`` (minibatch
-    gradients) and ``shrink_stale_steps``: as in :class:`AsyncProximalSVI`.
+    gradients), ``shrink_stale_steps`` and ``average_decay`` (the state's ``"average"``, the
+    flattened averaged parameters in the sorted order of their names): as in
+    :class:`AsyncProximalSVI`.
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` and ``O(K P)`` on the
        server, plus two messages of ``P`` numbers per worker and update.
@@ -281,7 +303,7 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     X, y, optim, params = _check(advgp, X, y, optim, params)
     shards, _ = check_options(X.shape[0], num_workers=world - 1, max_delay=max_delay,
                               stall_timeout=stall_timeout, shards=shards, batch_size=batch_size, seed=seed,
-                              shrink_stale_steps=shrink_stale_steps)
+                              shrink_stale_steps=shrink_stale_steps, average_decay=average_decay)
     rendezvous = np.zeros(33, dtype=np.int32)  # the port, then the 32 bytes of the key
     if rank == 0:
         listening = socket.create_server((host, 0))
@@ -296,7 +318,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
         return None
     workers = accept_workers(listening, authkey, world - 1, timeout=connect_timeout)
     with _Server(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout,
-                 shrink_stale_steps=shrink_stale_steps) as server:
+                 shrink_stale_steps=shrink_stale_steps,
+                 average_decay=averaging(average_decay, batch_size)) as server:
         if checkpoint is not None:
             return server.run_checkpointed(num_steps, checkpoint)
         losses = server.run(num_steps, progress_bar=False)

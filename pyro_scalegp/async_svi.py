@@ -28,6 +28,7 @@ transport over ``torch.distributed`` for :func:`distributed_proximal_svi`.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import pickle
 import queue
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
-                                  check_options, serve_gradients, standing_in)
+                                  averaging, check_options, serve_gradients, standing_in)
 
 from .advgp import ADVGP
 from .optim import ProximalAdadeltaOptimizer
@@ -97,7 +98,7 @@ class _Server(ProximalServer):
     parameters (updated in place)."""
 
     def __init__(self, advgp: ADVGP, optim: dict, workers, *, max_delay: int, stall_timeout: float,
-                 shrink_stale_steps: bool = True):
+                 shrink_stale_steps: bool = True, average_decay: float = 0.0):
         self.advgp = advgp
         named = dict(advgp.named_parameters())
         self._names, self._params = list(named), list(named.values())
@@ -107,7 +108,35 @@ class _Server(ProximalServer):
             {"params": [p for n, p in named.items() if not n.startswith("guide.")]},
         ], **optim)
         super().__init__(workers, max_delay=max_delay, stall_timeout=stall_timeout,
-                         shrink_stale_steps=shrink_stale_steps)
+                         shrink_stale_steps=shrink_stale_steps, average_decay=average_decay)
+
+    def averaged_params(self) -> dict[str, torch.Tensor]:
+        """The averaged parameters (``average``, see :mod:`scalegp.async_server`) by name, as
+        ``advgp.named_parameters()`` holds them (unconstrained)."""
+        params = [torch.empty_like(p) for p in self._params]
+        _unflatten_into(torch.as_tensor(self.average, dtype=params[0].dtype), params)
+        return dict(zip(self._names, params))
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """``with svi.averaged(): ...``: the model holds the averaged parameters inside the
+        block (for ``advgp.predict``, ``Predictive``, ...) and its current ones again after it."""
+        current = [p.detach().clone() for p in self._params]
+        try:
+            with torch.no_grad():
+                for p, a in zip(self._params, self.averaged_params().values()):
+                    p.copy_(a)
+            yield self.advgp
+        finally:
+            with torch.no_grad():
+                for p, c in zip(self._params, current):
+                    p.copy_(c)
+
+    def predict(self, X_new, *, averaged: bool = True):
+        """``advgp.predict(X_new)`` at the averaged parameters (``averaged=False``: at the
+        current ones), without gradients."""
+        with torch.no_grad(), (self.averaged() if averaged else contextlib.nullcontext()):
+            return self.advgp.predict(X_new)
 
     def _flat_parameters(self) -> np.ndarray:
         with torch.no_grad():
@@ -183,9 +212,15 @@ class AsyncProximalSVI(_Server):
     :param shrink_stale_steps: divide each update's step sizes by one plus the mean delay of
         the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the paper's
         full steps, which overshoot with long delays.
+    :param average_decay: the server keeps an exponential moving average of the parameters
+        with this decay (:mod:`scalegp.async_server`), which :meth:`predict` and :meth:`averaged` use.
+        Default ``None``: 0.99 (about the last 100 updates) with ``batch_size``, whose noisy updates
+        the average smooths, and 0 (the last iterate) with whole shards.
 
     A worker that dies is restarted on its shard (``restarts``); ``state_dict`` /
-    ``load_state_dict`` stop and resume; ``workers`` are the processes.
+    ``load_state_dict`` stop and resume; ``workers`` are the processes. The model's own
+    parameters are the last iterate; :meth:`predict` (or ``with svi.averaged():``) predicts at
+    the average, which minibatch noise moves less.
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` (``O(M^3 + b M^2)`` with
        ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting the workers (spawned
@@ -197,7 +232,8 @@ class AsyncProximalSVI(_Server):
                  optim: dict | None = None, shards: Sequence | None = None,
                  worker_sleep: float | Sequence[float] = 0.0, stall_timeout: float = 60.0,
                  num_threads: int = 1, batch_size: int | None = None, seed: int = 0,
-                 stand_in: bool | None = None, shrink_stale_steps: bool = True):
+                 stand_in: bool | None = None, shrink_stale_steps: bool = True,
+                 average_decay: float | None = None):
         if not isinstance(advgp, ADVGP):
             raise ValueError(f"advgp: expected a pyro_scalegp.ADVGP, got {type(advgp).__name__}")
         X, y = advgp._check_data(X, y)
@@ -206,14 +242,15 @@ class AsyncProximalSVI(_Server):
         shards, sleeps = check_options(X.shape[0], num_workers=num_workers, max_delay=max_delay,
                                        stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
                                        batch_size=batch_size, seed=seed, num_threads=num_threads,
-                                       shrink_stale_steps=shrink_stale_steps)
+                                       shrink_stale_steps=shrink_stale_steps, average_decay=average_decay)
         optim = _check_optim(optim)
         data = [(X[torch.as_tensor(s)].numpy(), y[torch.as_tensor(s)].numpy()) for s in shards]
         workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, int(num_threads)),
                                  data, sleeps, batch_size=batch_size, seed=seed,
                                  stand_in=_Gradient(advgp) if standing_in(stand_in, batch_size) else None)
         super().__init__(advgp, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout,
-                         shrink_stale_steps=shrink_stale_steps)
+                         shrink_stale_steps=shrink_stale_steps,
+                         average_decay=averaging(average_decay, batch_size))
 
     @property
     def workers(self) -> list:
@@ -337,7 +374,7 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
                              optim: dict | None = None, shards: Sequence | None = None,
                              stall_timeout: float = 60.0, checkpoint: str | None = None,
                              batch_size: int | None = None, seed: int = 0,
-                             shrink_stale_steps: bool = True) -> dict | None:
+                             shrink_stale_steps: bool = True, average_decay: float | None = None) -> dict | None:
     """The same delayed proximal gradient algorithm over ``torch.distributed`` point-to-point
     messages (gloo): call it in every process of an initialized process group with the same
     model, data and arguments. Rank 0 is the server; rank ``k >= 1`` is the worker of
@@ -357,7 +394,9 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     under ``torchrun --max-restarts=R`` a rank that dies takes the job down, torchrun restarts
     every rank (the dead worker on its own shard), and rank 0 goes on from the last update
     written; the result then also holds ``resumed_from``. ``batch_size`` and ``seed`` (minibatch
-    gradients) and ``shrink_stale_steps``: as in :class:`AsyncProximalSVI`. torchrun's rendezvous
+    gradients), ``shrink_stale_steps`` and ``average_decay`` (the state's ``"average"``, the
+    flattened averaged parameters in the order of ``advgp.named_parameters()``): as in
+    :class:`AsyncProximalSVI`. torchrun's rendezvous
     store outlives a failed attempt, so initialize the group with a prefix per attempt,
     ``dist.PrefixStore(f"attempt{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)``, or gloo
     reads the dead attempt's addresses (see the README).
@@ -375,7 +414,7 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
     X, y = advgp._check_data(X, y)
     shards, _ = check_options(X.shape[0], num_workers=world - 1, max_delay=max_delay,
                               stall_timeout=stall_timeout, shards=shards, batch_size=batch_size, seed=seed,
-                              shrink_stale_steps=shrink_stale_steps)
+                              shrink_stale_steps=shrink_stale_steps, average_decay=average_decay)
     optim = _check_optim(optim)
     size = sum(p.numel() for p in advgp.parameters())
     if rank > 0:
@@ -384,7 +423,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
                         seed=seed, worker=rank - 1)
         return None
     with _Server(advgp, optim, _DistributedWorkers(world - 1, size), max_delay=max_delay,
-                 stall_timeout=stall_timeout, shrink_stale_steps=shrink_stale_steps) as server:
+                 stall_timeout=stall_timeout, shrink_stale_steps=shrink_stale_steps,
+                 average_decay=averaging(average_decay, batch_size)) as server:
         if checkpoint is not None:
             return server.run_checkpointed(num_steps, checkpoint)
         losses = server.run(num_steps, progress_bar=False)

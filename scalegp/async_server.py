@@ -45,6 +45,25 @@ unchanged. The loss it reports for the update is
 at :math:`O(b)` rows a gradient instead of :math:`O(n_k)`, so the updates are stochastic
 delayed proximal gradient steps and the reported loss an estimate.
 
+**Averaged parameters.** The server also keeps an exponential moving average of the
+parameters it publishes, with ``average_decay`` :math:`\beta` (:func:`averaging`: 0.99 with
+minibatches, 0 with whole shards unless set),
+
+.. math::
+
+    \bar\theta_0 = \theta_0, \qquad
+    \bar\theta_t = \beta_t\bar\theta_{t-1} + (1 - \beta_t)\theta_t, \qquad
+    \beta_t = \min\Big(\beta, \frac{1 + t}{10 + t}\Big)
+
+(Polyak averaging [3] over a window of about :math:`1/(1-\beta)` updates; the short
+windows of the first updates, as in TensorFlow's ``ExponentialMovingAverage`` with
+``num_updates``, keep it from lagging while the parameters move fast). Minibatch updates
+leave the parameters fluctuating around their optimum; the average sits nearer it (on the
+flights: ``benchmarks/advgp_flights.py`` and the README). Whole-shard gradients carry no such
+noise and there the average would only lag, so it defaults to :math:`\beta = 0`, the last
+iterate itself. Workers always receive the last iterate; the frontends predict at the
+average. The unconstrained parameters are averaged (so :math:`U`'s diagonal stays positive).
+
 **Faults.** A worker whose gradient the update waits for and that has been silent for
 ``stall_timeout`` seconds is reported once (:class:`StalledWorkerWarning`, recorded in
 ``stalls``). A worker that dies is restarted on its own shard where the transport can
@@ -90,6 +109,8 @@ launched processes: :func:`accept_workers`, :func:`connect_to_server`) and
 References: [1] M. Li, D. G. Andersen, A. J. Smola, *Distributed delayed proximal gradient
 methods*, NIPS Workshop on Optimization for Machine Learning, 2013. [2] W. Zhang, S. Gupta,
 X. Lian, J. Liu, *Staleness-aware async-SGD for distributed deep learning*, IJCAI 2016.
+[3] B. T. Polyak, A. B. Juditsky, *Acceleration of stochastic approximation by averaging*,
+SIAM J. Control Optim. 30(4), 1992.
 """
 from __future__ import annotations
 
@@ -110,8 +131,8 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "MAX_RESTARTS", "ConnectionChannel", "ConnectionWorkers", "PeerFailedError", "ProcessWorkers", "ProximalServer",
-    "StalledWorkerWarning", "accept_workers", "batch_rows", "check_options", "connect_to_server", "keep_freed_memory",
-    "serve_gradients", "shard_gradient", "standing_in",
+    "DEFAULT_AVERAGE_DECAY", "StalledWorkerWarning", "accept_workers", "average_weight", "averaging", "batch_rows",
+    "check_options", "connect_to_server", "keep_freed_memory", "serve_gradients", "shard_gradient", "standing_in",
 ]
 
 _POLL_SECONDS = 0.05
@@ -129,14 +150,15 @@ class PeerFailedError(RuntimeError):
 
 def check_options(N: int, *, num_workers: int, max_delay: int, stall_timeout: float,
                   shards: Sequence | None = None, worker_sleep=0.0, batch_size: int | None = None,
-                  seed: int = 0, num_threads: int = 1,
-                  shrink_stale_steps: bool = True) -> tuple[list[np.ndarray], list[float]]:
+                  seed: int = 0, num_threads: int = 1, shrink_stale_steps: bool = True,
+                  average_decay: float | None = None) -> tuple[list[np.ndarray], list[float]]:
     """Check the options shared by every frontend; returns ``(shards, sleeps)``: ``num_workers``
     arrays of row indices (default ``numpy.array_split`` of the ``N`` rows in order) that
     together cover every row, and one straggler sleep (seconds) per worker. ``batch_size``
     (``None`` or a positive integer, see :func:`batch_rows`), ``seed`` (a non-negative integer),
-    ``num_threads`` (a positive integer) and ``shrink_stale_steps`` (a bool) are checked too.
-    Raises ``ValueError`` naming the bad argument."""
+    ``num_threads`` (a positive integer), ``shrink_stale_steps`` (a bool) and ``average_decay``
+    (``None`` or a number in [0, 1)) are checked too. Raises ``ValueError`` naming the bad argument."""
+    averaging(average_decay, batch_size)
     if not isinstance(shrink_stale_steps, (bool, np.bool_)):
         raise ValueError(f"shrink_stale_steps: expected True or False, got {shrink_stale_steps!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
@@ -168,6 +190,29 @@ def check_options(N: int, *, num_workers: int, max_delay: int, stall_timeout: fl
         raise ValueError(f"worker_sleep: expected non-negative seconds, one number or {num_workers}, "
                          f"got {worker_sleep!r}")
     return shards, np.broadcast_to(sleeps, (num_workers,)).tolist()
+
+
+def average_weight(decay: float, t: int) -> float:
+    """:math:`\\beta_t = \\min(\\beta, (1 + t) / (10 + t))`, the weight of the previous average in the
+    ``t``-th update of the averaged parameters (module docstring) for ``average_decay`` ``decay``."""
+    return min(decay, (1 + t) / (10 + t))
+
+
+#: the averaged parameters' decay for minibatch runs (:func:`averaging`): a window of about 100 updates
+DEFAULT_AVERAGE_DECAY = 0.99
+
+
+def averaging(average_decay: float | None, batch_size: int | None) -> float:
+    """The decay :math:`\\beta` of the averaged parameters (``AsyncProximalSVI(average_decay=...)``):
+    ``average_decay`` itself, or for ``None`` :data:`DEFAULT_AVERAGE_DECAY` with minibatches and 0
+    (the average is the last iterate) with whole shards (module docstring). Raises ``ValueError``
+    unless it is ``None`` or a number in [0, 1)."""
+    if average_decay is None:
+        return DEFAULT_AVERAGE_DECAY if batch_size is not None else 0.0
+    if (isinstance(average_decay, (bool, np.bool_)) or not isinstance(average_decay, (int, float, np.floating))
+            or not 0.0 <= average_decay < 1.0):
+        raise ValueError(f"average_decay: expected None or a number in [0, 1), got {average_decay!r}")
+    return float(average_decay)
 
 
 def standing_in(stand_in: bool | None, batch_size: int | None) -> bool:
@@ -581,18 +626,22 @@ class ProximalServer:
     publishes the initial parameters).
 
     ``shrink_stale_steps``: divide each update's step sizes by one plus the mean delay of
-    the gradients it sums (module docstring).
+    the gradients it sums (module docstring). ``average_decay``: :math:`\beta` of the
+    averaged parameters (module docstring; 0: the last iterate).
 
     Attributes: ``version`` (updates applied), ``staleness`` (the largest delay
     :math:`t - \\min_k t_k` each update used), ``restarts`` (``(worker, version)``),
     ``stalls`` (``(worker, version, seconds)``), ``stood_in`` (``(worker, version)``: the
-    gradients the server computed for starting workers).
+    gradients the server computed for starting workers), ``average`` (the averaged parameters
+    as one float64 vector).
 
     .. note:: Cost per update: ``O(K P)`` here (see the module note) plus the hook.
     """
 
-    def __init__(self, workers, *, max_delay: int, stall_timeout: float, shrink_stale_steps: bool = True):
+    def __init__(self, workers, *, max_delay: int, stall_timeout: float, shrink_stale_steps: bool = True,
+                 average_decay: float = 0.0):
         self._workers = workers
+        self.average_decay = float(average_decay)
         self.num_workers = workers.num_workers
         self.max_delay = max_delay
         self.shrink_stale_steps = bool(shrink_stale_steps)
@@ -615,6 +664,7 @@ class ProximalServer:
         self._first_valid_tag = 1
         self._closed = False
         self._publish()
+        self.average = self._flat.copy()
 
     # ---- hooks -------------------------------------------------------------------------------
     def _flat_parameters(self) -> np.ndarray:
@@ -734,6 +784,8 @@ class ProximalServer:
         self.staleness.append(self.version - min(self._used))
         self.version += 1
         self._publish()
+        decay = average_weight(self.average_decay, self.version)
+        self.average = decay * self.average + (1 - decay) * self._flat
         return loss
 
     def _refuse_non_finite(self) -> None:
@@ -788,17 +840,23 @@ class ProximalServer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Parameters, optimizer state and version: enough to resume a synchronous run exactly."""
-        return {"version": self.version, **self._checkpoint()}
+        """Parameters, optimizer state, version and averaged parameters: enough to resume a
+        synchronous run exactly."""
+        return {"version": self.version, **self._checkpoint(), "average": self.average.copy()}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; gradients in flight on older parameters are dropped."""
+        average = state.get("average")
+        if average is not None and np.size(average) != self._flat.size:
+            raise ValueError(f"state: the average has {np.size(average)} entries, the parameters {self._flat.size}")
         self._restore(state)
         self.version = int(state["version"])
         self._grad = [None] * self.num_workers
         self._used = [-1] * self.num_workers
         self._first_valid_tag = self._tag + 1
         self._publish()
+        # (a state written before averaged parameters existed restarts the average at its parameters)
+        self.average = self._flat.copy() if average is None else np.array(average, dtype=np.float64).reshape(-1)
 
     def _abort(self, message: str) -> None:
         """Stop the workers, telling them why, and raise :class:`PeerFailedError`."""

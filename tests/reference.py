@@ -217,3 +217,16 @@ def gpvae_exact_terms(K, ytilde, s2):
     m = K @ Cinv @ ytilde
     v = np.diag(K - K @ Cinv @ K)
     return m, v, -gaussian_cross_entropy(m, v, ytilde, s2) + _log_normal(ytilde, C)
+
+
+def moving_average(iterates, decay):
+    """The averaged parameters of the delayed proximal server after each update, for the
+    parameters ``iterates = [theta_0, theta_1, ...]`` (arrays): ``a_0 = theta_0``,
+    ``a_t = b_t a_{t-1} + (1 - b_t) theta_t`` with ``b_t = min(decay, (1 + t) / (10 + t))``;
+    returns ``[a_1, a_2, ...]``."""
+    average, out = np.array(iterates[0], dtype=np.float64), []
+    for t, theta in enumerate(iterates[1:], start=1):
+        b = min(decay, (1 + t) / (10 + t))
+        average = b * average + (1 - b) * np.asarray(theta, dtype=np.float64)
+        out.append(average)
+    return out

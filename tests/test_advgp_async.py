@@ -11,6 +11,7 @@ from pyro_scalegp.advgp import ADVGP
 from pyro_scalegp.async_svi import AsyncProximalSVI, StalledWorkerWarning
 from pyro_scalegp.optim import ProximalAdadeltaOptimizer
 from scalegp.async_server import batch_rows
+from tests.reference import moving_average
 
 OPTIM = {"lr": 2.0, "rho": 0.9}
 SHARDS = [np.arange(0, 13), np.arange(13, 40)]
@@ -126,6 +127,44 @@ def test_server_stands_in_for_starting_and_restarted_workers_with_their_numbers(
     assert_params_equal(model, proximal_gd(Z, X, y, num_steps, **MINIBATCHES)[-1], rtol=1e-10)
 
 
+def test_predict_uses_the_moving_average_of_the_iterates_and_leaves_the_model_at_the_last():
+    X, y, Z = data()
+    expected = proximal_gd(Z, X, y, 5)
+    initial = {n: p.detach().clone() for n, p in new_model(Z).named_parameters()}
+    averages = {n: moving_average([initial[n]] + [h[n] for h in expected], 0.5) for n in initial}
+    model = new_model(Z)
+    Xt = X[:7] + 0.1
+    with AsyncProximalSVI(model, X, y, num_workers=1, optim=OPTIM, stand_in=True, average_decay=0.5) as svi:
+        for t in range(5):
+            svi.step()
+            for name, value in svi.averaged_params().items():
+                np.testing.assert_allclose(value.numpy(), averages[name][t], rtol=1e-12, atol=1e-14, err_msg=name)
+        assert_params_equal(model, expected[4], rtol=1e-12)  # the model holds the last iterate
+        pred, last = svi.predict(Xt), svi.predict(Xt, averaged=False)
+        with svi.averaged() as averaged:
+            assert averaged is model
+            inside = model.predict(Xt)
+        assert_params_equal(model, expected[4], rtol=1e-12)  # and again after the block
+        at_last = model.predict(Xt)
+    reference_model = new_model(Z)
+    with torch.no_grad():
+        for name, p in reference_model.named_parameters():
+            p.copy_(torch.as_tensor(averages[name][-1]))
+    at_average = reference_model.predict(Xt)
+    for got in (pred, inside):
+        np.testing.assert_allclose(got.mean.detach().numpy(), at_average.mean.detach().numpy(), rtol=1e-12)
+        np.testing.assert_allclose(got.variance.detach().numpy(), at_average.variance.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(last.mean.numpy(), at_last.mean.detach().numpy(), rtol=1e-12)
+    assert np.abs(pred.mean.numpy() - last.mean.numpy()).max() > 1e-6  # the average is not the last iterate
+    # by default whole-shard runs predict at the last iterate (decay 0), minibatch runs at an average
+    with AsyncProximalSVI(new_model(Z), X, y, num_workers=1, optim=OPTIM, stand_in=True) as svi:
+        svi.run(3, progress_bar=False)
+        assert svi.average_decay == 0.0
+        np.testing.assert_array_equal(svi.predict(Xt).mean.numpy(), svi.predict(Xt, averaged=False).mean.numpy())
+    with AsyncProximalSVI(new_model(Z), X, y, optim=OPTIM, **MINIBATCHES) as svi:
+        assert svi.average_decay == 0.99
+
+
 def test_bounded_delay_with_a_straggler_and_stall_report():
     X, y, Z = data()
     model = new_model(Z)
@@ -165,6 +204,8 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y, stand_in="yes")
     with pytest.raises(ValueError, match="num_threads"):
         AsyncProximalSVI(model, X, y, num_threads=0)
+    with pytest.raises(ValueError, match="average_decay"):
+        AsyncProximalSVI(model, X, y, average_decay=1.5)
 
 
 SCRIPT_WITHOUT_MAIN_GUARD = """

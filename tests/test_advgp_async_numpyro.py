@@ -13,6 +13,7 @@ from numpyro_scalegp.advgp import ADVGP
 from numpyro_scalegp.async_svi import AsyncProximalSVI, _flatten, _Gradient
 from numpyro_scalegp.optim import proximal_adadelta
 from scalegp.async_server import batch_rows
+from tests.reference import moving_average
 
 OPTIM = {"learning_rate": 2.0, "rho": 0.9}
 SHARDS = [np.arange(0, 13), np.arange(13, 40)]
@@ -79,6 +80,33 @@ def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
     assert losses[-1] < losses[0]
 
 
+def test_predict_uses_the_moving_average_of_the_iterates():
+    X, y, Z = data()
+    model = new_model(Z)
+    expected = proximal_gd(model, X, y, 5)
+    initial = model.init_params()
+    averages = {n: moving_average([initial[n]] + [h[n] for h in expected], 0.5) for n in initial}
+    Xt = X[:7] + 0.1
+    with AsyncProximalSVI(model, X, y, num_workers=1, optim=OPTIM, stand_in=True, average_decay=0.5) as svi:
+        for t in range(5):
+            svi.step()
+            assert_params_equal(svi.averaged_params(), {n: a[t] for n, a in averages.items()}, rtol=1e-10)
+        assert_params_equal(svi.params, expected[4], rtol=1e-10)  # params hold the last iterate
+        pred, last = svi.predict(Xt), svi.predict(Xt, averaged=False)
+    at_average = model.predict(Xt, params={n: jnp.asarray(a[-1]) for n, a in averages.items()})
+    np.testing.assert_allclose(pred.mean, at_average.mean, rtol=1e-10)
+    np.testing.assert_allclose(pred.variance, at_average.variance, rtol=1e-10)
+    np.testing.assert_allclose(last.mean, model.predict(Xt, params=expected[4]).mean, rtol=1e-10)
+    assert np.abs(np.asarray(pred.mean) - np.asarray(last.mean)).max() > 1e-6
+    # by default whole-shard runs predict at the last iterate (decay 0), minibatch runs at an average
+    with AsyncProximalSVI(model, X, y, num_workers=1, optim=OPTIM, stand_in=True) as svi:
+        svi.run(3, progress_bar=False)
+        assert svi.average_decay == 0.0
+        np.testing.assert_array_equal(svi.predict(Xt).mean, svi.predict(Xt, averaged=False).mean)
+    with AsyncProximalSVI(model, X, y, optim=OPTIM, **MINIBATCHES) as svi:
+        assert svi.average_decay == 0.99
+
+
 @pytest.mark.parametrize("batching", [{}, MINIBATCHES], ids=["full shards", "minibatches"])
 def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching):
     X, y, Z = data()
@@ -132,6 +160,8 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y, stand_in="yes")
     with pytest.raises(ValueError, match="num_threads"):
         AsyncProximalSVI(model, X, y, num_threads=0)
+    with pytest.raises(ValueError, match="average_decay"):
+        AsyncProximalSVI(model, X, y, average_decay=-0.5)
 
 
 def test_the_stand_in_compiles_one_minibatch_gradient_for_every_worker():

@@ -13,9 +13,10 @@ from multiprocessing import AuthenticationError, Pipe
 import numpy as np
 import pytest
 
-from scalegp.async_server import (MAX_RESTARTS, ConnectionChannel, ConnectionWorkers, PeerFailedError, ProximalServer,
-                                  StalledWorkerWarning, accept_workers, batch_rows, check_options,
-                                  connect_to_server, serve_gradients, standing_in)
+from scalegp.async_server import (DEFAULT_AVERAGE_DECAY, MAX_RESTARTS, ConnectionChannel, ConnectionWorkers,
+                                  PeerFailedError, ProximalServer, StalledWorkerWarning, accept_workers, averaging,
+                                  batch_rows, check_options, connect_to_server, serve_gradients, standing_in)
+from tests.reference import moving_average
 
 GAMMA, LAM = 0.1, 0.5
 CENTRES = [np.array([1.0, -2.0, 0.5]), np.array([-0.5, 3.0, 2.0]), np.array([2.0, 0.0, -1.0])]
@@ -319,6 +320,66 @@ def test_load_state_dict_drops_gradients_on_replaced_parameters():
     assert workers.versions == [0, 1, 7, 8]  # the loaded version travels with the new tag
 
 
+def run_synchronous(server, workers, num_steps):
+    """``num_steps`` synchronous updates of a one-worker ``QuadraticServer`` on a scripted transport."""
+    for _ in range(num_steps):
+        workers.script = [[grad_event(0, server._tag, server.theta)]]
+        server.step()
+
+
+def one_worker_reference(num_steps):
+    """Proximal gradient descent on worker 0's term alone: the iterates theta_0 .. theta_n."""
+    return [np.zeros(3)] + reference(num_steps, centres=CENTRES[:1])[0]
+
+
+@pytest.mark.parametrize("decay", [0.99, 0.5, 0.0])
+def test_server_averages_the_iterates_with_a_warm_started_moving_average(decay):
+    workers = Scripted(1)
+    server = QuadraticServer(workers, max_delay=0, stall_timeout=60, average_decay=decay)
+    iterates = one_worker_reference(25)
+    np.testing.assert_array_equal(server.average, iterates[0])
+    for t, expected in enumerate(moving_average(iterates, decay), start=1):
+        run_synchronous(server, workers, 1)
+        np.testing.assert_allclose(server.theta, iterates[t], rtol=1e-13)
+        np.testing.assert_allclose(server.average, expected, rtol=1e-12, atol=1e-15)
+    # decay 0: the average is the last iterate; otherwise it lags behind the iterates
+    assert (np.allclose(server.average, server.theta) == (decay == 0.0))
+    # the workers are sent the iterates, never the average
+    assert server.average_decay == decay and np.array_equal(server._flat, server.theta)
+
+
+def test_state_dict_carries_the_average_and_a_resumed_run_continues_it():
+    uninterrupted = QuadraticServer(w := Scripted(1), max_delay=0, stall_timeout=60, average_decay=0.9)
+    run_synchronous(uninterrupted, w, 12)
+    first = QuadraticServer(w1 := Scripted(1), max_delay=0, stall_timeout=60, average_decay=0.9)
+    run_synchronous(first, w1, 7)
+    state = first.state_dict()
+    np.testing.assert_array_equal(state["average"], first.average)
+    resumed = QuadraticServer(w2 := Scripted(1), max_delay=0, stall_timeout=60, average_decay=0.9)
+    resumed.load_state_dict(state)
+    run_synchronous(resumed, w2, 5)
+    np.testing.assert_array_equal(resumed.average, uninterrupted.average)
+    np.testing.assert_array_equal(resumed.theta, uninterrupted.theta)
+    # a state without an average (written before there were any) restarts it at the loaded parameters
+    resumed.load_state_dict({**state, "average": None})
+    np.testing.assert_array_equal(resumed.average, state["params"])
+    with pytest.raises(ValueError, match="state: the average has 2 entries, the parameters 3"):
+        resumed.load_state_dict({**state, "version": 99, "average": np.zeros(2)})
+    assert resumed.version == state["version"]  # refused before anything was loaded
+
+
+def test_averaging_defaults_to_an_average_for_minibatches_only_and_names_a_bad_decay():
+    assert averaging(None, 64) == DEFAULT_AVERAGE_DECAY == 0.99 and averaging(None, None) == 0.0
+    assert averaging(0.5, None) == 0.5 and averaging(0, 64) == 0.0
+    for bad in (1.0, -0.1, True, "0.9", np.nan):
+        with pytest.raises(ValueError, match="average_decay: expected None or a number in"):
+            averaging(bad, 64)
+    # the default a server gets is no averaging: the average is the last iterate
+    server = QuadraticServer(w := Scripted(1), max_delay=0, stall_timeout=60)
+    run_synchronous(server, w, 3)
+    np.testing.assert_array_equal(server.average, server.theta)
+
+
 def test_check_options_names_the_bad_argument():
     shards, sleeps = check_options(10, num_workers=2, max_delay=0, stall_timeout=1.0)
     assert [s.tolist() for s in shards] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and sleeps == [0.0, 0.0]
@@ -333,7 +394,9 @@ def test_check_options_names_the_bad_argument():
                          ({"batch_size": True}, "batch_size"), ({"seed": -1}, "seed"), ({"seed": "a"}, "seed"),
                          ({"num_threads": 0}, "num_threads"), ({"num_threads": 1.5}, "num_threads"),
                          ({"shrink_stale_steps": 1}, "shrink_stale_steps"),
-                         ({"shrink_stale_steps": "yes"}, "shrink_stale_steps")]:
+                         ({"shrink_stale_steps": "yes"}, "shrink_stale_steps"),
+                         ({"average_decay": 1.0}, "average_decay"), ({"average_decay": -0.1}, "average_decay"),
+                         ({"average_decay": True}, "average_decay"), ({"average_decay": "0.9"}, "average_decay")]:
         with pytest.raises(ValueError, match=name):
             check_options(10, **{"num_workers": 2, "max_delay": 0, "stall_timeout": 1.0, **kwargs})
 

@@ -274,14 +274,35 @@ def test_advgp_curve_comparisons():
     assert time_to_reach(ours, 44.0) == 2.0 and time_to_reach(ours, 39.0) is None
 
 
+def test_parameter_average_is_the_servers_moving_average_and_applied_only_inside_its_block():
+    import torch
+
+    from benchmarks.advgp_flights import ParameterAverage
+    from tests.reference import moving_average
+
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    average = ParameterAverage([w], 0.9)
+    iterates = [w.detach().clone()]
+    for t in range(1, 31):
+        with torch.no_grad():
+            w.add_(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) * t)
+        average.update()
+        iterates.append(w.detach().clone())
+    expected = moving_average([i.numpy() for i in iterates], 0.9)[-1]
+    np.testing.assert_allclose(average.average[0].numpy(), expected, rtol=1e-13)
+    with average.applied():
+        np.testing.assert_allclose(w.detach().numpy(), expected, rtol=1e-13)
+    np.testing.assert_array_equal(w.detach().numpy(), iterates[-1].numpy())  # restored after the block
+
+
 @pytest.mark.slow
 def test_advgp_flights_quick(tmp_path, float64_torch, jax_x64):
     from benchmarks import advgp_flights
 
     rows, curves = advgp_flights.main(["--quick", "--workers", "2", "--frontends", "pyro", "numpyro", "--budget", "2",
-                                       "--out", str(tmp_path)])
-    assert [r["method"] for r in rows] == ["ADVGP 2 workers", "ADVGP (NumPyro) 2 workers", "SVGP (GPyTorch)",
-                                           "VariationalSparseGP (Pyro)"]
+                                       "--average-baselines", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["ADVGP 2 workers", "ADVGP (NumPyro) 2 workers", "SVGP (GPyTorch), averaged",
+                                           "VariationalSparseGP (Pyro), averaged"]
     for r in rows:
         assert r["steps"] >= 1 and math.isfinite(r["rmse"]) and math.isfinite(r["nlpd"])
         assert 30 < r["rmse"] < 60  # minutes
@@ -294,6 +315,7 @@ def test_advgp_flights_quick(tmp_path, float64_torch, jax_x64):
     payload = json.load(open(tmp_path / "advgp_flights.json"))
     assert set(payload["meta"]["curves"]["20"]) == {r["method"] for r in rows}
     assert payload["meta"]["batch_size"] == 1024 and payload["meta"]["advgp_optim"]["eps"] == 1e-5  # minibatches
+    assert payload["meta"]["average_decay"] == 0.99 and payload["meta"]["average_baselines"] is True
     assert os.path.getsize(tmp_path / "advgp_flights_M20.png") > 10_000
 
 

@@ -1,7 +1,7 @@
 """The ADVGP tutorials execute from top to bottom (with CI set, so on a 3,000-row subset of the
 flights), train for three delay bounds with a straggling worker, and reach a test RMSE below the
 constant predictor's for every bound; the staleness each update used respects its bound; minibatch
-updates train too."""
+updates train too, and predict well at the server's averaged parameters."""
 from __future__ import annotations
 
 import re
@@ -28,11 +28,11 @@ def test_advgp_tutorial_runs(name, monkeypatch):
     # minibatch updates train too (how many more of them fit in the time depends on the shard size:
     # on this 3,000-row subset a whole shard costs little more than a batch)
     sizes = re.findall(r"(whole shards|minibatches of \d+ rows per worker): (\d+) updates in \d+ s, "
-                       r"test RMSE \(minutes\): ([0-9.]+)", text)
+                       r"test RMSE \(minutes\): ([0-9.]+), at the averaged parameters: ([0-9.]+)", text)
     assert [label.split()[0] for label, *_ in sizes] == ["whole", "minibatches"]
-    (_, full_updates, full_rmse), (_, batch_updates, batch_rmse) = sizes
+    (_, full_updates, *full_rmse), (_, batch_updates, *batch_rmse) = sizes
     assert int(batch_updates) >= 20 and int(full_updates) >= 20
-    assert float(full_rmse) < const - 0.5 and float(batch_rmse) < const - 0.5
+    assert max(map(float, full_rmse + batch_rmse)) < const - 0.5  # at the last iterate and at the average
     best = re.search(r"final RMSE \(minutes\): ([0-9.]+), NLPD \(minutes\): ([-0-9.]+), "
                      r"95% interval coverage: ([0-9.]+)", text)
     assert best is not None
