@@ -131,7 +131,7 @@ def test_predict_uses_the_moving_average_of_the_iterates_and_leaves_the_model_at
     X, y, Z = data()
     expected = proximal_gd(Z, X, y, 5)
     initial = {n: p.detach().clone() for n, p in new_model(Z).named_parameters()}
-    averages = {n: moving_average([initial[n]] + [h[n] for h in expected], 0.5) for n in initial}
+    averages = {n: moving_average([initial[n].numpy()] + [h[n].numpy() for h in expected], 0.5) for n in initial}
     model = new_model(Z)
     Xt = X[:7] + 0.1
     with AsyncProximalSVI(model, X, y, num_workers=1, optim=OPTIM, stand_in=True, average_decay=0.5) as svi:
