@@ -428,13 +428,14 @@ def main(argv=None):
         data = data.subset(num_train, seed=args.seed)
     n = len(data.y_train)
     rows, curves = [], {}
-    decay = averaging(0.0 if args.no_average else None, advgp_batching(args.batch_size, 1)["batch_size"])
+    advgp_average = 0.0 if args.no_average else None  # the library's default, or the last iterate
+    decay = averaging(advgp_average, advgp_batching(args.batch_size, 1)["batch_size"])
     for M in inducing:
         Z = kmeans_inducing(data.X_train, M, seed=args.seed)
         runs = {f"ADVGP {'(NumPyro) ' if f == 'numpyro' else ''}{w} worker{'s' if w > 1 else ''}":
                 lambda w=w, f=f: run_advgp(data, Z, workers=w, max_delay=args.max_delay, budget_s=budget,
                                            interval_s=interval, threads=threads, frontend=f,
-                                           average_decay=0.0 if args.no_average else None,
+                                           average_decay=advgp_average,
                                            **advgp_batching(args.batch_size, w))
                 for f in args.frontends for w in args.workers}
         sgd = dict(budget_s=budget, interval_s=interval, lr=0.01, batch_size=1024, seed=args.seed,

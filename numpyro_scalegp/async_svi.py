@@ -217,9 +217,9 @@ class AsyncProximalSVI(_Server):
         full steps, which overshoot with long delays.
     :param average_decay: the server keeps an exponential moving average of the parameters
         with this decay (:mod:`scalegp.async_server`), which :meth:`predict` and
-        :meth:`averaged_params` use.
-        Default ``None``: 0.99 (about the last 100 updates) with ``batch_size``, whose noisy updates
-        the average smooths, and 0 (the last iterate) with whole shards.
+        :meth:`averaged_params` use. Default ``None``: 0.99 (about the last 100 updates) with
+        ``batch_size``, whose noisy updates the average smooths, and 0 (the last iterate) with
+        whole shards.
 
     ``params`` holds the current parameters (a dict of arrays), the last iterate;
     :meth:`predict` predicts at the average, which minibatch noise moves less.

@@ -124,8 +124,7 @@ class _Server(ProximalServer):
         current = [p.detach().clone() for p in self._params]
         try:
             with torch.no_grad():
-                for p, a in zip(self._params, self.averaged_params().values()):
-                    p.copy_(a)
+                _unflatten_into(torch.as_tensor(self.average, dtype=current[0].dtype), self._params)
             yield self.advgp
         finally:
             with torch.no_grad():
@@ -213,9 +212,9 @@ class AsyncProximalSVI(_Server):
         the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the paper's
         full steps, which overshoot with long delays.
     :param average_decay: the server keeps an exponential moving average of the parameters
-        with this decay (:mod:`scalegp.async_server`), which :meth:`predict` and :meth:`averaged` use.
-        Default ``None``: 0.99 (about the last 100 updates) with ``batch_size``, whose noisy updates
-        the average smooths, and 0 (the last iterate) with whole shards.
+        with this decay (:mod:`scalegp.async_server`), which :meth:`predict` and :meth:`averaged`
+        use. Default ``None``: 0.99 (about the last 100 updates) with ``batch_size``, whose noisy
+        updates the average smooths, and 0 (the last iterate) with whole shards.
 
     A worker that dies is restarted on its shard (``restarts``); ``state_dict`` /
     ``load_state_dict`` stop and resume; ``workers`` are the processes. The model's own
