@@ -52,7 +52,7 @@ import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import constraints
 
-from .optim import lower_cholesky_from_unconstrained, lower_cholesky_to_unconstrained
+from .optim import lower_cholesky_from_unconstrained
 
 __all__ = ["ADVGP", "ADVGPGuide", "kl_term"]
 
@@ -164,18 +164,22 @@ class ADVGP:
 
     # ---- parameters -------------------------------------------------------------------------
     def init_params(self) -> dict:
-        """The initial unconstrained parameters (names as Pyro's ``named_parameters()``)."""
+        """The initial unconstrained parameters (names as Pyro's ``named_parameters()``). Computed
+        by numpy: each eager JAX operation compiles on its first use, and the dozen here added
+        half a second to the start of :class:`~numpyro_scalegp.async_svi.AsyncProximalSVI`."""
         variance, lengthscale = jax.tree_util.tree_leaves(self.kernel)
         dtype = self.Z.dtype
         M = self.num_inducing
+        # 0-d arrays, not numpy scalars, which JAX converts by an (eager, compiled) operation
+        log = lambda v: np.asarray(np.log(np.asarray(v, dtype)))  # noqa: E731
         return {
             "Z_unconstrained": self.Z,
-            "noise_unconstrained": jnp.log(jnp.asarray(self.noise, dtype)),
-            "kernel.variance_unconstrained": jnp.log(jnp.asarray(variance, dtype)),
-            "kernel.lengthscale_unconstrained": jnp.log(jnp.asarray(lengthscale, dtype)),
-            "guide.loc_unconstrained": jnp.zeros(M, dtype),
-            "guide.scale_tril_unconstrained": lower_cholesky_to_unconstrained(
-                self.guide.init_scale * jnp.eye(M, dtype=dtype)),
+            "noise_unconstrained": jnp.asarray(log(self.noise)),
+            "kernel.variance_unconstrained": jnp.asarray(log(variance)),
+            "kernel.lengthscale_unconstrained": jnp.asarray(log(lengthscale)),
+            "guide.loc_unconstrained": jnp.asarray(np.zeros(M, dtype)),
+            # lower_cholesky_to_unconstrained(init_scale I): log on the diagonal, nothing below it
+            "guide.scale_tril_unconstrained": jnp.asarray(log(self.guide.init_scale) * np.eye(M, dtype=dtype)),
         }
 
     def constrain(self, params: dict) -> dict:

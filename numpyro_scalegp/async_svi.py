@@ -38,7 +38,7 @@ import multiprocessing
 import pickle
 import secrets
 import socket
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -47,7 +47,7 @@ from threadpoolctl import threadpool_limits
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
                                   accept_workers, averaging, check_options, connect_to_server, serve_gradients,
-                                  standing_in)
+                                  shard_gradient, standing_in)
 
 from .advgp import ADVGP
 from .optim import proximal_adadelta
@@ -115,24 +115,38 @@ class _Gradient:
 
 class _Server(ProximalServer):
     """The protocol's server with the JAX hooks: ``params`` (a dict of arrays) and
-    ``opt_state`` of :func:`~numpyro_scalegp.optim.proximal_adadelta`."""
+    ``opt_state`` of :func:`~numpyro_scalegp.optim.proximal_adadelta`.
 
-    def __init__(self, advgp: ADVGP, params: dict, optim: dict, workers, *, max_delay: int,
-                 stall_timeout: float, shrink_stale_steps: bool = True, average_decay: float = 0.0):
+    ``start_workers()`` returns the worker transport. It is called once the update is compiled
+    (by one call on zero gradients, discarded) and ``warm_up(flat)`` has run (the stand-in's
+    first gradient, which compiles it): worker interpreters started earlier compete with the
+    compilations for the cores (on the flights and 2 cores, with 2 workers and minibatches, the
+    first update came after 2.9 s with the workers started first, after 1.5-1.6 s so)."""
+
+    def __init__(self, advgp: ADVGP, params: dict, optim: dict, start_workers: Callable, *, max_delay: int,
+                 stall_timeout: float, shrink_stale_steps: bool = True, average_decay: float = 0.0,
+                 warm_up: Callable | None = None):
         self.advgp = advgp
         self._names, self._shapes, self._dtype = _layout(params)
         self.params = {n: jax.numpy.asarray(params[n]) for n in self._names}
         tx = proximal_adadelta(**optim)
-        self.opt_state = tx.init(self.params)
+        # jitted, as everything the first update runs: each eager JAX operation compiles on first use
+        self.opt_state = jax.jit(tx.init)(self.params)
 
         @jax.jit
         def update(params, grads, state, step_scale):
+            """The next parameters and optimizer state, and the KL term at the current parameters
+            (one compilation and one call per update for both)."""
             updates, state = tx.update(grads, state, params, step_scale=step_scale)
-            return optax.apply_updates(params, updates), state
+            return optax.apply_updates(params, updates), state, advgp.kl(params=params)
 
         self._update = update
-        self._kl = jax.jit(lambda p: advgp.kl(params=p))
-        super().__init__(workers, max_delay=max_delay, stall_timeout=stall_timeout,
+        flat = _flatten(self.params, self._names)
+        update(self.params, _unflatten(np.zeros_like(flat), self._names, self._shapes, self._dtype), self.opt_state,
+               1.0)
+        if warm_up is not None:
+            warm_up(flat)
+        super().__init__(start_workers(), max_delay=max_delay, stall_timeout=stall_timeout,
                          shrink_stale_steps=shrink_stale_steps, average_decay=average_decay)
 
     def averaged_params(self) -> dict:
@@ -154,10 +168,9 @@ class _Server(ProximalServer):
         return _flatten(self.params, self._names)
 
     def _proximal_step(self, grad: np.ndarray, step_scale: float) -> float:
-        h = float(self._kl(self.params))
         grads = _unflatten(grad, self._names, self._shapes, self._dtype)
-        self.params, self.opt_state = self._update(self.params, grads, self.opt_state, step_scale)
-        return h
+        self.params, self.opt_state, h = self._update(self.params, grads, self.opt_state, step_scale)
+        return float(h)
 
     def _checkpoint(self) -> dict:
         to_np = lambda tree: jax.tree_util.tree_map(np.asarray, tree)  # noqa: E731
@@ -210,7 +223,8 @@ class AsyncProximalSVI(_Server):
     :param stand_in: while a worker process starts or restarts (seconds: a spawned interpreter
         imports JAX and compiles), the server computes that worker's gradients itself when an
         update waits for them (``stood_in`` lists them; it compiles the gradient once, for
-        every worker whose batch has the same size). Default ``None``: with ``batch_size`` only
+        every worker whose batch has the same size, and before starting the workers, which
+        would compete with it for the cores). Default ``None``: with ``batch_size`` only
         (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
     :param shrink_stale_steps: divide each update's step sizes by one plus the mean delay of
         the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the paper's
@@ -241,12 +255,19 @@ class AsyncProximalSVI(_Server):
                                        stall_timeout=stall_timeout, shards=shards, worker_sleep=worker_sleep,
                                        batch_size=batch_size, seed=seed, num_threads=num_threads,
                                        shrink_stale_steps=shrink_stale_steps, average_decay=average_decay)
-        workers = ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, params, int(num_threads)),
-                                 [(X[s], y[s]) for s in shards], sleeps, batch_size=batch_size, seed=seed,
-                                 stand_in=_Gradient(advgp, params) if standing_in(stand_in, batch_size) else None)
-        super().__init__(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout,
-                         shrink_stale_steps=shrink_stale_steps,
-                         average_decay=averaging(average_decay, batch_size))
+        data = [(X[s], y[s]) for s in shards]
+        here = _Gradient(advgp, params) if standing_in(stand_in, batch_size) else None
+
+        def start_workers():
+            return ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, params, int(num_threads)),
+                                  data, sleeps, batch_size=batch_size, seed=seed, stand_in=here)
+
+        def warm_up(flat):  # the stand-in's gradient on worker 0's first batch, compiled by the first call
+            shard_gradient(here(*data[0]), flat, 0, len(data[0][1]), batch_size=batch_size, seed=seed)
+
+        super().__init__(advgp, params, optim, start_workers, max_delay=max_delay, stall_timeout=stall_timeout,
+                         shrink_stale_steps=shrink_stale_steps, average_decay=averaging(average_decay, batch_size),
+                         warm_up=None if here is None else warm_up)
 
     @property
     def workers(self) -> list:
@@ -316,8 +337,8 @@ def distributed_proximal_svi(advgp: ADVGP, X, y, num_steps: int, *, max_delay: i
         serve_gradients(channel, _Gradient(advgp, params), X[shards[rank - 1]], y[shards[rank - 1]],
                         batch_size=batch_size, seed=seed, worker=rank - 1)
         return None
-    workers = accept_workers(listening, authkey, world - 1, timeout=connect_timeout)
-    with _Server(advgp, params, optim, workers, max_delay=max_delay, stall_timeout=stall_timeout,
+    with _Server(advgp, params, optim, lambda: accept_workers(listening, authkey, world - 1, timeout=connect_timeout),
+                 max_delay=max_delay, stall_timeout=stall_timeout,
                  shrink_stale_steps=shrink_stale_steps,
                  average_decay=averaging(average_decay, batch_size)) as server:
         if checkpoint is not None:

@@ -1,6 +1,8 @@
 """Shared pytest fixtures. Each restores the global state it changes."""
 from __future__ import annotations
 
+import logging
+
 import pyro
 import pytest
 import torch
@@ -32,6 +34,29 @@ def jax_x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture
+def xla_compiles():
+    """The messages of the XLA compilations JAX runs during the test, in order (a list that grows
+    as they happen), JAX's caches cleared first, so that nothing compiled earlier hides one."""
+    import jax
+
+    compiled = []
+
+    class Compiles(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Finished XLA compilation"):
+                compiled.append(record.getMessage())
+
+    handler = Compiles()
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        jax.clear_caches()
+        with jax.log_compiles(True):
+            yield compiled
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
 
 
 @pytest.fixture

@@ -178,6 +178,24 @@ def test_trace_elbo_agrees_with_closed_form_in_expectation():
     assert abs(drawsj.mean() - closed) < 4 * sej
 
 
+def test_initial_parameters_match_pyro_and_compile_nothing(xla_compiles):
+    """``init_params`` equals Pyro's initial ``named_parameters()`` (``init_scale`` != 1, so the
+    log-diagonal of ``scale_tril`` is not zero) and compiles nothing: each eager JAX operation
+    compiles on first use, which made up half a second of AsyncProximalSVI's start."""
+    _, _, Z = data()
+    kernel = gp.kernels.RBF(2, variance=torch.tensor(VARIANCE), lengthscale=torch.tensor(LENGTHSCALE))
+    pm = PyroADVGP(kernel, torch.tensor(Z), NOISE, init_scale=1.7)
+    nm = NumPyroADVGP(nk.RBF(2, VARIANCE, jnp.asarray(LENGTHSCALE)), jnp.asarray(Z), NOISE, init_scale=1.7)
+    before = len(xla_compiles)
+    params = nm.init_params()
+    assert xla_compiles[before:] == []
+    expected = {name: p.detach().numpy() for name, p in pm.named_parameters()}
+    assert set(params) == set(expected)
+    for name, value in expected.items():
+        assert params[name].dtype == jnp.float64, name
+        np.testing.assert_allclose(np.asarray(params[name]), value, rtol=1e-12, atol=1e-15, err_msg=name)
+
+
 def test_pyro_and_numpyro_agree_on_loss_and_gradients():
     X, y, Z = data()
     mu, L = random_q(len(Z))

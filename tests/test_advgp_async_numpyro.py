@@ -8,11 +8,12 @@ import optax
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from numpyro_scalegp import async_svi
 from numpyro_scalegp import kernels as nk
 from numpyro_scalegp.advgp import ADVGP
 from numpyro_scalegp.async_svi import AsyncProximalSVI, _flatten, _Gradient
 from numpyro_scalegp.optim import proximal_adadelta
-from scalegp.async_server import batch_rows
+from scalegp.async_server import ProcessWorkers, batch_rows
 from tests.reference import moving_average
 
 OPTIM = {"learning_rate": 2.0, "rho": 0.9}
@@ -171,6 +172,27 @@ def test_the_stand_in_compiles_one_minibatch_gradient_for_every_worker():
         svi.step()
         assert svi.stood_in == [(0, 0), (1, 0)]
         assert svi._workers._stand_in._value_and_grad._cache_size() == 1  # (one compile: seconds on a busy machine)
+
+
+def test_the_server_compiles_before_it_starts_the_workers(monkeypatch, xla_compiles):
+    """Spawned interpreters compete with compilation for the cores, so the server compiles its
+    update and the stand-in's gradient (with a first computation of each) before starting them;
+    the updates that follow compile nothing."""
+    X, y, Z = data()
+    model = new_model(Z)
+    started_after = []
+
+    def recording_workers(*args, **kwargs):
+        started_after.append(len(xla_compiles))
+        return ProcessWorkers(*args, **kwargs)
+
+    monkeypatch.setattr(async_svi, "ProcessWorkers", recording_workers)
+    with AsyncProximalSVI(model, X, y, num_workers=2, optim=OPTIM, shards=SHARDS, **MINIBATCHES) as svi:
+        svi.step()
+        svi.step()
+        assert svi.stood_in[:2] == [(0, 0), (1, 0)]
+    assert len(started_after) == 1 and started_after[0] >= 2
+    assert xla_compiles[started_after[0]:] == []
 
 
 def blas_threads() -> set:
