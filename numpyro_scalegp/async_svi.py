@@ -121,7 +121,8 @@ class _Server(ProximalServer):
     (by one call on zero gradients, discarded) and ``warm_up(flat)`` has run (the stand-in's
     first gradient, which compiles it): worker interpreters started earlier compete with the
     compilations for the cores (on the flights and 2 cores, with 2 workers and minibatches, the
-    first update came after 2.9 s with the workers started first, after 1.5-1.6 s so)."""
+    first update came after 2.9 s with the workers started first, after 1.5-1.6 s with them
+    started after the compilations)."""
 
     def __init__(self, advgp: ADVGP, params: dict, optim: dict, start_workers: Callable, *, max_delay: int,
                  stall_timeout: float, shrink_stale_steps: bool = True, average_decay: float = 0.0,
