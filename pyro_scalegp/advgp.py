@@ -62,6 +62,7 @@ from typing import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.contrib.gp.kernels import RBF
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 
@@ -107,6 +108,86 @@ def _gram_statistics(Lz: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> tupl
     half = torch.linalg.solve_triangular(Lz, A, upper=False)
     return (torch.linalg.solve_triangular(Lz, half.T, upper=False),
             torch.linalg.solve_triangular(Lz, b[:, None], upper=False)[:, 0])
+
+
+class _RBFDataTerm(torch.autograd.Function):
+    r""":math:`g_k` for the RBF kernel :math:`k(a, b) = v\exp(-\tfrac12\sum_j (a_j - b_j)^2/\ell_j^2)`,
+    its gradient written out and computed with the value (one pass; ``backward`` only scales it).
+    Autograd records some 190 small operations for :math:`g_k` and its backward, whose dispatch costs
+    more than their arithmetic at minibatch sizes (M = 50, d = 8, one thread: 1.14 -> 0.54 ms for 256
+    rows, 1.90 -> 1.07 ms for 1,024).
+
+    With :math:`a = 1/(2\sigma^2)`, :math:`L = \mathrm{chol}(K_{zz} + \epsilon I)`, :math:`T`, :math:`c`
+    as in the module docstring and :math:`S` = ``scale_tril``:
+
+    .. math::
+
+        \bar T = a(\mu\mu^\top + SS^\top - I), \quad \bar c = -2a\mu, \quad
+        \bar\mu = 2a(T\mu - c), \quad \bar S = 2aTS, \quad
+        \bar\sigma^2 = \tfrac{n}{2\sigma^2} - \tfrac{q}{2\sigma^4}
+        \ (q \text{ the bracket of } g_k),
+
+        \bar A = L^{-\top}\bar T L^{-1}, \quad \bar b = L^{-\top}\bar c, \quad
+        \bar L = \mathrm{tril}(-2L^{-\top}\bar T T - \bar b c^\top), \quad
+        \bar K_{zz} = \mathrm{sym}\big(L^{-\top}\Phi(L^\top\bar L)L^{-1}\big),
+
+        \bar K_{zx} = 2\bar A K_{zx} + \bar b y^\top,
+
+    (:math:`\Phi`: the lower triangle with the diagonal halved, :math:`\mathrm{sym}(B) = (B + B^\top)/2`;
+    :math:`L^{-1}` is formed, ``M x M``),
+    then through the kernel with :math:`W = \bar K \odot K`: :math:`\bar v = an + \sum W / v` and, with
+    :math:`W` zeroed where the squared distance was clamped at 0 (as in Pyro's kernel),
+    :math:`\bar z_i \mathrel{+}= -\sum_j W_{ij}(z_i - x_j)/\ell^2`,
+    :math:`\bar\ell \mathrel{+}= \sum_{ij} W_{ij}(z_i - x_j)^2/\ell^3` for :math:`K_{zx}` and, with
+    :math:`K_{zz}`'s two arguments, twice that for :math:`\bar K_{zz}` (the jitter excluded from
+    :math:`\bar v`). Checked against autograd in ``tests/test_advgp.py``.
+
+    .. note:: Cost: ``O(M^3 + n M^2 + n M d)``, as the value.
+    """
+
+    @staticmethod
+    def forward(ctx, variance, lengthscale, Z, noise, loc, scale_tril, X, y, jitter):
+        M, n = Z.shape[0], X.shape[0]
+        eye = torch.eye(M, dtype=Z.dtype, device=Z.device)
+        inv_l2 = lengthscale**-2
+        zs = Z * inv_l2
+
+        def kernel(B):  # K(Z, B), the mask of unclamped squared distances, as Pyro computes them
+            r2 = (Z * zs).sum(1)[:, None] + (B * B * inv_l2).sum(1)[None, :] - 2 * zs @ B.T
+            return variance * torch.exp(-0.5 * r2.clamp(min=0)), r2 >= 0
+
+        Kzz, zz_mask = kernel(Z)
+        Kzx, zx_mask = kernel(X)
+        L = torch.linalg.cholesky(Kzz + jitter * eye)
+        Li = torch.linalg.solve_triangular(L, eye, upper=False)
+        T = Li @ (Kzx @ Kzx.T) @ Li.T
+        c = Li @ (Kzx @ y)
+        Tmu, TS = T @ loc, T @ scale_tril
+        quad = y @ y - 2 * loc @ c + loc @ Tmu + (scale_tril * TS).sum() + n * variance - T.diagonal().sum()
+        value = 0.5 * n * torch.log(2 * math.pi * noise) + 0.5 * quad / noise
+        a = 0.5 / noise
+        g_loc, g_scale = 2 * a * (Tmu - c), 2 * a * TS
+        g_noise = 0.5 * n / noise - 0.5 * quad / noise**2
+        G_T = a * (torch.outer(loc, loc) + scale_tril @ scale_tril.T - eye)
+        G_b = Li.T @ (-2 * a * loc)
+        G_L = (-2 * Li.T @ G_T @ T - torch.outer(G_b, c)).tril()
+        P = L.T @ G_L
+        P = Li.T @ (P.tril() - 0.5 * torch.diag(P.diagonal())) @ Li
+        W_zz = 0.5 * (P + P.T) * Kzz
+        W_zx = (2 * Li.T @ G_T @ Li @ Kzx + torch.outer(G_b, y)) * Kzx
+        g_var = a * n + (W_zz.sum() + W_zx.sum()) / variance
+        W_zz, W_zx = W_zz * zz_mask, W_zx * zx_mask  # the squared distances' share
+        r_zx, r_zz = W_zx.sum(1), W_zz.sum(1)
+        WX, WZ = W_zx @ X, W_zz @ Z
+        g_Z = -((Z * r_zx[:, None] - WX) + 2 * (Z * r_zz[:, None] - WZ)) * inv_l2
+        g_ell = ((Z * Z * r_zx[:, None]).sum(0) - 2 * (Z * WX).sum(0) + (X * X * W_zx.sum(0)[:, None]).sum(0)
+                 + 2 * ((Z * Z * r_zz[:, None]).sum(0) - (Z * WZ).sum(0))) / lengthscale**3
+        ctx.save_for_backward(g_var, g_ell, g_Z, g_noise, g_loc, g_scale)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(grad * g for g in ctx.saved_tensors) + (None, None, None)
 
 
 class ADVGPGuide(PyroModule):
@@ -217,7 +298,14 @@ class ADVGP(PyroModule):
         r"""The data term :math:`g_k` of the rows ``(X, y)`` (paper eq. 15); differentiable
         in the kernel hyperparameters, ``Z``, ``noise``, ``loc`` and ``scale_tril``. Computed from
         the shard's statistics :math:`K_{zx}K_{xz}` and :math:`K_{zx}y` (see the module docstring),
-        never forming :math:`\Phi`."""
+        never forming :math:`\Phi`. For an RBF kernel (Pyro's ``RBF`` itself) with the gradient
+        to be taken and no ``chol_zz`` given, value and gradient come from :class:`_RBFDataTerm`."""
+        if (chol_zz is None and type(self.kernel) is RBF and torch.is_grad_enabled()
+                and not (X.requires_grad or y.requires_grad)):
+            k = self.kernel
+            Xs, Zs = k._slice_input(X), k._slice_input(self.Z)
+            return _RBFDataTerm.apply(k.variance, k.lengthscale.expand(Xs.shape[1]), Zs, self.noise,
+                                      self.guide.loc, self.guide.scale_tril, Xs, y, self.jitter)
         Lz = self._chol_zz() if chol_zz is None else chol_zz
         Kzx = self.kernel.forward(self.Z, X)
         T, c = _gram_statistics(Lz, Kzx @ Kzx.T, Kzx @ y)

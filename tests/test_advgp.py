@@ -213,6 +213,35 @@ def test_pyro_and_numpyro_agree_on_loss_and_gradients():
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("case", ["ard", "scalar_lengthscale", "active_dims"])
+def test_rbf_data_term_written_out_equals_autograd(case):
+    """The RBF data term with its gradient written out (what the workers of AsyncProximalSVI
+    differentiate) equals autograd through the generic path, in value and every gradient."""
+    X, y, Z = data()
+    if case == "active_dims":  # a third input column the kernel ignores
+        rng = np.random.default_rng(3)
+        X, Z = np.insert(X, 1, rng.normal(size=len(X)), axis=1), np.insert(Z, 1, rng.normal(size=len(Z)), axis=1)
+    mu, L = random_q(len(Z))
+    grads, values = [], []
+    for path in ("written_out", "autograd"):
+        pyro.clear_param_store()
+        ls = torch.tensor(0.9) if case == "scalar_lengthscale" else torch.tensor(LENGTHSCALE)
+        kernel = gp.kernels.RBF(2, variance=torch.tensor(VARIANCE), lengthscale=ls,
+                                active_dims=[0, 2] if case == "active_dims" else None)
+        pm = PyroADVGP(kernel, torch.tensor(Z), NOISE, jitter=1e-6)
+        set_q(pm, mu, L)
+        Xt, yt = torch.tensor(X), torch.tensor(y)
+        value = pm.data_term(Xt, yt, chol_zz=None if path == "written_out" else pm._chol_zz())
+        assert (type(value.grad_fn).__name__ == "_RBFDataTermBackward") == (path == "written_out")
+        value.backward()
+        values.append(value.item())
+        grads.append({name: p.grad.numpy().copy() for name, p in pm.named_parameters() if p.grad is not None})
+    assert values[0] == pytest.approx(values[1], rel=1e-12)
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) == 6
+    for name in grads[1]:
+        np.testing.assert_allclose(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-11, err_msg=name)
+
+
 def test_gradients_match_finite_differences_and_closed_form():
     X, y, Z = data(N=25, M=5)
     mu, L = random_q(len(Z))
