@@ -65,6 +65,7 @@ import torch
 from pyro.contrib.gp.kernels import RBF
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
+from torch.autograd.function import once_differentiable
 
 __all__ = ["ADVGP", "ADVGPGuide", "kl_term"]
 
@@ -186,6 +187,7 @@ class _RBFDataTerm(torch.autograd.Function):
         return value
 
     @staticmethod
+    @once_differentiable  # the saved gradients are constants: a second derivative must not pass through them
     def backward(ctx, grad):
         return tuple(grad * g for g in ctx.saved_tensors) + (None, None, None)
 

@@ -233,6 +233,12 @@ def test_rbf_data_term_written_out_equals_autograd(case):
         Xt, yt = torch.tensor(X), torch.tensor(y)
         value = pm.data_term(Xt, yt, chol_zz=None if path == "written_out" else pm._chol_zz())
         assert (type(value.grad_fn).__name__ == "_RBFDataTermBackward") == (path == "written_out")
+        if path == "written_out":  # first derivatives only: a second one raises instead of being wrong
+            first = torch.autograd.grad(value**2, [pm.Z], create_graph=True)[0]  # 2 g dg/dZ
+            with pytest.raises(RuntimeError):
+                first.sum().backward()
+            for p in pm.parameters():
+                p.grad = None
         value.backward()
         values.append(value.item())
         grads.append({name: p.grad.numpy().copy() for name, p in pm.named_parameters() if p.grad is not None})
