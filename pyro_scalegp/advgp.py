@@ -171,11 +171,12 @@ class _RBFDataTerm(torch.autograd.Function):
         g_noise = 0.5 * n / noise - 0.5 * quad / noise**2
         G_T = a * (torch.outer(loc, loc) + scale_tril @ scale_tril.T - eye)
         G_b = Li.T @ (-2 * a * loc)
-        G_L = (-2 * Li.T @ G_T @ T - torch.outer(G_b, c)).tril()
+        LtG = Li.T @ G_T  # shared by the Cholesky factor's and K_zx's gradients
+        G_L = (-2 * LtG @ T - torch.outer(G_b, c)).tril()
         P = L.T @ G_L
         P = Li.T @ (P.tril() - 0.5 * torch.diag(P.diagonal())) @ Li
         W_zz = 0.5 * (P + P.T) * Kzz
-        W_zx = (2 * Li.T @ G_T @ Li @ Kzx + torch.outer(G_b, y)) * Kzx
+        W_zx = (2 * LtG @ Li @ Kzx + torch.outer(G_b, y)) * Kzx
         g_var = a * n + (W_zz.sum() + W_zx.sum()) / variance
         W_zz, W_zx = W_zz * zz_mask, W_zx * zx_mask  # the squared distances' share
         r_zx, r_zz = W_zx.sum(1), W_zz.sum(1)
