@@ -82,7 +82,7 @@ process (``can_compute_here``: local processes given a ``stand_in``), the server
 a worker from its start (or restart) until its first gradient arrives: when an update waits
 for that worker, the server computes the gradient itself at the current version (the same
 numbers, minibatch draw included: :func:`shard_gradient`; recorded in ``stood_in``) instead
-of waiting the seconds a spawned interpreter takes to start. A synchronous run is unchanged;
+of waiting for it to start (seconds for a spawned interpreter). A synchronous run is unchanged;
 the worker's first gradient, older by then, is dropped and the worker takes over.
 
 **Transports** carry the messages; a transport has ``num_workers``, ``restartable``,
@@ -98,7 +98,7 @@ abort or a dead server),
 Here: :class:`ConnectionWorkers` / :class:`ConnectionChannel` over
 ``multiprocessing.connection`` objects (pipes, or TCP sockets between separately
 launched processes: :func:`accept_workers`, :func:`connect_to_server`) and
-:class:`ProcessWorkers` (local spawned processes); the Pyro frontend adds one over
+:class:`ProcessWorkers` (local processes, spawned or forked); the Pyro frontend adds one over
 ``torch.distributed``.
 
 .. note:: Cost per update on the server: ``O(K P)`` for ``P`` parameters (summing the
@@ -419,7 +419,7 @@ def _process_main(conn) -> None:
 
 class ProcessWorkers(ConnectionWorkers):
     """One local worker process per shard, started by ``context`` (a ``multiprocessing``
-    context, ``"spawn"``), each running :func:`serve_gradients` with ``make_compute`` (a
+    context, ``"spawn"`` or ``"fork"``), each running :func:`serve_gradients` with ``make_compute`` (a
     picklable callable) on its shard ``data[k] = (X_k, y_k)``, its straggler sleep ``sleeps[k]``
     and the minibatch options ``batch_size`` and ``seed``; joined by a duplex pipe. A dead
     worker is restartable on its shard. Each process keeps the memory it frees for reuse
@@ -438,8 +438,9 @@ class ProcessWorkers(ConnectionWorkers):
     compute a worker's gradient itself while that worker starts (:meth:`compute_here`, see
     :class:`ProximalServer`).
 
-    .. note:: Starting a worker costs an interpreter start-up (which re-imports the main module)
-       plus ``make_compute`` (imports, compilation): seconds; the workers start in parallel.
+    .. note:: Starting a spawned worker costs an interpreter start-up (which re-imports the main
+       module) plus ``make_compute`` (imports, compilation): seconds; the workers start in
+       parallel. A forked one starts in milliseconds plus ``make_compute``.
     """
 
     restartable = True

@@ -1,6 +1,8 @@
 """AsyncProximalSVI (issue 4, part 3): synchronous equivalence, worker faults, resume, delays."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pyro
 import pyro.contrib.gp as gp
@@ -209,29 +211,68 @@ def test_bad_arguments_raise_before_spawning():
 
 
 SCRIPT_WITHOUT_MAIN_GUARD = """
+import sys
 import numpy as np, torch, pyro.contrib.gp as gp
 from pyro_scalegp import ADVGP, AsyncProximalSVI
 torch.set_default_dtype(torch.float64)
+torch.set_num_threads(2)
+torch.exp(torch.randn(1_000_000)).sum()  # OpenMP's thread pool is in use before the workers start
+
+
+class MyRBF(gp.kernels.RBF):  # defined in __main__: a forked worker has it, a spawned one re-imports it
+    pass
+
+
 rng = np.random.default_rng(0)
 X, y = torch.tensor(rng.normal(size=(20_000, 2))), torch.tensor(rng.normal(size=20_000))
-model = ADVGP(gp.kernels.RBF(2), X[:5].clone(), 0.2)
-with AsyncProximalSVI(model, X, y, num_workers=2, batch_size=64) as svi:  # spawned workers re-import this script
-    svi.run(10**6)  # the server stands in for the starting workers: the run goes on until their exit is seen
+model = ADVGP(MyRBF(2), X[:5].clone(), 0.2)
+threads, steps = int(sys.argv[1]), int(sys.argv[2])
+with AsyncProximalSVI(model, X, y, num_workers=2, batch_size=64, num_threads=threads) as svi:
+    svi.run(steps, progress_bar=False)  # the server stands in for starting workers: goes on until their exit is seen
+    print("served", len(svi.stood_in) < 2 * steps)  # some gradients came from the workers
 """
 
 
-def test_script_without_main_guard_fails_naming_the_worker_instead_of_hanging(tmp_path):
-    # each shard (10,000 rows) is larger than a pipe buffer: passed with the spawn arguments, the
-    # parent would wait forever to write it to a worker that died re-importing the script
+def _run_script_without_main_guard(tmp_path, threads: int, steps: int):
     import subprocess
     import sys
 
     script = tmp_path / "no_guard.py"
     script.write_text(SCRIPT_WITHOUT_MAIN_GUARD)
-    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, str(script), str(threads), str(steps)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_script_without_main_guard_fails_naming_the_worker_instead_of_hanging(tmp_path):
+    # two threads per worker: spawned (pyro_scalegp.async_svi.worker_context). Each shard (10,000
+    # rows) is larger than a pipe buffer: passed with the spawn arguments, the parent would wait
+    # forever to write it to a worker that died re-importing the script
+    run = _run_script_without_main_guard(tmp_path, threads=2, steps=10**6)
     assert run.returncode != 0
     assert "PeerFailedError: worker" in run.stderr and "exited while starting" in run.stderr, run.stderr[-3000:]
     assert 'if __name__ == "__main__":' in run.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
+def test_forked_workers_need_no_main_guard_and_have_the_scripts_classes(tmp_path):
+    # one thread per worker (the default): forked; they unpickle the model with its __main__.MyRBF
+    # kernel and send gradients (the server stops standing in for them)
+    run = _run_script_without_main_guard(tmp_path, threads=1, steps=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "served True" in run.stdout, run.stdout
+
+
+def test_workers_are_forked_with_one_thread_on_linux_and_spawned_otherwise(monkeypatch):
+    from pyro_scalegp.async_svi import worker_context
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert worker_context(1).get_start_method() == "fork"
+    assert worker_context(2).get_start_method() == "spawn"  # GNU OpenMP's pool does not survive fork
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert worker_context(1).get_start_method() == "spawn"
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert worker_context(1).get_start_method() == "spawn"
 
 
 def test_torch_threads_sets_the_count_for_the_block_and_restores_it_also_on_error():
