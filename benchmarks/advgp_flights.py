@@ -45,7 +45,8 @@ import pyro.contrib.gp as gp
 import torch
 
 from benchmarks.baselines import INIT, _gpytorch_kernel, kmeans_inducing
-from benchmarks.common import gaussian_metrics, parser, quick_mode, set_threads, write_results
+from benchmarks.common import (gaussian_metrics, parser, quick_mode, set_threads, spawning_as_from_a_notebook,
+                               write_results)
 from pyro_scalegp import ADVGP, AsyncProximalSVI
 from scalegp.async_server import DEFAULT_AVERAGE_DECAY, average_weight, averaging
 from scalegp.datasets import load_flights
@@ -155,7 +156,8 @@ def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interva
     """Train ADVGP with ``AsyncProximalSVI`` of ``frontend`` ("pyro" or "numpyro") for ``budget_s``
     seconds after its first update.
 
-    The clock starts before the workers are spawned, so the curve's times include their start-up.
+    The clock starts before the workers are started, so the curve's times include their start-up
+    (spawned ones import only what they use, as from a notebook: :func:`spawning_as_from_a_notebook`).
     ``threads`` (default: all cores) are split between the workers; ``worker_sleep`` is passed
     on (simulated stragglers). Returns the RMSE/NLPD curve (each checkpoint also records the
     largest staleness so far) and the start-up time: the clock when the first update was applied
@@ -181,7 +183,7 @@ def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interva
     curve = []
     clock = Clock(interval_s)
     clock.checkpoint(curve, 0, evaluate)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), spawning_as_from_a_notebook():  # spawned workers: only their own imports
         warnings.simplefilter("ignore")  # stall warnings of deliberately slow workers
         with svi_class(model, X, y, num_workers=workers, max_delay=max_delay, optim=optim, worker_sleep=worker_sleep,
                        num_threads=max(1, threads // workers), batch_size=batch_size, seed=0,

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -20,6 +21,7 @@ import resource
 import statistics
 import sys
 import time
+import types
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -28,8 +30,31 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 __all__ = [
     "RESULTS_DIR", "quick_mode", "parser", "timeit", "Timer", "run_isolated", "peak_rss_mib", "gaussian_metrics",
-    "write_results", "markdown_table", "progress", "machine_info", "set_threads",
+    "write_results", "markdown_table", "progress", "machine_info", "set_threads", "spawning_as_from_a_notebook",
 ]
+
+
+@contextlib.contextmanager
+def spawning_as_from_a_notebook():
+    """Processes spawned inside the block re-run no main module, as when spawned from a notebook
+    (whose ``__main__`` has neither a file nor a module name).
+
+    ``multiprocessing``'s spawn method re-runs the parent's main module in each child. A
+    benchmark's main module imports every method it compares (torch, Pyro and GPyTorch beside JAX),
+    which a user's script of one method does not: a spawned NumPyro ADVGP worker then imported
+    for 3.3 s of CPU instead of 1.7 (``import benchmarks.advgp_flights, numpyro_scalegp`` against
+    ``import numpyro_scalegp``, on the 2-core machine). The children still import what they use
+    (unpickling their work imports its library).
+
+    .. note:: Cost: none; ``sys.modules["__main__"]`` is swapped for an empty module inside the
+       block (nothing pickled by reference to ``__main__`` can be sent to a child then).
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def quick_mode(args: argparse.Namespace | None = None) -> bool:

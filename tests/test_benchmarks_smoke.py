@@ -55,6 +55,35 @@ def test_timeit_and_quick_mode(monkeypatch):
     assert common.quick_mode(common.parser("x").parse_args(["--quick"]))
 
 
+SPAWNING_SCRIPT = """
+import multiprocessing, sys, time
+if __name__ == "__mp_main__":
+    print("main module re-run", flush=True)  # in a spawned child that re-runs this script
+from benchmarks.common import spawning_as_from_a_notebook
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    for hidden in (True, False):
+        with spawning_as_from_a_notebook() if hidden else open(__file__):
+            child = context.Process(target=time.sleep, args=(0.0,))
+            child.start()
+            child.join()
+        print("hidden" if hidden else "not hidden", child.exitcode, flush=True)
+    print("main module back", sys.modules["__main__"].__file__ == __file__)
+"""
+
+
+def test_processes_spawned_as_from_a_notebook_do_not_rerun_the_main_module(tmp_path):
+    import subprocess
+
+    script = tmp_path / "spawning.py"
+    script.write_text(SPAWNING_SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[:4] == ["hidden 0", "main module re-run", "not hidden 0", "main module back True"]
+
+
 def test_gaussian_metrics_against_scipy():
     from scipy.stats import norm
 
