@@ -61,10 +61,19 @@ def _unflatten_into(flat: torch.Tensor, tensors) -> None:
         offset += n
 
 
+def _jax_runs_here() -> bool:
+    """Whether JAX's runtime (its threads) has started in this process (without importing JAX)."""
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    if bridge is None:
+        return False
+    initialized = getattr(bridge, "backends_are_initialized", None)
+    return True if initialized is None else bool(initialized())
+
+
 def worker_context(num_threads: int):
     """The ``multiprocessing`` context that starts :class:`AsyncProximalSVI`'s workers:
-    ``"fork"`` on Linux for one torch thread per worker while CUDA is not initialized in
-    this process, ``"spawn"`` otherwise.
+    ``"fork"`` on Linux for one torch thread per worker while neither CUDA nor JAX's runtime
+    has started in this process, ``"spawn"`` otherwise.
 
     A forked worker shares the server's imported modules (torch, Pyro, the user's own
     ``__main__``, so classes defined in a notebook or script unpickle there) and starts in
@@ -72,11 +81,12 @@ def worker_context(num_threads: int):
     2-core machine 1.3 s before one computes, 3.4 s before four do. Only one thread
     is safe: GNU OpenMP's thread pool does not survive ``fork``, and a forked child that
     runs a torch operation on two threads hangs once the parent has used two (checked on
-    torch 2.13; one thread never enters OpenMP). CUDA cannot be used in a forked child.
+    torch 2.13; one thread never enters OpenMP). CUDA cannot be used in a forked child, and
+    JAX warns that forking its threads may deadlock (a process that also runs NumPyro).
 
     .. note:: Cost: one ``multiprocessing.get_context`` call.
     """
-    if sys.platform == "linux" and num_threads == 1 and not torch.cuda.is_initialized():
+    if sys.platform == "linux" and num_threads == 1 and not torch.cuda.is_initialized() and not _jax_runs_here():
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
 
@@ -218,7 +228,8 @@ class AsyncProximalSVI(_Server):
     :param stall_timeout: seconds without a gradient from a worker the server waits on
         before a :class:`StalledWorkerWarning`.
     :param num_threads: torch threads per worker. With one (the default) the workers are
-        forked on Linux and start at once, otherwise spawned (:func:`worker_context`).
+        forked on Linux and start at once (unless CUDA or JAX runs in this process), otherwise
+        spawned (:func:`worker_context`).
     :param batch_size: rows per gradient and worker (default ``None``: the whole shard). With
         ``b`` rows, each gradient is the unbiased estimate ``(n_k / b) grad g_k`` from ``b`` rows
         of the shard drawn afresh (:func:`scalegp.async_server.batch_rows`): cheaper, noisier

@@ -1,7 +1,9 @@
 """AsyncProximalSVI (issue 4, part 3): synchronous equivalence, worker faults, resume, delays."""
 from __future__ import annotations
 
+import multiprocessing
 import sys
+import types
 
 import numpy as np
 import pyro
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from pyro_scalegp.advgp import ADVGP
+from pyro_scalegp import async_svi
 from pyro_scalegp.async_svi import AsyncProximalSVI, StalledWorkerWarning
 from pyro_scalegp.optim import ProximalAdadeltaOptimizer
 from scalegp.async_server import batch_rows
@@ -86,8 +89,15 @@ def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
     assert losses[-1] < losses[0]
 
 
+FORK = pytest.param("fork", marks=pytest.mark.skipif(sys.platform != "linux", reason="forked on Linux only"))
+
+
+@pytest.mark.parametrize("start", [FORK, "spawn"])
 @pytest.mark.parametrize("batching", [{}, MINIBATCHES], ids=["full shards", "minibatches"])
-def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching):
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's, where other tests started it
+def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching, start, monkeypatch):
+    # both start methods, whichever worker_context would pick in this process
+    monkeypatch.setattr(async_svi, "worker_context", lambda num_threads: multiprocessing.get_context(start))
     X, y, Z = data()
     expected = proximal_gd(Z, X, y, 6, **batching)
     if batching:  # minibatches follow other (stochastic) gradients than the full data's
@@ -265,12 +275,21 @@ def test_forked_workers_need_no_main_guard_and_have_the_scripts_classes(tmp_path
 def test_workers_are_forked_with_one_thread_on_linux_and_spawned_otherwise(monkeypatch):
     from pyro_scalegp.async_svi import worker_context
 
+    bridge = types.ModuleType("jax._src.xla_bridge")  # how JAX tells whether its runtime runs
+    bridge.backends_are_initialized = lambda: False
+    monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", bridge)
     monkeypatch.setattr(sys, "platform", "linux")
     assert worker_context(1).get_start_method() == "fork"
     assert worker_context(2).get_start_method() == "spawn"  # GNU OpenMP's pool does not survive fork
+    bridge.backends_are_initialized = lambda: True
+    assert worker_context(1).get_start_method() == "spawn"  # JAX's threads: it warns of deadlocks
+    bridge.backends_are_initialized = lambda: False
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert worker_context(1).get_start_method() == "spawn"
     monkeypatch.undo()
+    jax = pytest.importorskip("jax")
+    jax.numpy.zeros(1).block_until_ready()  # JAX's runtime now runs here
+    assert worker_context(1).get_start_method() == "spawn"
     monkeypatch.setattr(sys, "platform", "darwin")
     assert worker_context(1).get_start_method() == "spawn"
 
