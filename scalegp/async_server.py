@@ -123,6 +123,7 @@ import time
 import traceback
 import warnings
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
+from multiprocessing.util import register_after_fork
 from multiprocessing.connection import wait as mp_wait
 from typing import Callable, Sequence
 
@@ -479,6 +480,9 @@ class ProcessWorkers(ConnectionWorkers):
 
     def _spawn(self, k: int) -> None:
         conn, child = self._context.Pipe(duplex=True)
+        # a forked process (this worker or a later one) closes its copy of the server's end: holding
+        # it, a worker would never read EOF, and so never exit, when the server dies
+        register_after_fork(conn, Connection.close)
         proc = self._context.Process(target=_process_main, daemon=True, args=(child,))
         proc.start()
         child.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import types
 
@@ -270,6 +271,53 @@ def test_forked_workers_need_no_main_guard_and_have_the_scripts_classes(tmp_path
     run = _run_script_without_main_guard(tmp_path, threads=1, steps=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "served True" in run.stdout, run.stdout
+
+
+SCRIPT_KILLED_SERVER = """
+import os, signal
+import numpy as np, torch, pyro.contrib.gp as gp
+from pyro_scalegp import ADVGP, AsyncProximalSVI
+torch.set_default_dtype(torch.float64)
+rng = np.random.default_rng(0)
+X, y = torch.tensor(rng.normal(size=(3000, 2))), torch.tensor(rng.normal(size=3000))
+svi = AsyncProximalSVI(ADVGP(gp.kernels.RBF(2), X[:5].clone(), 0.2), X, y, num_workers=3, batch_size=64)
+svi.run(20, progress_bar=False)
+print(*[p.pid for p in svi.workers], type(svi.workers[0]._popen).__module__, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the server dies without closing anything
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
+def test_forked_workers_exit_when_their_server_is_killed(tmp_path):
+    # each forked worker closes its copies of the server's pipe ends, its own included: else it never
+    # reads EOF and stays, an orphan, for ever
+    import signal
+    import subprocess
+    import time
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    script = tmp_path / "killed_server.py"
+    script.write_text(SCRIPT_KILLED_SERVER)
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:  # files: orphans would hold a pipe open
+        subprocess.run([sys.executable, str(script)], stdout=stdout, stderr=stderr, timeout=120)
+    *pids, popen = out.read_text().split()
+    assert popen == "multiprocessing.popen_fork", out.read_text() + err.read_text()[-3000:]
+    pids = [int(p) for p in pids]
+    try:
+        deadline = time.monotonic() + 20.0
+        while any(map(running, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(running, pids)), "workers outlived their server"
+    finally:
+        for pid in filter(running, pids):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_workers_are_forked_with_one_thread_on_linux_and_spawned_otherwise(monkeypatch):
