@@ -1,8 +1,8 @@
 r"""Delayed (bounded-staleness) proximal gradient training of ADVGP over worker processes.
 
 A server (this process) holds the parameters of an :class:`~pyro_scalegp.advgp.ADVGP`;
-``num_workers`` local processes (:func:`worker_context`) each own a shard of the data. A worker receives the
-newest parameters, computes the gradient of its data term :math:`g_k`
+``num_workers`` local processes (:func:`worker_context`) each own a shard of the data. A
+worker receives the newest parameters, computes the gradient of its data term :math:`g_k`
 (:meth:`~pyro_scalegp.advgp.ADVGP.data_term`) and sends it back tagged with the
 version it used. The server applies
 

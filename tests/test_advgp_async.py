@@ -12,8 +12,8 @@ import pyro.contrib.gp as gp
 import pytest
 import torch
 
-from pyro_scalegp.advgp import ADVGP
 from pyro_scalegp import async_svi
+from pyro_scalegp.advgp import ADVGP
 from pyro_scalegp.async_svi import AsyncProximalSVI, StalledWorkerWarning
 from pyro_scalegp.optim import ProximalAdadeltaOptimizer
 from scalegp.async_server import batch_rows
@@ -246,7 +246,6 @@ with AsyncProximalSVI(model, X, y, num_workers=2, batch_size=64, num_threads=thr
 
 def _run_script_without_main_guard(tmp_path, threads: int, steps: int):
     import subprocess
-    import sys
 
     script = tmp_path / "no_guard.py"
     script.write_text(SCRIPT_WITHOUT_MAIN_GUARD)

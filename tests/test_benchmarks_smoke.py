@@ -56,7 +56,7 @@ def test_timeit_and_quick_mode(monkeypatch):
 
 
 SPAWNING_SCRIPT = """
-import multiprocessing, sys, time
+import contextlib, multiprocessing, sys, time
 if __name__ == "__mp_main__":
     print("main module re-run", flush=True)  # in a spawned child that re-runs this script
 from benchmarks.common import spawning_as_from_a_notebook
@@ -64,7 +64,7 @@ from benchmarks.common import spawning_as_from_a_notebook
 if __name__ == "__main__":
     context = multiprocessing.get_context("spawn")
     for hidden in (True, False):
-        with spawning_as_from_a_notebook() if hidden else open(__file__):
+        with spawning_as_from_a_notebook() if hidden else contextlib.nullcontext():
             child = context.Process(target=time.sleep, args=(0.0,))
             child.start()
             child.join()
