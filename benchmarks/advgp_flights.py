@@ -47,7 +47,7 @@ import torch
 
 from benchmarks.baselines import INIT, _gpytorch_kernel, kmeans_inducing
 from benchmarks.common import (gaussian_metrics, parser, quick_mode, set_threads, spawning_as_from_a_notebook,
-                               write_results)
+                               stop_fork_server, write_results)
 from pyro_scalegp import ADVGP, AsyncProximalSVI
 from scalegp.async_server import DEFAULT_AVERAGE_DECAY, average_weight, averaging
 from scalegp.datasets import load_flights
@@ -158,7 +158,9 @@ def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interva
     seconds after its first update.
 
     The clock starts before the workers are started, so the curve's times include their start-up
-    (spawned ones import only what they use, as from a notebook: :func:`spawning_as_from_a_notebook`).
+    (those not forked from this process import only what they use, as from a notebook:
+    :func:`spawning_as_from_a_notebook`; a fork server an earlier run started is stopped first, so
+    that each run pays for its imports: :func:`stop_fork_server`).
     ``threads`` (default: all cores) are split between the workers; ``worker_sleep`` is passed
     on (simulated stragglers). Returns the RMSE/NLPD curve (each checkpoint also records the
     largest staleness so far) and the start-up time: the clock when the first update was applied
@@ -177,6 +179,7 @@ def run_advgp(data, Z, *, workers: int, max_delay: int, budget_s: float, interva
     # the first torch optimizer of a process imports torch._dynamo (about 2 s); the baselines build
     # theirs before their clocks start, so this one is built before ADVGP's
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+    stop_fork_server()
 
     def evaluate():
         return {**metrics(data, *predict(svi)), "max_staleness": max(staleness, default=0), "stood_in": len(stood_in)}

@@ -31,15 +31,16 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 __all__ = [
     "RESULTS_DIR", "quick_mode", "parser", "timeit", "Timer", "run_isolated", "peak_rss_mib", "gaussian_metrics",
     "write_results", "markdown_table", "progress", "machine_info", "set_threads", "spawning_as_from_a_notebook",
+    "stop_fork_server",
 ]
 
 
 @contextlib.contextmanager
 def spawning_as_from_a_notebook():
-    """Processes spawned inside the block re-run no main module, as when spawned from a notebook
-    (whose ``__main__`` has neither a file nor a module name).
+    """Processes spawned (or forked from a fork server) inside the block re-run no main module, as
+    when started from a notebook (whose ``__main__`` has neither a file nor a module name).
 
-    ``multiprocessing``'s spawn method re-runs the parent's main module in each child. A
+    ``multiprocessing``'s spawn and forkserver methods re-run the parent's main module in each child. A
     benchmark's main module imports every method it compares (torch, Pyro and GPyTorch beside JAX),
     which a user's script of one method does not: a spawned NumPyro ADVGP worker then imported
     for 3.3 s of CPU instead of 1.7 (``import benchmarks.advgp_flights, numpyro_scalegp`` against
@@ -55,6 +56,20 @@ def spawning_as_from_a_notebook():
         yield
     finally:
         sys.modules["__main__"] = main
+
+
+def stop_fork_server() -> None:
+    """Stop this process's ``multiprocessing`` fork server, if it runs, so that the next workers
+    start as in a fresh script. The fork server (:func:`scalegp.async_server.preloading_context`)
+    imports the workers' framework once and stays for later runs, whose workers then start with
+    nothing to import (as a notebook's second fit does); each benchmark run pays for the import.
+
+    .. note:: Cost: the fork server's exit (milliseconds); uses the private ``_stop`` of
+       ``multiprocessing.forkserver`` (what its own tests use): benchmarks only.
+    """
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()
 
 
 def quick_mode(args: argparse.Namespace | None = None) -> bool:

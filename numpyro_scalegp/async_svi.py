@@ -2,8 +2,9 @@ r"""Delayed (bounded-staleness) proximal gradient training of ADVGP over worker 
 
 The same server/worker protocol as :mod:`pyro_scalegp.async_svi`, written once in
 :mod:`scalegp.async_server`: a server (this process) holds the unconstrained parameter
-dict of a :class:`~numpyro_scalegp.advgp.ADVGP`; ``num_workers`` spawned processes each
-own a data shard, receive the newest parameters, compute the gradient of their data term
+dict of a :class:`~numpyro_scalegp.advgp.ADVGP`; ``num_workers`` processes (forked from a
+fork server that has imported this module, or spawned: :func:`scalegp.async_server.preloading_context`)
+each own a data shard, receive the newest parameters, compute the gradient of their data term
 :math:`g_k` with a jitted ``jax.value_and_grad`` and send it back tagged with the version
 used. The server applies
 
@@ -34,7 +35,6 @@ the process ids and the rendezvous (process 0 broadcasts its port and a fresh ke
 """
 from __future__ import annotations
 
-import multiprocessing
 import pickle
 import secrets
 import socket
@@ -46,8 +46,8 @@ import optax
 from threadpoolctl import threadpool_limits
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
-                                  accept_workers, averaging, check_options, connect_to_server, serve_gradients,
-                                  shard_gradient, standing_in)
+                                  accept_workers, averaging, check_options, connect_to_server, preloading_context,
+                                  serve_gradients, shard_gradient, standing_in)
 
 from .advgp import ADVGP
 from .optim import proximal_adadelta
@@ -221,8 +221,8 @@ class AsyncProximalSVI(_Server):
         ``b`` rows, the unbiased estimate ``(n_k / b) grad g_k`` from ``b`` rows drawn afresh
         (:func:`scalegp.async_server.batch_rows`).
     :param seed: seeds the minibatch draws (with the worker and the parameter version).
-    :param stand_in: while a worker process starts or restarts (seconds: a spawned interpreter
-        imports JAX and compiles), the server computes that worker's gradients itself when an
+    :param stand_in: while a worker process starts or restarts (seconds: it compiles, and the
+        first time the fork server imports JAX), the server computes that worker's gradients itself when an
         update waits for them (``stood_in`` lists them; it compiles the gradient once, for
         every worker whose batch has the same size, and before starting the workers, which
         would compete with it for the cores). Default ``None``: with ``batch_size`` only
@@ -240,8 +240,8 @@ class AsyncProximalSVI(_Server):
     :meth:`predict` predicts at the average, which minibatch noise moves less.
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` (``O(M^3 + b M^2)`` with
-       ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting the workers (spawned
-       interpreters, jit) takes seconds, during which the server computes their gradients
+       ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting the workers (the fork
+       server's imports the first time, jit) takes seconds, during which the server computes their gradients
        (with ``stand_in``).
     """
 
@@ -260,7 +260,7 @@ class AsyncProximalSVI(_Server):
         here = _Gradient(advgp, params) if standing_in(stand_in, batch_size) else None
 
         def start_workers():
-            return ProcessWorkers(multiprocessing.get_context("spawn"), _Gradient(advgp, params, int(num_threads)),
+            return ProcessWorkers(preloading_context(__name__), _Gradient(advgp, params, int(num_threads)),
                                   data, sleeps, batch_size=batch_size, seed=seed, stand_in=here)
 
         def warm_up(flat):  # the stand-in's gradient on worker 0's first batch, compiled by the first call

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
-                                  averaging, check_options, serve_gradients, standing_in)
+                                  averaging, check_options, preloading_context, serve_gradients, standing_in)
 
 from .advgp import ADVGP
 from .optim import ProximalAdadeltaOptimizer
@@ -73,12 +73,14 @@ def _jax_runs_here() -> bool:
 def worker_context(num_threads: int):
     """The ``multiprocessing`` context that starts :class:`AsyncProximalSVI`'s workers:
     ``"fork"`` on Linux for one torch thread per worker while neither CUDA nor JAX's runtime
-    has started in this process, ``"spawn"`` otherwise.
+    has started in this process; otherwise a fork server that has imported this module once
+    (``"spawn"`` where there is none: :func:`scalegp.async_server.preloading_context`).
 
     A forked worker shares the server's imported modules (torch, Pyro, the user's own
     ``__main__``, so classes defined in a notebook or script unpickle there) and starts in
     milliseconds, where spawned interpreters re-import the main module and torch: on a
-    2-core machine 1.3 s before one computes, 3.4 s before four do. Only one thread
+    2-core machine 1.3 s before one computes, 3.4 s before four do (from a fork server, the
+    main module only, once the server has imported torch). Only one thread
     is safe: GNU OpenMP's thread pool does not survive ``fork``, and a forked child that
     runs a torch operation on two threads hangs once the parent has used two (checked on
     torch 2.13; one thread never enters OpenMP). CUDA cannot be used in a forked child, and
@@ -88,7 +90,7 @@ def worker_context(num_threads: int):
     """
     if sys.platform == "linux" and num_threads == 1 and not torch.cuda.is_initialized() and not _jax_runs_here():
         return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
+    return preloading_context(__name__)
 
 
 class _Gradient:
@@ -229,17 +231,17 @@ class AsyncProximalSVI(_Server):
         before a :class:`StalledWorkerWarning`.
     :param num_threads: torch threads per worker. With one (the default) the workers are
         forked on Linux and start at once (unless CUDA or JAX runs in this process), otherwise
-        spawned (:func:`worker_context`).
+        forked from a fork server or spawned (:func:`worker_context`).
     :param batch_size: rows per gradient and worker (default ``None``: the whole shard). With
         ``b`` rows, each gradient is the unbiased estimate ``(n_k / b) grad g_k`` from ``b`` rows
         of the shard drawn afresh (:func:`scalegp.async_server.batch_rows`): cheaper, noisier
         updates, as in minibatch SVI.
     :param seed: seeds the minibatch draws (with the worker and the parameter version, so a
         restarted worker or a resumed run draws the same rows).
-    :param stand_in: while a worker process starts or restarts (seconds where it is spawned: an
-        interpreter re-imports the main module, then torch), the server computes that worker's gradients
-        itself when an update waits for them, so training starts at once (``stood_in`` lists
-        them; the same numbers as the worker's). Default ``None``: with ``batch_size`` only
+    :param stand_in: while a worker process starts or restarts (seconds where it is not forked
+        from this process: it re-imports the main module and, spawned, torch), the server
+        computes that worker's gradients itself when an update waits for them, so training
+        starts at once (``stood_in`` lists them; the same numbers as the worker's). Default ``None``: with ``batch_size`` only
         (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
     :param shrink_stale_steps: divide each update's step sizes by one plus the mean delay of
         the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the paper's
@@ -255,8 +257,8 @@ class AsyncProximalSVI(_Server):
     the average, which minibatch noise moves less.
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` (``O(M^3 + b M^2)`` with
-       ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting spawned workers takes
-       seconds (forked ones milliseconds), during which the server computes their gradients
+       ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting workers that are not forked from this
+       process takes seconds (forked ones milliseconds), during which the server computes their gradients
        (with ``stand_in``).
     """
 

@@ -82,7 +82,7 @@ process (``can_compute_here``: local processes given a ``stand_in``), the server
 a worker from its start (or restart) until its first gradient arrives: when an update waits
 for that worker, the server computes the gradient itself at the current version (the same
 numbers, minibatch draw included: :func:`shard_gradient`; recorded in ``stood_in``) instead
-of waiting for it to start (seconds for a spawned interpreter). A synchronous run is unchanged;
+of waiting for it to start (seconds where it imports its framework or compiles). A synchronous run is unchanged;
 the worker's first gradient, older by then, is dropped and the worker takes over.
 
 **Transports** carry the messages; a transport has ``num_workers``, ``restartable``,
@@ -98,7 +98,8 @@ abort or a dead server),
 Here: :class:`ConnectionWorkers` / :class:`ConnectionChannel` over
 ``multiprocessing.connection`` objects (pipes, or TCP sockets between separately
 launched processes: :func:`accept_workers`, :func:`connect_to_server`) and
-:class:`ProcessWorkers` (local processes, spawned or forked); the Pyro frontend adds one over
+:class:`ProcessWorkers` (local processes: forked, forked from a fork server, or spawned:
+:func:`preloading_context`); the Pyro frontend adds one over
 ``torch.distributed``.
 
 .. note:: Cost per update on the server: ``O(K P)`` for ``P`` parameters (summing the
@@ -115,6 +116,7 @@ SIAM J. Control Optim. 30(4), 1992.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import pickle
 import socket
@@ -418,20 +420,53 @@ def _process_main(conn) -> None:
         pass
 
 
+def preloading_context(module: str):
+    """The ``multiprocessing`` context for local worker processes that run ``module``: a fork
+    server (``"forkserver"``, where the platform has one: Linux, macOS) told to import ``module``
+    once, from which every worker forks; ``"spawn"`` elsewhere.
+
+    A spawned worker is a fresh interpreter that imports its framework itself: JAX and NumPyro
+    take 1.2-1.7 s of CPU here. On the flights (M = 50, 1,024 rows an update, two NumPyro
+    workers and the server on two cores; ``/work/notes/adhoc/np_startup_ab.py``) spawned workers
+    took over from the server's stand-ins after 5.2-5.5 s, and the server had made 168-204
+    updates by 4 s and 1,269-1,287 by 8 s; forked from a fork server that imported NumPyro once,
+    after 5.0-5.1 s, with 284-317 and 1,437-1,502 updates. The fork server is a fresh process too, so forking from it is safe where forking the user's
+    process is not (JAX's threads, CUDA, OpenMP's pool). Its children still import the main
+    module as spawned ones do (so a script needs ``if __name__ == "__main__":``). The fork
+    server is the process's own (``multiprocessing``'s): it starts with the first worker and
+    stays for later runs, whose workers then start with nothing to import, with the environment
+    variables it started with; if it already runs with other modules, workers import ``module``
+    themselves.
+
+    .. note:: Cost: one ``multiprocessing.get_context`` call; the fork server's start (an
+       interpreter importing ``module``) happens with the first worker's, off the server's thread
+       (:class:`ProcessWorkers`).
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([module])
+    return context
+
+
 class ProcessWorkers(ConnectionWorkers):
     """One local worker process per shard, started by ``context`` (a ``multiprocessing``
-    context, ``"spawn"`` or ``"fork"``), each running :func:`serve_gradients` with ``make_compute`` (a
-    picklable callable) on its shard ``data[k] = (X_k, y_k)``, its straggler sleep ``sleeps[k]``
-    and the minibatch options ``batch_size`` and ``seed``; joined by a duplex pipe. A dead
+    context: ``"fork"``, ``"forkserver"`` or ``"spawn"``), each running :func:`serve_gradients` with
+    ``make_compute`` (a picklable callable) on its shard ``data[k] = (X_k, y_k)``, its straggler sleep
+    ``sleeps[k]`` and the minibatch options ``batch_size`` and ``seed``; joined by a duplex pipe. A dead
     worker is restartable on its shard. Each process keeps the memory it frees for reuse
     (:func:`keep_freed_memory`).
 
     ``make_compute`` and the shard go over the worker's own pipe once the process runs, not
     with the spawn arguments, and a thread per worker hands them over, so that starting (or
-    restarting) a worker does not hold up the server. Parameters sent to a worker before it has
-    read its shard wait for it (the newest only). A process that exits before reading its shard
-    (a spawned process re-imports the main module, so a script that creates the workers outside
-    ``if __name__ == "__main__":`` fails there) is reported by :meth:`poll` as
+    restarting) a worker does not hold up the server. That thread also starts the process,
+    unless ``context`` forks this process (a fork stays on the calling thread, which holds no
+    lock a child could inherit): a fork server answers once it has imported its modules
+    (seconds, the first time). :attr:`processes` waits for the starts. Parameters sent to a
+    worker before it has read its shard wait for it (the newest only). A process that exits
+    before reading its shard (a spawned process, or one forked from a fork server, imports the
+    main module, so a script that creates the workers outside ``if __name__ == "__main__":``
+    fails there), or that could not be started or sent its shard, is reported by :meth:`poll` as
     :class:`PeerFailedError` naming it, whereas ``multiprocessing`` would wait forever to write
     spawn arguments larger than a pipe buffer to a process that is gone.
 
@@ -441,7 +476,8 @@ class ProcessWorkers(ConnectionWorkers):
 
     .. note:: Starting a spawned worker costs an interpreter start-up (which re-imports the main
        module) plus ``make_compute`` (imports, compilation): seconds; the workers start in
-       parallel. A forked one starts in milliseconds plus ``make_compute``.
+       parallel. A forked one starts in milliseconds plus ``make_compute``; one forked from a
+       fork server imports the main module and what its server has not.
     """
 
     restartable = True
@@ -449,20 +485,31 @@ class ProcessWorkers(ConnectionWorkers):
     def __init__(self, context, make_compute: Callable, data: Sequence[tuple], sleeps: Sequence[float], *,
                  batch_size: int | None = None, seed: int = 0, stand_in: Callable | None = None):
         self._context, self._make_compute = context, make_compute
+        self._forks_here = context.get_start_method() == "fork"
         self._data, self._sleeps = list(data), list(sleeps)
         self._batching = {"batch_size": batch_size, "seed": seed}
         self._stand_in = stand_in
         self._local: list = [None] * len(self._data)  # stand_in(*data[k]), built on first use
-        self.processes: list = [None] * len(self._data)
+        self._processes: list = [None] * len(self._data)
+        self._started: list = [None] * len(self._data)  # threading.Event: the start was tried
+        self._running = [False] * len(self._data)  # started: has a sentinel
         self._lock = threading.Lock()
         self._handed = [False] * len(self._data)  # has read its shard
         self._pending: list = [None] * len(self._data)  # parameters waiting for that
-        self._handing: list = [None] * len(self._data)  # the hand-over threads
+        self._handing: list = [None] * len(self._data)  # the start and hand-over threads
         self._restarted = [False] * len(self._data)
-        self._unsent: list = [None] * len(self._data)  # why a hand-over failed, other than a dead process
+        self._failed: list = [None] * len(self._data)  # why a start or hand-over failed, other than a dead process
         super().__init__([None] * len(self._data), [""] * len(self._data))
         for k in range(self.num_workers):
             self._spawn(k)
+
+    @property
+    def processes(self) -> list:
+        """The worker processes (``multiprocessing.Process``), one per shard, once their starts
+        have been tried (waits for them)."""
+        for started in self._started:
+            started.wait()
+        return list(self._processes)
 
     @property
     def can_compute_here(self) -> bool:
@@ -484,13 +531,33 @@ class ProcessWorkers(ConnectionWorkers):
         # it, a worker would never read EOF, and so never exit, when the server dies
         register_after_fork(conn, Connection.close)
         proc = self._context.Process(target=_process_main, daemon=True, args=(child,))
-        proc.start()
-        child.close()
-        self.processes[k], self._conns[k] = proc, conn
-        self._names[k] = f"worker {k} (pid {proc.pid})"
-        self._handed[k], self._pending[k] = False, None
-        self._handing[k] = threading.Thread(target=self._hand_over, args=(k, conn), daemon=True)
+        self._processes[k], self._conns[k] = proc, conn
+        self._names[k] = f"worker {k}"
+        self._handed[k], self._pending[k], self._running[k] = False, None, False
+        self._started[k] = threading.Event()
+        if self._forks_here:
+            self._start(k, proc, child)
+        self._handing[k] = threading.Thread(target=self._start_and_hand_over, args=(k, proc, conn, child),
+                                            daemon=True)
         self._handing[k].start()
+
+    def _start(self, k: int, proc, child) -> bool:
+        """Start worker ``k``'s process (once); whether it runs (a failure is kept for :meth:`poll`)."""
+        if not self._started[k].is_set():
+            try:
+                proc.start()
+                self._names[k] = f"worker {k} (pid {proc.pid})"
+                self._running[k] = True
+            except Exception as exc:
+                self._failed[k] = f"{self._names[k]} could not be started: {exc!r}"
+            finally:
+                child.close()
+                self._started[k].set()
+        return self._running[k]
+
+    def _start_and_hand_over(self, k: int, proc, conn, child) -> None:
+        if self._start(k, proc, child):
+            self._hand_over(k, conn)
 
     def _hand_over(self, k: int, conn) -> None:
         """(In a thread) send worker ``k`` its ``make_compute``, shard and options, then the
@@ -507,7 +574,7 @@ class ProcessWorkers(ConnectionWorkers):
         except OSError:
             pass  # the process is gone: poll reports it
         except Exception as exc:  # (an object that cannot be pickled) poll reports it
-            self._unsent[k] = exc
+            self._failed[k] = f"{self._names[k]} could not be sent its shard: {exc!r}"
 
     def send(self, k: int, tag: int, version: int, flat: np.ndarray) -> None:
         with self._lock:
@@ -521,9 +588,8 @@ class ProcessWorkers(ConnectionWorkers):
         whose shard could not be sent, stops every worker and raises :class:`PeerFailedError`
         naming it."""
         events = super().poll(timeout)
-        for k, exc in enumerate(self._unsent):
-            if exc is not None:
-                message = f"{self._names[k]} could not be sent its shard: {exc!r}"
+        for message in self._failed:
+            if message is not None:
                 self.close(abort=message)
                 raise PeerFailedError(message)
         for kind, k, *_ in events:
@@ -532,23 +598,25 @@ class ProcessWorkers(ConnectionWorkers):
                 if not self._handed[k]:
                     message = (f"{self._names[k]} exited while starting ({self._reason(k)}); its own output, "
                                "if any, is above")
-                    if not self._restarted[k]:
-                        message += (". Spawned workers re-import the main module: in a script, create them under "
-                                    "`if __name__ == \"__main__\":`")
+                    if not self._restarted[k] and not self._forks_here:
+                        message += (". Workers that are not forked from this process re-import the main module: in "
+                                    "a script, create them under `if __name__ == \"__main__\":`")
                     self.close(abort=message)
                     raise PeerFailedError(message)
         return events
 
     def _sentinels(self) -> dict:
-        return {proc.sentinel: k for k, proc in enumerate(self.processes)}
+        return {proc.sentinel: k for k, proc in enumerate(self._processes) if self._running[k]}
 
     def _reason(self, k: int) -> str:
-        proc = self.processes[k]
+        if not self._running[k]:  # its start failed (poll names why)
+            return "not started"
+        proc = self._processes[k]
         proc.join(timeout=5.0)
         return f"exit code {proc.exitcode}"
 
     def restart(self, k: int) -> None:
-        old = self.processes[k]
+        old = self._processes[k]
         if old.is_alive():  # closed its pipe but lingers: make sure it is gone
             old.kill()
             old.join()
@@ -558,13 +626,15 @@ class ProcessWorkers(ConnectionWorkers):
         self._spawn(k)
 
     def close(self, abort: str | None = None) -> None:
-        for k, proc in enumerate(self.processes):
-            if not self._handed[k]:  # still starting: nothing of it to wait for
+        for k, proc in enumerate(self.processes):  # (a start under way finishes first)
+            if not self._handed[k] and self._running[k]:  # still starting: nothing of it to wait for
                 proc.kill()
                 proc.join()
             self._handing[k].join()
         super().close(abort)
-        for proc in self.processes:
+        for k, proc in enumerate(self._processes):
+            if not self._running[k]:
+                continue
             proc.join(timeout=5.0)
             if proc.is_alive():
                 proc.kill()

@@ -93,12 +93,13 @@ def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
 FORK = pytest.param("fork", marks=pytest.mark.skipif(sys.platform != "linux", reason="forked on Linux only"))
 
 
-@pytest.mark.parametrize("start", [FORK, "spawn"])
+@pytest.mark.parametrize("start", [FORK, "forkserver"])
 @pytest.mark.parametrize("batching", [{}, MINIBATCHES], ids=["full shards", "minibatches"])
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's, where other tests started it
 def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching, start, monkeypatch):
     # both start methods, whichever worker_context would pick in this process
-    monkeypatch.setattr(async_svi, "worker_context", lambda num_threads: multiprocessing.get_context(start))
+    context = multiprocessing.get_context("fork") if start == "fork" else async_svi.preloading_context(async_svi.__name__)
+    monkeypatch.setattr(async_svi, "worker_context", lambda num_threads: context)
     X, y, Z = data()
     expected = proximal_gd(Z, X, y, 6, **batching)
     if batching:  # minibatches follow other (stochastic) gradients than the full data's
@@ -221,7 +222,7 @@ def test_bad_arguments_raise_before_spawning():
         AsyncProximalSVI(model, X, y, average_decay=1.5)
 
 
-SCRIPT_WITHOUT_MAIN_GUARD = """
+SCRIPT = """
 import sys
 import numpy as np, torch, pyro.contrib.gp as gp
 from pyro_scalegp import ADVGP, AsyncProximalSVI
@@ -234,30 +235,38 @@ class MyRBF(gp.kernels.RBF):  # defined in __main__: a forked worker has it, a s
     pass
 
 
-rng = np.random.default_rng(0)
-X, y = torch.tensor(rng.normal(size=(20_000, 2))), torch.tensor(rng.normal(size=20_000))
-model = ADVGP(MyRBF(2), X[:5].clone(), 0.2)
-threads, steps = int(sys.argv[1]), int(sys.argv[2])
-with AsyncProximalSVI(model, X, y, num_workers=2, batch_size=64, num_threads=threads) as svi:
-    svi.run(steps, progress_bar=False)  # the server stands in for starting workers: goes on until their exit is seen
-    print("served", len(svi.stood_in) < 2 * steps)  # some gradients came from the workers
+def main():
+    rng = np.random.default_rng(0)
+    X, y = torch.tensor(rng.normal(size=(20_000, 2))), torch.tensor(rng.normal(size=20_000))
+    model = ADVGP(MyRBF(2), X[:5].clone(), 0.2)
+    threads, steps = int(sys.argv[1]), int(sys.argv[2])
+    with AsyncProximalSVI(model, X, y, num_workers=2, batch_size=64, num_threads=threads) as svi:
+        svi.run(steps, progress_bar=False)  # the server stands in for starting workers: goes on until their exit is seen
+        print("served", len(svi.stood_in) < 2 * steps, type(svi.workers[0]._popen).__module__)  # some came from the workers
+
+
+if sys.argv[3] == "guarded":
+    if __name__ == "__main__":
+        main()
+else:
+    main()
 """
 
 
-def _run_script_without_main_guard(tmp_path, threads: int, steps: int):
+def _run_script(tmp_path, threads: int, steps: int, guarded: bool = False):
     import subprocess
 
-    script = tmp_path / "no_guard.py"
-    script.write_text(SCRIPT_WITHOUT_MAIN_GUARD)
-    return subprocess.run([sys.executable, str(script), str(threads), str(steps)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=240)
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    return subprocess.run([sys.executable, str(script), str(threads), str(steps), "guarded" if guarded else "-"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
 
 
 def test_script_without_main_guard_fails_naming_the_worker_instead_of_hanging(tmp_path):
-    # two threads per worker: spawned (pyro_scalegp.async_svi.worker_context). Each shard (10,000
-    # rows) is larger than a pipe buffer: passed with the spawn arguments, the parent would wait
-    # forever to write it to a worker that died re-importing the script
-    run = _run_script_without_main_guard(tmp_path, threads=2, steps=10**6)
+    # two threads per worker: forked from a fork server (pyro_scalegp.async_svi.worker_context), or
+    # spawned. Each shard (10,000 rows) is larger than a pipe buffer: passed with the start
+    # arguments, the parent would wait forever to write it to a worker that died re-importing the script
+    run = _run_script(tmp_path, threads=2, steps=10**6)
     assert run.returncode != 0
     assert "PeerFailedError: worker" in run.stderr and "exited while starting" in run.stderr, run.stderr[-3000:]
     assert 'if __name__ == "__main__":' in run.stderr
@@ -267,9 +276,18 @@ def test_script_without_main_guard_fails_naming_the_worker_instead_of_hanging(tm
 def test_forked_workers_need_no_main_guard_and_have_the_scripts_classes(tmp_path):
     # one thread per worker (the default): forked; they unpickle the model with its __main__.MyRBF
     # kernel and send gradients (the server stops standing in for them)
-    run = _run_script_without_main_guard(tmp_path, threads=1, steps=300)
+    run = _run_script(tmp_path, threads=1, steps=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "served True" in run.stdout, run.stdout
+    assert "served True multiprocessing.popen_fork" in run.stdout, run.stdout
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no fork server here")
+def test_workers_of_two_threads_fork_from_a_fork_server_and_serve(tmp_path):
+    # OpenMP's pool is in use in the script before the workers start: they cannot be forked from
+    # it, but the fork server has not run a torch operation (it only imported torch)
+    run = _run_script(tmp_path, threads=2, steps=300, guarded=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "served True multiprocessing.popen_forkserver" in run.stdout, run.stdout
 
 
 SCRIPT_KILLED_SERVER = """
@@ -319,26 +337,33 @@ def test_forked_workers_exit_when_their_server_is_killed(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_workers_are_forked_with_one_thread_on_linux_and_spawned_otherwise(monkeypatch):
+def test_workers_are_forked_with_one_thread_on_linux_and_otherwise_from_a_fork_server_or_spawned(monkeypatch):
+    import multiprocessing.forkserver
+
     from pyro_scalegp.async_svi import worker_context
 
     bridge = types.ModuleType("jax._src.xla_bridge")  # how JAX tells whether its runtime runs
     bridge.backends_are_initialized = lambda: False
     monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", bridge)
     monkeypatch.setattr(sys, "platform", "linux")
+    preload = multiprocessing.forkserver._forkserver._preload_modules
+    monkeypatch.setattr(multiprocessing.forkserver._forkserver, "_preload_modules", preload)  # restored after
     assert worker_context(1).get_start_method() == "fork"
-    assert worker_context(2).get_start_method() == "spawn"  # GNU OpenMP's pool does not survive fork
+    assert worker_context(2).get_start_method() == "forkserver"  # GNU OpenMP's pool does not survive fork
+    assert multiprocessing.forkserver._forkserver._preload_modules == ["pyro_scalegp.async_svi"]
     bridge.backends_are_initialized = lambda: True
-    assert worker_context(1).get_start_method() == "spawn"  # JAX's threads: it warns of deadlocks
+    assert worker_context(1).get_start_method() == "forkserver"  # JAX's threads: it warns of deadlocks
     bridge.backends_are_initialized = lambda: False
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert worker_context(1).get_start_method() == "forkserver"
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])  # as on Windows
     assert worker_context(1).get_start_method() == "spawn"
     monkeypatch.undo()
     jax = pytest.importorskip("jax")
     jax.numpy.zeros(1).block_until_ready()  # JAX's runtime now runs here
-    assert worker_context(1).get_start_method() == "spawn"
+    assert worker_context(1).get_start_method() == "forkserver"
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert worker_context(1).get_start_method() == "spawn"
+    assert worker_context(1).get_start_method() == "forkserver"
 
 
 def test_torch_threads_sets_the_count_for_the_block_and_restores_it_also_on_error():

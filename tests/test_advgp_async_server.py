@@ -3,6 +3,7 @@ with a numpy quadratic problem: a scripted transport (the update rule for max_de
 restarts, stalls, failures), and real transports with in-thread workers (pipes, TCP sockets)."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import sys
@@ -600,8 +601,6 @@ def test_tcp_missing_or_unauthenticated_workers_are_named():
 
 # ---- local worker processes -------------------------------------------------------------------------
 def test_process_that_exits_before_reading_its_shard_or_cannot_be_sent_it_is_named():
-    import multiprocessing
-
     from scalegp.async_server import ProcessWorkers
 
     big = (np.zeros((500_000, 1)), np.zeros(500_000))  # 8 MB: the hand-over waits for the process to read it
@@ -627,6 +626,62 @@ def test_process_that_exits_before_reading_its_shard_or_cannot_be_sent_it_is_nam
         for _ in range(100):
             workers.poll(0.05)
     assert not workers.processes[0].is_alive()
+
+
+class SlowStartingProcess(multiprocessing.get_context("spawn").Process):
+    """A spawned process that takes ``delay`` seconds to start, as from a fork server that is
+    still importing, or then fails to start (``fail``)."""
+
+    delay, fail = 0.0, False
+
+    def start(self):
+        time.sleep(self.delay)
+        if self.fail:
+            raise OSError("no fork server")
+        super().start()
+
+
+class SlowStarts:
+    """A ``multiprocessing`` context (spawn) whose processes are :class:`SlowStartingProcess`."""
+
+    def __init__(self, delay: float, fail: bool = False):
+        self._delay, self._fail = delay, fail
+
+    def get_start_method(self) -> str:
+        return "spawn"
+
+    def Pipe(self, duplex: bool):
+        return multiprocessing.get_context("spawn").Pipe(duplex=duplex)
+
+    def Process(self, **kwargs):
+        proc = SlowStartingProcess(**kwargs)
+        proc.delay, proc.fail = self._delay, self._fail
+        return proc
+
+
+def test_process_starts_do_not_hold_up_the_server_and_a_failed_start_is_named():
+    from scalegp.async_server import ProcessWorkers
+
+    began = time.monotonic()
+    workers = ProcessWorkers(SlowStarts(1.5), make_fault_counter, [(np.zeros(3), np.zeros(3))], [0.0])
+    try:
+        assert time.monotonic() - began < 1.0  # started (and handed its shard) by another thread
+        assert workers.poll(0.0) == []  # a process not started yet is not dead
+        workers.send(0, 1, 0, np.zeros(3))  # waits for the hand-over
+        events, deadline = [], time.monotonic() + 60
+        while not events:
+            assert time.monotonic() < deadline, "the worker sent no gradient in 60 s"
+            events += workers.poll(0.1)
+        assert [e[:3] for e in events] == [("grad", 0, 1)]
+        assert workers.processes[0].is_alive() and workers.describe(0) == f"worker 0 (pid {workers.processes[0].pid})"
+    finally:
+        workers.close()
+    assert workers.processes[0].exitcode == 0
+    workers = ProcessWorkers(SlowStarts(0.0, fail=True), make_fault_counter, [(np.zeros(3), np.zeros(3))], [0.0])
+    with pytest.raises(PeerFailedError, match=r"^worker 0 could not be started: OSError\('no fork server'\)$"):
+        for _ in range(100):
+            workers.poll(0.05)
+    assert workers.processes[0].pid is None
 
 
 def freed_block_faults(cycles: int = 20) -> int:
@@ -670,7 +725,6 @@ def test_keep_freed_memory_stops_the_page_faults_of_freed_blocks():
 
 @needs_glibc
 def test_local_worker_processes_keep_freed_memory():
-    import multiprocessing
 
     from scalegp.async_server import ProcessWorkers
 

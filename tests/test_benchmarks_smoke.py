@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -82,6 +84,27 @@ def test_processes_spawned_as_from_a_notebook_do_not_rerun_the_main_module(tmp_p
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split("\n")[:4] == ["hidden 0", "main module re-run", "not hidden 0", "main module back True"]
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no fork server here")
+def test_stop_fork_server_makes_the_next_worker_start_a_fresh_one():
+    from multiprocessing import forkserver
+
+    def fork_server_of_a_child() -> int:
+        child = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(0.0,))
+        child.start()
+        child.join()
+        assert child.exitcode == 0
+        return forkserver._forkserver._forkserver_pid
+
+    first = fork_server_of_a_child()
+    assert fork_server_of_a_child() == first  # it stays for later processes
+    common.stop_fork_server()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(first, os.WNOHANG)  # gone, and reaped
+    assert fork_server_of_a_child() not in (None, first)
+    common.stop_fork_server()
+    common.stop_fork_server()  # none running: nothing to do
 
 
 def test_gaussian_metrics_against_scipy():
