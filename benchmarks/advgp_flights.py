@@ -10,7 +10,7 @@ evaluation itself is excluded from the clock. ADVGP's clock includes its workers
 * ADVGP: :class:`pyro_scalegp.AsyncProximalSVI` (and with ``--frontends pyro numpyro`` also
   :class:`numpyro_scalegp.AsyncProximalSVI`, rows "ADVGP (NumPyro) ...", whose clock includes
   compiling its jitted gradient and step; once JAX has run in this process, the Pyro workers
-  are spawned, not forked: ``pyro_scalegp.async_svi.worker_context``) with 1, 2 and 4 worker processes, proximal
+  fork from a fork server, not from this process: ``pyro_scalegp.async_svi.worker_context``) with 1, 2 and 4 worker processes, proximal
   ADADELTA on the server, ``max_delay`` 0 (synchronous) unless ``--max-delay`` says otherwise.
   Each update uses ``--batch-size`` rows (default 1024, as the baselines' steps), split
   evenly between the workers, each sending the minibatch estimate of its data term's
@@ -483,7 +483,7 @@ def main(argv=None):
                             if args.batch_size else "every worker's whole shard (exact data terms)")
                          + "; it predicts at "
                          + (f"its averaged parameters (average_decay {decay})" if decay else "its last iterate")
-                         + ". startup_s: ADVGP's wall time to its first update (spawning the workers, first "
+                         + ". startup_s: ADVGP's wall time to its first update (starting the workers, first "
                          "gradients), included in its clock. stood_in: worker gradients the server computed itself "
                          "while the workers started (minibatch runs). share_ahead: share of the checkpoint times at "
                          "which ADVGP's RMSE is at most the better baseline's (target: 1); ahead_since_s: from when on "
