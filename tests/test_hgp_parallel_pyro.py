@@ -1,7 +1,7 @@
 """HGPMarginal evaluated by worker processes and by torch.distributed ranks (pyro_scalegp.parallel).
 
-Worker processes start with the spawn method (torch and Pyro imported afresh), so the pools are
-shared between tests: one for the flat experts, one for the tree.
+Worker processes start from a fork server (which imports torch and Pyro once) or are spawned, so
+the pools are shared between tests: one for the flat experts, one for the tree.
 """
 from __future__ import annotations
 
@@ -228,6 +228,8 @@ def test_tree_lays_out_the_shards(data):
     noise = torch.tensor(0.05)
     with parallel.ExpertPool(X, tree_experts, 2) as pool:
         assert [s.tolist() for s in pool.shards] == [list(tree[0]), list(tree[1])]
+        if "forkserver" in mp.get_all_start_methods():  # forked from the fork server, not spawned
+            assert {type(p._popen).__module__ for p in pool._procs} == {"multiprocessing.popen_forkserver"}
         d = HGPMarginal(kernel, X, noise, experts=tree_experts, workers=pool)
         value = d.log_prob(y)
         for shard, got in zip(tree, pool.last_shard_values):
@@ -377,7 +379,7 @@ def test_script_without_main_guard_names_the_worker_that_died_starting(tmp_path)
         "from pyro_scalegp import HGPMarginal, partition\n"
         "X = np.random.default_rng(0).normal(size=(400, 2))\n"
         "m = HGPMarginal(gp.kernels.RBF(2), torch.tensor(X), torch.tensor(0.2), experts=partition(X, expert_size=50),\n"
-        "                workers=2)  # spawned workers re-import this script\n"
+        "                workers=2)  # the workers re-import this script\n"
         "print(m.log_prob(torch.zeros(400, dtype=torch.float64)))\n")
     run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert run.returncode != 0
