@@ -60,7 +60,7 @@ def spawning_as_from_a_notebook():
 
 def stop_fork_server() -> None:
     """Stop this process's ``multiprocessing`` fork server, if it runs, so that the next workers
-    start as in a fresh script. The fork server (:func:`scalegp.async_server.preloading_context`)
+    start as in a fresh script. The fork server (:func:`scalegp.processes.preloading_context`)
     imports the workers' framework once and stays for later runs, whose workers then start with
     nothing to import (as a notebook's second fit does); each benchmark run pays for the import.
 

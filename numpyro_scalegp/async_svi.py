@@ -3,7 +3,7 @@ r"""Delayed (bounded-staleness) proximal gradient training of ADVGP over worker 
 The same server/worker protocol as :mod:`pyro_scalegp.async_svi`, written once in
 :mod:`scalegp.async_server`: a server (this process) holds the unconstrained parameter
 dict of a :class:`~numpyro_scalegp.advgp.ADVGP`; ``num_workers`` processes (forked from a
-fork server that has imported this module, or spawned: :func:`scalegp.async_server.preloading_context`)
+fork server that has imported this module, or spawned: :func:`scalegp.processes.preloading_context`)
 each own a data shard, receive the newest parameters, compute the gradient of their data term
 :math:`g_k` with a jitted ``jax.value_and_grad`` and send it back tagged with the version
 used. The server applies
@@ -46,8 +46,9 @@ import optax
 from threadpoolctl import threadpool_limits
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
-                                  accept_workers, averaging, check_options, connect_to_server, preloading_context,
-                                  serve_gradients, shard_gradient, standing_in)
+                                  accept_workers, averaging, check_options, connect_to_server, serve_gradients,
+                                  shard_gradient, standing_in)
+from scalegp.processes import preloading_context
 
 from .advgp import ADVGP
 from .optim import proximal_adadelta

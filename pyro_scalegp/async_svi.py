@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
-                                  averaging, check_options, preloading_context, serve_gradients, standing_in)
+                                  averaging, check_options, serve_gradients, standing_in)
+from scalegp.processes import preloading_context
 
 from .advgp import ADVGP
 from .optim import ProximalAdadeltaOptimizer
@@ -74,7 +75,7 @@ def worker_context(num_threads: int):
     """The ``multiprocessing`` context that starts :class:`AsyncProximalSVI`'s workers:
     ``"fork"`` on Linux for one torch thread per worker while neither CUDA nor JAX's runtime
     has started in this process; otherwise a fork server that has imported this module once
-    (``"spawn"`` where there is none: :func:`scalegp.async_server.preloading_context`).
+    (``"spawn"`` where there is none: :func:`scalegp.processes.preloading_context`).
 
     A forked worker shares the server's imported modules (torch, Pyro, the user's own
     ``__main__``, so classes defined in a notebook or script unpickle there) and starts in
@@ -241,8 +242,9 @@ class AsyncProximalSVI(_Server):
     :param stand_in: while a worker process starts or restarts (seconds where it is not forked
         from this process: it re-imports the main module and, spawned, torch), the server
         computes that worker's gradients itself when an update waits for them, so training
-        starts at once (``stood_in`` lists them; the same numbers as the worker's). Default ``None``: with ``batch_size`` only
-        (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
+        starts at once (``stood_in`` lists them; the same numbers as the worker's). Default
+        ``None``: with ``batch_size`` only (:func:`scalegp.async_server.standing_in`);
+        ``False``: always wait for the worker.
     :param shrink_stale_steps: divide each update's step sizes by one plus the mean delay of
         the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the paper's
         full steps, which overshoot with long delays.

@@ -12,11 +12,11 @@ to escape Python's global interpreter lock; this module does the same in two way
 
 * :func:`pool_log_prob` (``HGPMarginal(..., workers=n)``): ``n`` ``torch.multiprocessing``
   processes on this machine, forked from a fork server that has imported this frontend's HGP once
-  (spawned where the platform has no fork server: :func:`scalegp.async_server.preloading_context`;
+  (spawned where the platform has no fork server: :func:`scalegp.processes.preloading_context`;
   on 2 cores a pool of 4 workers starts in 1.25 s instead of 3.2 s spawned, a later pool in the
   same process in 0.05 s instead of 2.8 s, ``/work/notes/adhoc/hgp_pool_start.py``). ``X`` and
-  ``y`` live in shared memory, read-only in the workers; torch's threads are divided among the processes. With an expert tree the
-  root's children are dealt to the workers, so the tree lays out where the work runs; without
+  ``y`` live in shared memory, read-only in the workers; torch's threads are divided among the
+  processes. With an expert tree the root's children are dealt to the workers, so the tree lays out where the work runs; without
   one, contiguous balanced ranges of experts. The pool is created once and reused by every
   later evaluation (SVI steps, L-BFGS closures): implicit pools are cached by the content of
   ``X``, the experts' index and ``n``; or pass an :class:`ExpertPool` you manage yourself.
@@ -94,8 +94,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.autograd.function import once_differentiable
 
-from scalegp.async_server import preloading_context
 from scalegp.partition import Experts, tree_leaves
+from scalegp.processes import preloading_context
 
 __all__ = [
     "ExpertPool",

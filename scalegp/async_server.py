@@ -99,7 +99,7 @@ Here: :class:`ConnectionWorkers` / :class:`ConnectionChannel` over
 ``multiprocessing.connection`` objects (pipes, or TCP sockets between separately
 launched processes: :func:`accept_workers`, :func:`connect_to_server`) and
 :class:`ProcessWorkers` (local processes: forked, forked from a fork server, or spawned:
-:func:`preloading_context`); the Pyro frontend adds one over
+:func:`scalegp.processes.preloading_context`); the Pyro frontend adds one over
 ``torch.distributed``.
 
 .. note:: Cost per update on the server: ``O(K P)`` for ``P`` parameters (summing the
@@ -116,7 +116,6 @@ SIAM J. Control Optim. 30(4), 1992.
 from __future__ import annotations
 
 import ctypes
-import multiprocessing
 import os
 import pickle
 import socket
@@ -418,35 +417,6 @@ def _process_main(conn) -> None:
         serve_gradients(ConnectionChannel(conn), make_compute, X, y, **options)
     except Exception:  # already reported to the server (or the server is gone)
         pass
-
-
-def preloading_context(module: str):
-    """The ``multiprocessing`` context for local worker processes that run ``module``: a fork
-    server (``"forkserver"``, where the platform has one: Linux, macOS) told to import ``module``
-    once, from which every worker forks; ``"spawn"`` elsewhere.
-
-    A spawned worker is a fresh interpreter that imports its framework itself: JAX and NumPyro
-    take 1.2-1.7 s of CPU here. On the flights (M = 50, 1,024 rows an update, two NumPyro
-    workers and the server on two cores; ``/work/notes/adhoc/np_startup_ab.py``) spawned workers
-    took over from the server's stand-ins after 5.2-5.5 s, and the server had made 168-204
-    updates by 4 s and 1,269-1,287 by 8 s; forked from a fork server that imported NumPyro once,
-    after 5.0-5.1 s, with 284-317 and 1,437-1,502 updates. The fork server is a fresh process too, so forking from it is safe where forking the user's
-    process is not (JAX's threads, CUDA, OpenMP's pool). Its children still import the main
-    module as spawned ones do (so a script needs ``if __name__ == "__main__":``). The fork
-    server is the process's own (``multiprocessing``'s): it starts with the first worker and
-    stays for later runs, whose workers then start with nothing to import, with the environment
-    variables it started with; if it already runs with other modules, workers import ``module``
-    themselves.
-
-    .. note:: Cost: one ``multiprocessing.get_context`` call; the fork server's start (an
-       interpreter importing ``module``) happens with the first worker's, off the server's thread
-       (:class:`ProcessWorkers`).
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([module])
-    return context
 
 
 class ProcessWorkers(ConnectionWorkers):
