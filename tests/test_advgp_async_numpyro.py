@@ -1,6 +1,8 @@
 """AsyncProximalSVI, NumPyro side (issue 4, part 3): the same protocol with jitted gradients."""
 from __future__ import annotations
 
+import multiprocessing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +121,8 @@ def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching
     options = dict(num_workers=2, max_delay=0, optim=OPTIM, shards=SHARDS, stand_in=False, **batching)
     with AsyncProximalSVI(model, X, y, **options) as svi:
         svi.run(2, progress_bar=False)
+        if "forkserver" in multiprocessing.get_all_start_methods():  # forked from the fork server, not spawned
+            assert {type(p._popen).__module__ for p in svi.workers} == {"multiprocessing.popen_forkserver"}
         victim = svi.workers[1]
         victim.kill()
         victim.join()
