@@ -78,7 +78,7 @@ def stand_in_through_a_restart():
             assert time.monotonic() < deadline, "the workers never took over from the server"
 
     def run(svi, victim: int) -> int:
-        svi.step()  # at once: spawned interpreters take seconds to start
+        svi.step()  # at once: workers take milliseconds to start where forked, seconds otherwise
         assert sorted(svi.stood_in) == [(0, 0), (1, 0)]
         until_workers_serve(svi)
         process = svi.workers[victim]
