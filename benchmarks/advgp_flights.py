@@ -10,7 +10,8 @@ evaluation itself is excluded from the clock. ADVGP's clock includes its workers
 * ADVGP: :class:`pyro_scalegp.AsyncProximalSVI` (and with ``--frontends pyro numpyro`` also
   :class:`numpyro_scalegp.AsyncProximalSVI`, rows "ADVGP (NumPyro) ...", whose clock includes
   compiling its jitted gradient and step; once JAX has run in this process, the Pyro workers
-  fork from a fork server, not from this process: ``pyro_scalegp.async_svi.worker_context``) with 1, 2 and 4 worker processes, proximal
+  fork from a fork server, not from this process: ``pyro_scalegp.async_svi.worker_context``)
+  with 1, 2 and 4 worker processes, proximal
   ADADELTA on the server, ``max_delay`` 0 (synchronous) unless ``--max-delay`` says otherwise.
   Each update uses ``--batch-size`` rows (default 1024, as the baselines' steps), split
   evenly between the workers, each sending the minibatch estimate of its data term's

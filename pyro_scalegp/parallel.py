@@ -16,7 +16,8 @@ to escape Python's global interpreter lock; this module does the same in two way
   on 2 cores a pool of 4 workers starts in 1.25 s instead of 3.2 s spawned, a later pool in the
   same process in 0.05 s instead of 2.8 s, ``/work/notes/adhoc/hgp_pool_start.py``). ``X`` and
   ``y`` live in shared memory, read-only in the workers; torch's threads are divided among the
-  processes. With an expert tree the root's children are dealt to the workers, so the tree lays out where the work runs; without
+  processes. With an expert tree the root's children are dealt to the workers, so the tree lays
+  out where the work runs; without
   one, contiguous balanced ranges of experts. The pool is created once and reused by every
   later evaluation (SVI steps, L-BFGS closures): implicit pools are cached by the content of
   ``X``, the experts' index and ``n``; or pass an :class:`ExpertPool` you manage yourself.

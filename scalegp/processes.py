@@ -20,8 +20,8 @@ def preloading_context(module: str):
     took over from the server's stand-ins after 5.2-5.5 s, and the server had made 168-204
     updates by 4 s and 1,269-1,287 by 8 s; forked from a fork server that imported NumPyro once,
     after 5.0-5.1 s, with 284-317 and 1,437-1,502 updates. The fork server is a fresh process
-    too, so forking from it is safe where forking the user's process is not (JAX's threads, CUDA, OpenMP's pool). Its children still import the main
-    module as spawned ones do (so a script needs ``if __name__ == "__main__":``). The fork
+    too, so forking from it is safe where forking the user's process is not (JAX's threads, CUDA,
+    OpenMP's pool). Its children still import the main module as spawned ones do (so a script needs ``if __name__ == "__main__":``). The fork
     server is the process's own (``multiprocessing``'s): it starts with the first worker and
     stays for later runs, whose workers then start with nothing to import, with the environment
     variables it started with; if it already runs with other modules, workers import ``module``

@@ -98,7 +98,8 @@ FORK = pytest.param("fork", marks=pytest.mark.skipif(sys.platform != "linux", re
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's, where other tests started it
 def test_killed_worker_is_restarted_and_resume_equals_uninterrupted_run(batching, start, monkeypatch):
     # both start methods, whichever worker_context would pick in this process
-    context = multiprocessing.get_context("fork") if start == "fork" else async_svi.preloading_context(async_svi.__name__)
+    fork_server = async_svi.preloading_context(async_svi.__name__)
+    context = multiprocessing.get_context("fork") if start == "fork" else fork_server
     monkeypatch.setattr(async_svi, "worker_context", lambda num_threads: context)
     X, y, Z = data()
     expected = proximal_gd(Z, X, y, 6, **batching)
@@ -241,8 +242,10 @@ def main():
     model = ADVGP(MyRBF(2), X[:5].clone(), 0.2)
     threads, steps = int(sys.argv[1]), int(sys.argv[2])
     with AsyncProximalSVI(model, X, y, num_workers=2, batch_size=64, num_threads=threads) as svi:
-        svi.run(steps, progress_bar=False)  # the server stands in for starting workers: goes on until their exit is seen
-        print("served", len(svi.stood_in) < 2 * steps, type(svi.workers[0]._popen).__module__)  # some came from the workers
+        # the server stands in for starting workers: goes on until their exit is seen
+        svi.run(steps, progress_bar=False)
+        # some gradients came from the workers; how they were started
+        print("served", len(svi.stood_in) < 2 * steps, type(svi.workers[0]._popen).__module__)
 
 
 if sys.argv[3] == "guarded":
