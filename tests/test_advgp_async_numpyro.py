@@ -175,7 +175,26 @@ def test_the_stand_in_compiles_one_minibatch_gradient_for_every_worker():
     with AsyncProximalSVI(model, X, y, num_workers=2, optim=OPTIM, shards=SHARDS, **MINIBATCHES) as svi:
         svi.step()
         assert svi.stood_in == [(0, 0), (1, 0)]
-        assert svi._workers._stand_in._value_and_grad._cache_size() == 1  # (one compile: seconds on a busy machine)
+        jitted = svi._workers._stand_in._value_and_grad
+        assert jitted["minibatch"]._cache_size() == 1  # (one compile: seconds on a busy machine)
+        assert jitted["shard"]._cache_size() == 0
+
+
+def test_minibatch_and_whole_shard_gradients_agree():
+    """Minibatch gradients are compiled apart from whole-shard ones (with quicker compiler
+    options): on every row of a shard the two give the same value and gradient."""
+    X, y, Z = data()
+    model = new_model(Z)
+    params = model.init_params()
+    names = async_svi._layout(params)[0]
+    flat = async_svi._flatten(params, names)
+    compute = async_svi._Gradient(model, params)(X[:40], y[:40])
+    value, grad = compute(flat)
+    batch_value, batch_grad = compute(flat, np.arange(40))
+    assert abs(batch_value - value) <= 1e-10 * abs(value)
+    np.testing.assert_allclose(batch_grad, grad, rtol=1e-10, atol=1e-12)
+    other_value, _ = compute(flat, np.arange(20))
+    assert abs(other_value - value) > 1e-6 * abs(value)  # the rows are used
 
 
 def test_the_server_compiles_before_it_starts_the_workers(monkeypatch, xla_compiles):
