@@ -431,8 +431,9 @@ class ProcessWorkers(ConnectionWorkers):
     with the spawn arguments, and a thread per worker hands them over, so that starting (or
     restarting) a worker does not hold up the server. That thread also starts the process,
     unless ``context`` forks this process (a fork stays on the calling thread, which holds no
-    lock a child could inherit): a fork server answers once it has imported its modules
-    (seconds, the first time). :attr:`processes` waits for the starts. Parameters sent to a
+    lock a child could inherit, and every worker is forked before the first of these threads
+    starts, so that none is copied into a child): a fork server answers once it has imported
+    its modules (seconds, the first time). :attr:`processes` waits for the starts. Parameters sent to a
     worker before it has read its shard wait for it (the newest only). A process that exits
     before reading its shard (a spawned process, or one forked from a fork server, imports the
     main module, so a script that creates the workers outside ``if __name__ == "__main__":``
@@ -472,6 +473,8 @@ class ProcessWorkers(ConnectionWorkers):
         super().__init__([None] * len(self._data), [""] * len(self._data))
         for k in range(self.num_workers):
             self._spawn(k)
+        for thread in self._handing:  # after every fork here: no thread of ours is forked into a worker
+            thread.start()
 
     @property
     def processes(self) -> list:
@@ -496,6 +499,9 @@ class ProcessWorkers(ConnectionWorkers):
         return shard_gradient(self._local[k], flat, version, len(y), worker=k, **self._batching)
 
     def _spawn(self, k: int) -> None:
+        """Worker ``k``'s process and pipe; the process is started here if the context forks this
+        process (on the calling thread, before the hand-over threads start), else by its hand-over thread
+        (``_handing[k]``, which the caller starts)."""
         conn, child = self._context.Pipe(duplex=True)
         # a forked process (this worker or a later one) closes its copy of the server's end: holding
         # it, a worker would never read EOF, and so never exit, when the server dies
@@ -505,11 +511,10 @@ class ProcessWorkers(ConnectionWorkers):
         self._names[k] = f"worker {k}"
         self._handed[k], self._pending[k], self._running[k] = False, None, False
         self._started[k] = threading.Event()
-        if self._forks_here:
-            self._start(k, proc, child)
         self._handing[k] = threading.Thread(target=self._start_and_hand_over, args=(k, proc, conn, child),
                                             daemon=True)
-        self._handing[k].start()
+        if self._forks_here:
+            self._start(k, proc, child)
 
     def _start(self, k: int, proc, child) -> bool:
         """Start worker ``k``'s process (once); whether it runs (a failure is kept for :meth:`poll`)."""
@@ -594,6 +599,7 @@ class ProcessWorkers(ConnectionWorkers):
         self._conns[k].close()
         self._restarted[k] = True
         self._spawn(k)
+        self._handing[k].start()
 
     def close(self, abort: str | None = None) -> None:
         for k, proc in enumerate(self.processes):  # (a start under way finishes first)

@@ -3,6 +3,7 @@ with a numpy quadratic problem: a scripted transport (the update rule for max_de
 restarts, stalls, failures), and real transports with in-thread workers (pipes, TCP sockets)."""
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import socket
@@ -682,6 +683,62 @@ def test_process_starts_do_not_hold_up_the_server_and_a_failed_start_is_named():
         for _ in range(100):
             workers.poll(0.05)
     assert workers.processes[0].pid is None
+
+
+class ThreadCountingForks:
+    """The ``fork`` context, whose processes record in ``seen`` how many threads this process runs
+    as they are forked."""
+
+    def __init__(self):
+        self.seen = []
+
+    def get_start_method(self) -> str:
+        return "fork"
+
+    def Pipe(self, duplex: bool):
+        return multiprocessing.get_context("fork").Pipe(duplex=duplex)
+
+    def Process(self, **kwargs):
+        seen = self.seen
+
+        class Counting(multiprocessing.get_context("fork").Process):
+            def start(self):
+                seen.append(threading.active_count())
+                super().start()
+
+        return Counting(**kwargs)
+
+
+class SlowToPickle:
+    """A ``make_compute`` (:func:`make_fault_counter` once unpickled) whose pickling, in the
+    hand-over thread, takes 0.3 s."""
+
+    def __reduce__(self):
+        time.sleep(0.3)
+        return functools.partial, (make_fault_counter,)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX's, where other tests started it
+def test_workers_forked_here_are_forked_before_any_hand_over_thread_runs():
+    """Forking copies no other thread, and a lock another thread holds stays locked in the child
+    (Python 3.12 warns on any fork of a process with threads): every worker is forked from the
+    calling thread before the first hand-over thread starts."""
+    from scalegp.async_server import ProcessWorkers
+
+    context, before = ThreadCountingForks(), threading.active_count()
+    workers = ProcessWorkers(context, SlowToPickle(), [(np.zeros(3), np.zeros(3))] * 3, [0.0] * 3)
+    try:
+        assert context.seen == [before] * 3
+        for k in range(3):
+            workers.send(k, k + 1, 0, np.zeros(3))
+        events, deadline = [], time.monotonic() + 60
+        while len(events) < 3:
+            assert time.monotonic() < deadline, "the workers sent no gradients in 60 s"
+            events += workers.poll(0.1)
+        assert sorted(e[:3] for e in events) == [("grad", k, k + 1) for k in range(3)]
+    finally:
+        workers.close()
 
 
 def freed_block_faults(cycles: int = 20) -> int:
