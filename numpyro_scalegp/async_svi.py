@@ -85,7 +85,7 @@ def _unflatten(flat: np.ndarray, names, shapes, dtype) -> dict:
 class _Gradient:
     """Picklable: builds, in a worker, the jitted ``compute(flat, rows=None) -> (g_k, grad g_k)``
     on the shard ``(X, y)`` (or on its ``rows``) for parameter dicts laid out as ``params``
-    (``num_threads`` BLAS threads in that process, if given). The jitted function is built once
+    (``num_threads`` BLAS threads in that process, if given). The jitted functions are built once
     per instance: the server's stand-in, called for every shard, compiles a minibatch gradient
     once (0.4-0.6 s here), not once per worker. Minibatch gradients compile with
     ``_QUICK_COMPILE``, whole-shard gradients with XLA's defaults."""
@@ -117,10 +117,11 @@ class _Gradient:
         shard = (jax.numpy.asarray(X), jax.numpy.asarray(y))
 
         def compute(flat, rows=None):
+            params = _unflatten(flat, *self._layout)
             if rows is None:
-                value, grads = jitted["shard"](_unflatten(flat, *self._layout), *shard)
+                value, grads = jitted["shard"](params, *shard)
             else:
-                value, grads = jitted["minibatch"](_unflatten(flat, *self._layout), X[rows], y[rows])
+                value, grads = jitted["minibatch"](params, X[rows], y[rows])
             return float(value), _flatten(grads, names)
 
         return compute

@@ -92,7 +92,6 @@ from multiprocessing.connection import wait as _wait_ready
 
 import numpy as np
 import torch
-import torch.multiprocessing as mp
 from torch.autograd.function import once_differentiable
 
 from scalegp.partition import Experts, tree_leaves

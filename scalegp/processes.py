@@ -15,8 +15,9 @@ def preloading_context(module: str):
     once, from which every worker forks; ``"spawn"`` elsewhere.
 
     A spawned worker is a fresh interpreter that imports its framework itself: JAX and NumPyro
-    took 1.2-1.7 s of CPU here (1.0 s since ``ml_dtypes`` is held below 0.7, ``pyproject.toml``). On the flights (M = 50, 1,024 rows an update, two NumPyro
-    workers and the server on two cores; ``/work/notes/adhoc/np_startup_ab.py``) spawned workers
+    took 1.2-1.7 s of CPU here (1.0 s since ``ml_dtypes`` is held below 0.7, ``pyproject.toml``).
+    On the flights (M = 50, 1,024 rows an update, two NumPyro workers and the server on two
+    cores; ``/work/notes/adhoc/np_startup_ab.py``) spawned workers
     took over from the server's stand-ins after 5.2-5.5 s, and the server had made 168-204
     updates by 4 s and 1,269-1,287 by 8 s; forked from a fork server that imported NumPyro once,
     after 5.0-5.1 s, with 284-317 and 1,437-1,502 updates. The fork server is a fresh process
