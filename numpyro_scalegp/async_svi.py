@@ -30,12 +30,14 @@ the process ids and the rendezvous (process 0 broadcasts its port and a fresh ke
 
 .. note:: Cost per update: ``O(M^3 + n_k M^2)`` time on worker ``k`` and ``O(K P)`` on the
    server for ``P = O(M^2 + M d)`` parameters and ``K`` workers, plus two messages of ``P``
-   numbers per worker; memory ``O(n_k M)`` per worker. Each worker compiles its gradient
-   once (seconds).
+   numbers per worker; memory ``O(n_k M)`` per worker. Each worker compiles its whole-shard
+   gradient once (seconds); local workers load the minibatch gradient that the server compiled
+   for its stand-in (milliseconds).
 """
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import secrets
 import socket
@@ -44,6 +46,9 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 import optax
+from jax._src.lib import utils as jax_utils
+from jax.experimental import serialize_executable as _serialize_executable
+from jaxlib import lapack as _lapack
 from threadpoolctl import threadpool_limits
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
@@ -85,17 +90,43 @@ def _unflatten(flat: np.ndarray, names, shapes, dtype) -> dict:
 class _Gradient:
     """Picklable: builds, in a worker, the jitted ``compute(flat, rows=None) -> (g_k, grad g_k)``
     on the shard ``(X, y)`` (or on its ``rows``) for parameter dicts laid out as ``params``
-    (``num_threads`` BLAS threads in that process, if given). The jitted functions are built once
+    (``num_threads`` BLAS threads in that process, if given). The compiled functions are built once
     per instance: the server's stand-in, called for every shard, compiles a minibatch gradient
     once (0.4-0.6 s here), not once per worker. Minibatch gradients compile with
-    ``_QUICK_COMPILE``, whole-shard gradients with XLA's defaults."""
+    ``_QUICK_COMPILE``, whole-shard gradients with XLA's defaults.
 
-    def __init__(self, advgp: ADVGP, params: dict, num_threads: int | None = None):
+    :meth:`executables` serializes the minibatch gradients compiled here; a ``_Gradient`` given
+    them (``executables=``, in a process on the same machine with the same JAX) loads them
+    instead of tracing and compiling its own: about 10 ms instead of 0.9 s of CPU (flights, M = 50;
+    two workers on two cores took over from the stand-ins after 2.1 s instead of 3.4-3.5 s)."""
+
+    def __init__(self, advgp: ADVGP, params: dict, num_threads: int | None = None,
+                 executables: dict | None = None):
         self._model = pickle.dumps(advgp)
         self._layout = _layout(params)
         self._x64 = bool(jax.config.jax_enable_x64)
         self._num_threads = num_threads
-        self._value_and_grad = None
+        self._executables = executables
+        self._jitted = None  # the jitted value_and_grad, built on first use
+        self._minibatch = {}  # rows per batch -> the compiled minibatch gradient
+
+    def executables(self) -> dict:
+        """``{rows: serialized}``: the minibatch gradients compiled here, for a local worker."""
+        return {rows: _serialize_executable.serialize(c) for rows, c in self._minibatch.items()}
+
+    def _value_and_grad(self):
+        if self._jitted is None:
+            advgp = pickle.loads(self._model)
+            self._jitted = jax.jit(jax.value_and_grad(lambda p, X, y: advgp.data_term(X, y, params=p)))
+        return self._jitted
+
+    def _minibatch_gradient(self, params, X, y):
+        """The value and gradient on the minibatch ``(X, y)`` by the program for its size: loaded,
+        or compiled here on first use."""
+        program = self._minibatch.get(len(y))
+        if program is None:
+            program = self._minibatch[len(y)] = self._value_and_grad().lower(params, X, y).compile(_QUICK_COMPILE)
+        return program(params, X, y)
 
     def __call__(self, X, y):
         if self._num_threads is not None:
@@ -103,14 +134,12 @@ class _Gradient:
             # between calls: two local workers with a thread per core each took the cores from one
             # another (2 workers of 512 rows, M = 50, 2 cores: 43 ms a gradient, 2 ms with one thread)
             threadpool_limits(self._num_threads, user_api="blas")
-        if self._value_and_grad is None:
-            # the precision first, then the model: its arrays must not be rebuilt in float32
-            jax.config.update("jax_enable_x64", self._x64)
-            advgp = pickle.loads(self._model)
-            value_and_grad = jax.value_and_grad(lambda p, X, y: advgp.data_term(X, y, params=p))
-            self._value_and_grad = {"shard": jax.jit(value_and_grad),
-                                    "minibatch": jax.jit(value_and_grad, compiler_options=_QUICK_COMPILE)}
-        jitted, names = self._value_and_grad, self._layout[0]
+        # the precision first, then the model: its arrays must not be rebuilt in float32
+        jax.config.update("jax_enable_x64", self._x64)
+        if self._executables:
+            self._minibatch.update(_load_executables(self._executables))
+            self._executables = None
+        names = self._layout[0]
         # the shard on the device for whole-shard gradients; minibatches are gathered by numpy
         # (an eager JAX gather per call costs more than a small batch's gradient)
         X, y = np.asarray(X), np.asarray(y)
@@ -119,12 +148,28 @@ class _Gradient:
         def compute(flat, rows=None):
             params = _unflatten(flat, *self._layout)
             if rows is None:
-                value, grads = jitted["shard"](params, *shard)
+                value, grads = self._value_and_grad()(params, *shard)
             else:
-                value, grads = jitted["minibatch"](params, X[rows], y[rows])
+                value, grads = self._minibatch_gradient(params, X[rows], y[rows])
             return float(value), _flatten(grads, names)
 
         return compute
+
+
+def _load_executables(executables: dict) -> dict:
+    """Load :meth:`_Gradient.executables` serialized on this machine (JAX's private
+    logging and LAPACK hooks used here are those of the jax/jaxlib 0.9 that ``pyproject.toml`` asks)."""
+    # a process that has lowered no LAPACK call has not looked up LAPACK's routines, which a
+    # loaded program calls (a crash without this)
+    _lapack._lapack.initialize()
+    # XLA's loader logs an error for CPU tuning flags that it takes for missing features
+    # (openxla/xla#44565) and a warning that it cannot check versions: both false here
+    jax_utils.absl_set_min_log_level(3)
+    try:
+        return {rows: _serialize_executable.deserialize_and_load(*blob) for rows, blob in executables.items()}
+    finally:
+        level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1")  # jax's default
+        jax_utils.absl_set_min_log_level(int(level) if level.isdigit() else 0)
 
 
 class _Server(ProximalServer):
@@ -239,7 +284,8 @@ class AsyncProximalSVI(_Server):
         first time the fork server imports JAX), the server computes that worker's gradients itself when an
         update waits for them (``stood_in`` lists them; it compiles the gradient once, for
         every worker whose batch has the same size, and before starting the workers, which
-        would compete with it for the cores). Default ``None``: with ``batch_size`` only
+        would compete with it for the cores, and hands them the compiled program, which they
+        load instead of compiling their own). Default ``None``: with ``batch_size`` only
         (:func:`scalegp.async_server.standing_in`); ``False``: always wait for the worker.
     :param shrink_stale_steps: divide each update's step sizes by one plus the mean delay of
         the gradients it sums (default; :mod:`scalegp.async_server`); ``False``: the paper's
@@ -255,8 +301,8 @@ class AsyncProximalSVI(_Server):
 
     .. note:: Cost per update: ``O(M^3 + n_k M^2)`` on worker ``k`` (``O(M^3 + b M^2)`` with
        ``batch_size=b``), ``O(K (M^2 + M d))`` on the server. Starting the workers (the fork
-       server's imports the first time, jit) takes seconds, during which the server computes their gradients
-       (with ``stand_in``).
+       server's imports the first time, jit unless they load the stand-in's program) takes seconds,
+       during which the server computes their gradients (with ``stand_in``).
     """
 
     def __init__(self, advgp: ADVGP, X, y, *, num_workers: int = 1, max_delay: int = 0,
@@ -274,7 +320,9 @@ class AsyncProximalSVI(_Server):
         here = _Gradient(advgp, params) if standing_in(stand_in, batch_size) else None
 
         def start_workers():
-            return ProcessWorkers(preloading_context(__name__), _Gradient(advgp, params, int(num_threads)),
+            compiled = None if here is None else here.executables()
+            return ProcessWorkers(preloading_context(__name__),
+                                  _Gradient(advgp, params, int(num_threads), executables=compiled),
                                   data, sleeps, batch_size=batch_size, seed=seed, stand_in=here)
 
         def warm_up(flat):  # the stand-in's gradient on worker 0's first batch, compiled by the first call

@@ -175,9 +175,43 @@ def test_the_stand_in_compiles_one_minibatch_gradient_for_every_worker():
     with AsyncProximalSVI(model, X, y, num_workers=2, optim=OPTIM, shards=SHARDS, **MINIBATCHES) as svi:
         svi.step()
         assert svi.stood_in == [(0, 0), (1, 0)]
-        jitted = svi._workers._stand_in._value_and_grad
-        assert jitted["minibatch"]._cache_size() == 1  # (one compile: seconds on a busy machine)
-        assert jitted["shard"]._cache_size() == 0
+        here = svi._workers._stand_in
+        assert list(here._minibatch) == [6]  # (one compile: seconds on a busy machine)
+        assert here._jitted._cache_size() == 0  # no whole-shard gradient
+        # the workers are handed that compiled program
+        assert list(svi._workers._make_compute._executables) == [6]
+
+
+LOADS = """
+import pickle, sys
+gradient, X, y, flat, rows = pickle.load(open(sys.argv[1], "rb"))
+value, grad = gradient(X, y)(flat, rows)
+pickle.dump((value, grad, gradient._jitted is None), open(sys.argv[1], "wb"))
+"""
+
+
+def test_a_fresh_process_loads_the_stand_ins_minibatch_gradient_instead_of_compiling(tmp_path):
+    """The workers load the stand-in's compiled minibatch gradient: in a process that has lowered
+    nothing (no LAPACK call looked up yet), with the same numbers, no tracing and nothing logged."""
+    import pickle
+    import subprocess
+    import sys
+
+    X, y, Z = data()
+    model = new_model(Z)
+    params = model.init_params()
+    flat, rows = _flatten(params, sorted(params)), np.arange(3, 9)
+    here = _Gradient(model, params)
+    value, grad = here(X, y)(flat, rows)
+    path = tmp_path / "gradient.pkl"
+    path.write_bytes(pickle.dumps((_Gradient(model, params, executables=here.executables()), X, y, flat, rows)))
+    run = subprocess.run([sys.executable, "-c", LOADS, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    loaded_value, loaded_grad, traced_nothing = pickle.loads(path.read_bytes())
+    assert traced_nothing
+    assert loaded_value == value
+    np.testing.assert_array_equal(loaded_grad, grad)
 
 
 def test_minibatch_and_whole_shard_gradients_agree():
