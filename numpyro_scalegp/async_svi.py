@@ -169,7 +169,7 @@ def _load_executables(executables: dict) -> dict:
         return {rows: _serialize_executable.deserialize_and_load(*blob) for rows, blob in executables.items()}
     finally:
         level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1")  # jax's default
-        jax_utils.absl_set_min_log_level(int(level) if level.isdigit() else 0)
+        jax_utils.absl_set_min_log_level(int(level) if level.isdigit() else 1)
 
 
 class _Server(ProximalServer):

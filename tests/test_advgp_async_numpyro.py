@@ -207,7 +207,8 @@ def test_a_fresh_process_loads_the_stand_ins_minibatch_gradient_instead_of_compi
     path.write_bytes(pickle.dumps((_Gradient(model, params, executables=here.executables()), X, y, flat, rows)))
     run = subprocess.run([sys.executable, "-c", LOADS, str(path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stderr == ""
+    # (XLA's loader logs a false CPU-feature error and a version warning unless silenced)
+    assert "cpu_aot_loader" not in run.stderr and "version compatibility" not in run.stderr, run.stderr
     loaded_value, loaded_grad, traced_nothing = pickle.loads(path.read_bytes())
     assert traced_nothing
     assert loaded_value == value
