@@ -181,7 +181,7 @@ class _Server(ProximalServer):
     first gradient, which compiles it): worker interpreters started earlier compete with the
     compilations for the cores (on the flights and 2 cores, with 2 workers and minibatches, the
     first update came after 2.9 s with the workers started first, after 1.5-1.6 s with them
-    started after the compilations)."""
+    started after the compilations), and the workers load the program the stand-in compiled."""
 
     def __init__(self, advgp: ADVGP, params: dict, optim: dict, start_workers: Callable, *, max_delay: int,
                  stall_timeout: float, shrink_stale_steps: bool = True, average_decay: float = 0.0,
