@@ -140,15 +140,16 @@ class _Gradient:
             self._minibatch.update(_load_executables(self._executables))
             self._executables = None
         names = self._layout[0]
-        # the shard on the device for whole-shard gradients; minibatches are gathered by numpy
-        # (an eager JAX gather per call costs more than a small batch's gradient)
+        # minibatches are gathered by numpy (an eager JAX gather per call costs more than a small
+        # batch's gradient); whole-shard gradients take the shard on the device, copied on first use
+        # only: a minibatch run's server, standing in for every shard, would otherwise hold the data twice
         X, y = np.asarray(X), np.asarray(y)
-        shard = (jax.numpy.asarray(X), jax.numpy.asarray(y))
+        on_device = functools.cache(lambda: (jax.numpy.asarray(X), jax.numpy.asarray(y)))
 
         def compute(flat, rows=None):
             params = _unflatten(flat, *self._layout)
             if rows is None:
-                value, grads = self._value_and_grad()(params, *shard)
+                value, grads = self._value_and_grad()(params, *on_device())
             else:
                 value, grads = self._minibatch_gradient(params, X[rows], y[rows])
             return float(value), _flatten(grads, names)
