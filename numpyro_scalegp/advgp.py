@@ -52,6 +52,7 @@ import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import constraints
 
+from .kernels import Kernel
 from .optim import lower_cholesky_from_unconstrained
 
 __all__ = ["ADVGP", "ADVGPGuide", "kl_term"]
@@ -149,6 +150,8 @@ class ADVGP:
             raise ValueError(f"noise: expected a positive finite scalar, got {noise}")
         if not (math.isfinite(jitter) and jitter >= 0):
             raise ValueError(f"jitter: expected a non-negative number, got {jitter!r}")
+        if isinstance(kernel, Kernel):
+            kernel.check_inputs(Z, "Z")
         leaves, self._kernel_def = jax.tree_util.tree_flatten(kernel)
         if len(leaves) != 2:
             raise ValueError(f"kernel: expected pytree leaves (variance, lengthscale), got {len(leaves)} leaves")

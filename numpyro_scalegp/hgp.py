@@ -788,6 +788,8 @@ class HGPMarginal(Distribution):
         if not callable(kernel):
             raise ValueError(f"kernel: expected a numpyro_scalegp.kernels kernel, got {type(kernel).__name__}")
         X = _as_inputs("X", X)
+        if isinstance(kernel, kernels.Kernel):
+            kernel.check_inputs(X)
         N = X.shape[0]
         if jnp.ndim(noise) != 0:
             raise ValueError(f"noise: expected a scalar, got shape {jnp.shape(noise)}")

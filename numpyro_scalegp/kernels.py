@@ -23,6 +23,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from scalegp.kernel_shapes import check_active_columns, check_lengthscale_shape
+
 __all__ = ["Kernel", "Isotropy", "RBF", "Exponential", "Matern32", "Matern52", "Periodic", "Linear", "Product",
            "isotropic_gram", "isotropic_gram_vjp"]
 
@@ -40,6 +42,15 @@ class Kernel:
     def __call__(self, X, Z=None, diag=False):
         raise NotImplementedError
 
+    def columns(self) -> tuple:
+        """The input columns the kernel reads (its ``active_dims``; a product's, both factors')."""
+        return tuple(getattr(self, "active_dims", ()))
+
+    def check_inputs(self, X, name: str = "X") -> None:
+        """``ValueError`` naming ``name`` if the kernel reads a column that ``X`` (``(..., N, d)`` or
+        ``(N,)``) lacks: JAX's indexing would read the last one in its place."""
+        check_active_columns(self.columns(), 1 if jnp.ndim(X) == 1 else jnp.shape(X)[-1], name)
+
 
 @jax.tree_util.register_pytree_node_class
 class Isotropy(Kernel):
@@ -55,11 +66,8 @@ class Isotropy(Kernel):
         self.input_dim = int(input_dim)
         self.variance = variance
         self.lengthscale = lengthscale
-        self.active_dims = tuple(range(self.input_dim)) if active_dims is None else tuple(active_dims)
-        if len(self.active_dims) != self.input_dim:
-            raise ValueError(
-                f"active_dims: expected {self.input_dim} columns, got {len(self.active_dims)}"
-            )
+        self.active_dims = _check_active_dims(self.input_dim, active_dims)
+        check_lengthscale_shape(jnp.shape(lengthscale), self.input_dim)
 
     def tree_flatten(self):
         return (self.variance, self.lengthscale), (self.input_dim, self.active_dims)
@@ -276,6 +284,7 @@ class Periodic(Kernel):
         self.input_dim = int(input_dim)
         self.variance, self.lengthscale, self.period = variance, lengthscale, period
         self.active_dims = _check_active_dims(self.input_dim, active_dims)
+        check_lengthscale_shape(jnp.shape(lengthscale), self.input_dim)
 
     def tree_flatten(self):
         return (self.variance, self.lengthscale, self.period), (self.input_dim, self.active_dims)
@@ -354,6 +363,9 @@ class Product(Kernel):
         obj = object.__new__(cls)
         obj.kern0, obj.kern1 = children
         return obj
+
+    def columns(self) -> tuple:
+        return tuple(sorted(set(self.kern0.columns()) | set(self.kern1.columns())))
 
     def __call__(self, X, Z=None, diag=False):
         return self.kern0(X, Z, diag=diag) * self.kern1(X, Z, diag=diag)

@@ -326,6 +326,7 @@ class LatticeKernelOperator:
         name = kernel_name(kernel)
         if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 1:
             raise ValueError(f"order: must be a positive integer, got {order!r}")
+        kernel.check_inputs(X)
         X = kernel._slice(X)
         ell, var = kernel.lengthscale, kernel.variance
         self.order, self.kernel_name, self.backend = int(order), name, backend

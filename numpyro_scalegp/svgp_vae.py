@@ -224,6 +224,7 @@ class SVGPVAEGuide:
             raise ValueError(f"kernel: expected a numpyro_scalegp.kernels.Kernel, got {type(kernel).__name__}")
         self.encoder, self.kernel = _check_network("encoder", encoder), kernel
         self.Z = Z if Z.ndim == 2 else Z[:, None]
+        kernel.check_inputs(self.Z, "Z")
         self.num_data, self.latent_dim = int(num_data), int(latent_dim)
         self.jitter, self.prefix = float(jitter), prefix
 
@@ -404,6 +405,7 @@ class ExactGPVAE(_GPVAE):
 
     def _posterior(self, X, Y):
         X, Y = _check_data(X, Y)
+        self.kernel.check_inputs(X)
         kernel = _kernel_param("kernel", self.kernel)
         ytilde, sigtilde = _encode("encoder", self.encoder, Y, self.latent_dim)
         K = kernel(X)

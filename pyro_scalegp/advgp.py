@@ -67,6 +67,8 @@ from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 from torch.autograd.function import once_differentiable
 
+from .kernels import check_kernel_inputs
+
 __all__ = ["ADVGP", "ADVGPGuide", "kl_term"]
 
 
@@ -269,6 +271,7 @@ class ADVGP(PyroModule):
             raise ValueError(f"noise: expected a positive finite scalar, got {noise}")
         if not (math.isfinite(jitter) and jitter >= 0):
             raise ValueError(f"jitter: expected a non-negative number, got {jitter!r}")
+        check_kernel_inputs(kernel, Z.shape[1], "Z")
         self.kernel = kernel
         self.jitter = float(jitter)
         self.Z = PyroParam(Z.detach().clone())

@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 from scalegp.combine import COMBINE_RULES, combine as combine_predictions, tree_sum
 from scalegp.partition import Experts
 
-from .kernels import (BoundKernel, bind, check_finite, check_positive, check_shape, stationary_forward,
-                      stationary_vjp)
+from .kernels import (BoundKernel, bind, check_finite, check_kernel_inputs, check_positive, check_shape,
+                      stationary_forward, stationary_vjp)
 from .threads import torch_threads
 
 __all__ = [
@@ -449,8 +449,7 @@ class HGPMarginal(TorchDistribution):
         self.kernel = bind(kernel)
         for value in self.kernel.params:
             check_finite("kernel", torch.as_tensor(value))
-        if self.kernel.kind is not None and self.kernel.active_dims and max(self.kernel.active_dims) >= X.shape[1]:
-            raise ValueError(f"X: the kernel reads columns {self.kernel.active_dims} but X has {X.shape[1]}")
+        check_kernel_inputs(kernel, X.shape[1])
         self.X = X
         self.noise = noise.reshape(())
         self.loc = loc.reshape(()) if loc.numel() == 1 else loc

@@ -42,9 +42,11 @@ import math
 import torch
 from pyro.contrib.gp import kernels as gp_kernels
 
+from scalegp.kernel_shapes import check_active_columns, check_lengthscale_shape
+
 __all__ = [
     "BoundKernel", "bind", "gram", "cross", "diag",
-    "check_finite", "check_positive", "check_shape",
+    "check_finite", "check_positive", "check_shape", "check_kernel_inputs",
 ]
 
 _FAST = {
@@ -82,6 +84,19 @@ def check_shape(name: str, value: torch.Tensor, shape: tuple) -> None:
     if not ok:
         want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{name}: expected shape {want}, got {tuple(value.shape)}")
+
+
+def check_kernel_inputs(kernel, columns: int, name: str = "X") -> None:
+    """``ValueError`` naming ``name`` if a ``pyro.contrib.gp`` kernel reads a column (``active_dims``)
+    that the ``columns`` columns of ``name`` lack, or naming ``lengthscale`` if its lengthscale is
+    neither a scalar nor one per input dimension (Pyro's kernels accept both and fail, or broadcast,
+    later). A lengthscale with a prior (``PyroSample``) is not read: reading it would draw it."""
+    if not isinstance(kernel, gp_kernels.Kernel):
+        return
+    check_active_columns(kernel.active_dims, columns, name)
+    if (isinstance(kernel, (gp_kernels.Isotropy, gp_kernels.Periodic))
+            and "lengthscale" not in getattr(kernel, "_pyro_samples", {})):
+        check_lengthscale_shape(tuple(kernel.lengthscale.shape), kernel.input_dim)
 
 
 def _square_scaled_dist(X, Z, lengthscale):

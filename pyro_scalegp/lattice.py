@@ -50,6 +50,8 @@ from scalegp import lattice as sl
 from scalegp.krylov import check_solver_options, warn_unconverged
 from scalegp.neighbors import check_neighbors, neighbor_variances
 
+from .kernels import check_kernel_inputs
+
 __all__ = ["LatticeKernelOperator", "SimplexGPMarginal", "kernel_name"]
 
 _NAMES = ((gp_kernels.RBF, "rbf"), (gp_kernels.Exponential, "exponential"), (gp_kernels.Matern32, "matern32"),
@@ -209,6 +211,8 @@ class LatticeKernelOperator(LinearOperator):
                  kernel_name_: str | None = None, lattice: _Lattice | None = None):
         if kernel is not None:
             kernel_name_ = kernel_name(kernel)
+            if torch.is_tensor(X) and X.dim() == 2:
+                check_kernel_inputs(kernel, X.shape[1])
             if X.dim() == 2 and list(kernel.active_dims) != list(range(X.shape[1])):
                 X = kernel._slice_input(X)  # a copy: not made when the kernel takes every column in order
             lengthscale, variance = kernel.lengthscale, kernel.variance

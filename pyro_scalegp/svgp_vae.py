@@ -74,7 +74,7 @@ import torch
 from pyro.nn.module import PyroModule, PyroParam, pyro_method
 from torch.distributions import constraints
 
-from .kernels import check_finite
+from .kernels import check_finite, check_kernel_inputs
 
 __all__ = ["SVGPVAEGuide", "SVGPVAE", "ExactGPVAE"]
 
@@ -145,6 +145,7 @@ class SVGPVAEGuide(PyroModule):
             raise ValueError(f"Z: expected a tensor of shape (M,) or (M, D), got {getattr(Z, 'shape', type(Z))}")
         if torch.isnan(Z).any():
             raise ValueError("Z: contains NaN")
+        check_kernel_inputs(kernel, 1 if Z.dim() == 1 else Z.shape[1], "Z")
         self.encoder = encoder
         self.kernel = kernel
         self.Z = PyroParam(Z if Z.dim() == 2 else Z.unsqueeze(-1))
@@ -363,6 +364,7 @@ class ExactGPVAE(_GPVAE):
 
     def _posterior(self, X, Y):
         X = _check_data(X, Y)
+        check_kernel_inputs(self.kernel, 1 if X.dim() == 1 else X.shape[1])
         pyro.module(self._pyro_get_fullname("encoder"), self.encoder)
         ytilde, sigtilde = _encode(self.encoder, Y, self.latent_dim)
         K = self.kernel(X)

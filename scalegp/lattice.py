@@ -74,6 +74,8 @@ import os
 
 import numpy as np
 
+from .kernel_shapes import check_lengthscale_shape
+
 __all__ = [
     "KERNELS", "kernel_profile", "coverage_spacing", "Stencil", "stencil", "elevation_scale",
     "elevation_matrix", "memory_estimate", "check_memory", "validate_inputs",
@@ -263,8 +265,7 @@ def validate_inputs(X, lengthscale, variance, kernel: str, order) -> tuple[np.nd
     if not (np.all(np.isfinite(hi)) and np.all(np.isfinite(lo))):
         raise ValueError("X: contains NaN or infinite values")
     ell = np.asarray(lengthscale, dtype=np.float64)
-    if ell.ndim > 1 or (ell.ndim == 1 and ell.shape[0] not in (1, d)):
-        raise ValueError(f"lengthscale: expected a scalar or shape ({d},), got shape {ell.shape}")
+    check_lengthscale_shape(ell.shape, d)
     if not (np.all(np.isfinite(ell)) and np.all(ell > 0)):
         raise ValueError(f"lengthscale: must be finite and positive, got {ell}")
     var = np.asarray(variance, dtype=np.float64)
