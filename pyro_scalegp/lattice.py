@@ -50,7 +50,7 @@ from scalegp import lattice as sl
 from scalegp.krylov import check_solver_options, warn_unconverged
 from scalegp.neighbors import check_neighbors, neighbor_variances
 
-from .kernels import check_kernel_inputs
+from .kernels import check_finite, check_kernel_inputs, check_positive
 
 __all__ = ["LatticeKernelOperator", "SimplexGPMarginal", "kernel_name"]
 
@@ -421,6 +421,9 @@ class SimplexGPMarginal(TorchDistribution):
         self.op = LatticeKernelOperator(X, kernel, order=order, backend=backend)
         self.X = self.op.X
         self.noise = torch.as_tensor(noise, dtype=X.dtype, device=X.device)
+        if self.noise.numel() != 1:
+            raise ValueError(f"noise: expected a scalar, got shape {tuple(self.noise.shape)}")
+        check_positive("noise", self.noise)
         self.loc = torch.zeros((), dtype=X.dtype, device=X.device) if mean is None else torch.as_tensor(
             mean, dtype=X.dtype, device=X.device)
         self.cg_tol, self.max_cg_iter, self.num_probes = float(cg_tol), int(max_cg_iter), int(num_probes)
@@ -437,6 +440,7 @@ class SimplexGPMarginal(TorchDistribution):
         y = torch.as_tensor(y, dtype=self.X.dtype, device=self.X.device)
         if y.shape != self.event_shape:
             raise ValueError(f"y: expected shape {tuple(self.event_shape)}, got {tuple(y.shape)}")
+        check_finite("y", y)
         r = (y - self.loc)[:, None]
         with contextlib.ExitStack() as stack:
             for ctx in self._settings():

@@ -177,6 +177,8 @@ def check_options(N: int, *, num_workers: int, max_delay: int, stall_timeout: fl
     if not stall_timeout > 0:
         raise ValueError(f"stall_timeout: expected a positive number, got {stall_timeout!r}")
     if shards is None:
+        if num_workers > N:
+            raise ValueError(f"num_workers: {num_workers} workers for {N} rows; each worker's shard needs a row")
         shards = np.array_split(np.arange(N), num_workers)
     shards = [np.asarray(s, dtype=np.int64).reshape(-1) for s in shards]
     if len(shards) != num_workers:

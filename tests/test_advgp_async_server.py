@@ -386,7 +386,8 @@ def test_check_options_names_the_bad_argument():
     shards, sleeps = check_options(10, num_workers=2, max_delay=0, stall_timeout=1.0)
     assert [s.tolist() for s in shards] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and sleeps == [0.0, 0.0]
     assert check_options(10, num_workers=2, max_delay=0, stall_timeout=1.0, worker_sleep=[0.5, 0.0])[1] == [0.5, 0.0]
-    for kwargs, name in [({"num_workers": 0}, "num_workers"), ({"max_delay": 1.5}, "max_delay"),
+    for kwargs, name in [({"num_workers": 0}, "num_workers"), ({"num_workers": 11}, "num_workers"),
+                         ({"max_delay": 1.5}, "max_delay"),
                          ({"stall_timeout": 0}, "stall_timeout"), ({"shards": [np.arange(9)]}, "shards"),
                          ({"shards": [np.arange(5), np.arange(5)]}, "shards"),
                          ({"shards": [np.arange(5), np.arange(5, 11)]}, "shards"),

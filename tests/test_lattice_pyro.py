@@ -253,6 +253,20 @@ def test_marginal_log_prob_matches_dense_operator():
     assert (g - g_ref).norm() < 0.15 * g_ref.norm() + 1.0, (g, g_ref)
 
 
+def test_marginal_bad_input_names_the_argument():
+    """As the NumPyro twin's test_bad_input: the noise and the observations, which linear_operator's CG
+    would otherwise meet as NaN products (RuntimeError) or torch's argument validation."""
+    X, kern, y, noise = _marginal_problem(50)
+    for bad in (-0.1, 0.0, float("nan"), torch.ones(2)):
+        with pytest.raises(ValueError, match="noise"):
+            SimplexGPMarginal(kern, X, bad)
+    m = SimplexGPMarginal(kern, X, noise)
+    with pytest.raises(ValueError, match="y: expected shape"):
+        m.log_prob(y[:10])
+    with pytest.raises(ValueError, match="y: contains NaN"):
+        m.log_prob(torch.where(torch.arange(50) == 3, float("nan"), y))
+
+
 def test_marginal_solver_options_and_fewer_points_than_the_default_preconditioner_rank():
     X, kern, y, noise = _marginal_problem(6)
     for kwargs, name in (({"cg_tol": 0.0}, "cg_tol"), ({"num_probes": 0}, "num_probes"),
