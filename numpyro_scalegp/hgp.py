@@ -523,7 +523,14 @@ def _predict_chunk(rep, chunk, *, escalate: bool, progress: bool = False):
     Ks = kernel(Xe, Xs).astype(Xe.dtype)  # (B, n, T)
     alpha = _solve_lower(L, _solve_lower(L, re[..., None]), transpose=True)[..., 0]
     mean = jnp.einsum("bnt,bn->bt", Ks, alpha)
-    V = _solve_lower(L, Ks)
+    n, T = Ks.shape[-2:]
+    if T >= n:
+        # L^-1 K_s as one matrix product with L^-1 (n^3 more flops): XLA's batched triangular solve with
+        # many right-hand sides runs at a third of the speed of its matrix product on the CPU (8 experts of
+        # 256 and 10,000 test points, 2 threads: 0.59 s against 0.31 s with the inverse; torch's solve 0.23 s)
+        V = _solve_lower(L, jnp.broadcast_to(jnp.eye(n, dtype=L.dtype), L.shape)) @ Ks
+    else:
+        V = _solve_lower(L, Ks)
     var = kernel(Xs, diag=True).astype(Xe.dtype) - jnp.sum(V**2, -2)
     if progress and not escalate:  # a retry with jitter runs without ticking
         jax.debug.callback(_tick, Xe.shape[0], mean[0, 0])

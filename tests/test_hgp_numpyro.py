@@ -159,6 +159,23 @@ def _expert_reference(name, X, y, index, Xs):
     return [m - MEAN for m, _ in preds], [v for _, v in preds]
 
 
+@pytest.mark.parametrize("num_test", [7, 40], ids=["solves", "inverse"])
+def test_expert_predictions_equal_reference_with_fewer_and_more_test_points_than_an_expert(data, num_test):
+    """Experts of 12 points: 7 test points take the triangular solves, 40 the product with the inverse of
+    the Cholesky factor (numpyro_scalegp.hgp._predict_chunk); both as the dense float64 reference."""
+    from numpyro_scalegp.hgp import _Layout, _expert_predictions
+
+    X, y, _ = data
+    Xs = np.random.default_rng(8).uniform(-2.5, 2.5, (num_test, 2))
+    experts = partition(X, expert_size=12, method="random", seed=2)
+    means, variances = _expert_predictions(make_kernel("matern52"), jnp.asarray(X), jnp.asarray(NOISE),
+                                           jnp.asarray(y - MEAN), jnp.asarray(1e-10), jnp.asarray(Xs),
+                                           layout=_Layout(experts.index), mesh=None, max_chunk=2)
+    ref_means, ref_vars = _expert_reference("matern52", X, y, experts.index, Xs)
+    np.testing.assert_allclose(np.asarray(means), np.array(ref_means), rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(np.asarray(variances), np.array(ref_vars), rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("rule", ["poe", "gpoe", "bcm", "rbcm", "grbcm"])
 def test_combination_rules_equal_reference(data, rule):
     X, y, Xs = data
