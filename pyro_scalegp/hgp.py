@@ -50,7 +50,7 @@ from scalegp.partition import Experts
 
 from .kernels import (BoundKernel, bind, check_finite, check_kernel_inputs, check_positive, check_shape,
                       stationary_forward, stationary_vjp)
-from .threads import torch_threads
+from .threads import flushing_subnormals, torch_threads
 
 __all__ = [
     "HGPMarginal", "NotPositiveDefiniteError", "GaussianLogLikelihood",
@@ -607,7 +607,8 @@ class HGPMarginal(TorchDistribution):
         test_chunk = max(1, _CHUNK_ELEMENTS // (n * _chunk(self.chunk_size, n, self.experts.index.shape[0])))
         index = torch.as_tensor(self.experts.index, device=self.X.device)
         experts = index.shape[0] + (combine == "grbcm")
-        with torch.no_grad(), tqdm(total=experts, desc="HGP predict", unit="expert", disable=not progress_bar) as bar:
+        with torch.no_grad(), flushing_subnormals(), \
+                tqdm(total=experts, desc="HGP predict", unit="expert", disable=not progress_bar) as bar:
             y = y.detach()
             means, variances = self._expert_predictions(y, index, X_new, prior_mean, test_chunk, bar)
             if combine == "grbcm":
