@@ -360,10 +360,11 @@ def expert_log_likelihood(kernel, X, y, index, noise, mean=None, *, jitter: floa
 
     inputs = (X, y2, loc, noise, *bound.params)
     needs = [torch.is_grad_enabled() and torch.is_tensor(t) and t.requires_grad for t in inputs]
-    if bound.kind is not None and y2.shape[0] == 1 and any(needs):
-        value = _EagerSum.apply(evaluate, needs, *inputs)
-    else:
-        value = evaluate(inputs, [False] * len(inputs))[0]
+    with flushing_subnormals():  # the chunks' threads, started here, inherit the mode
+        if bound.kind is not None and y2.shape[0] == 1 and any(needs):
+            value = _EagerSum.apply(evaluate, needs, *inputs)
+        else:
+            value = evaluate(inputs, [False] * len(inputs))[0]
     return value.reshape(batch)
 
 

@@ -20,6 +20,7 @@ import scalegp
 from pyro_scalegp import HGPMarginal, NotPositiveDefiniteError, expert_log_likelihood, gaussian_log_likelihood
 from pyro_scalegp.hgp import GaussianLogLikelihood
 from pyro_scalegp.kernels import bind, cross, diag, gram, stationary_forward
+from pyro_scalegp.threads import torch_threads
 from scalegp import partition
 from tests import reference
 
@@ -345,6 +346,25 @@ def test_predict_flushes_subnormals_and_leaves_the_callers_mode():
         assert _flushing()
     finally:
         torch.set_flush_denormal(False)
+    assert not _flushing()
+
+
+def test_log_prob_flushes_subnormals_in_the_threads_of_its_chunks(monkeypatch):
+    """The value and gradient of the chunks, computed in threads that log_prob starts, run with subnormals
+    flushed (threads inherit the mode of the thread that starts them); the caller's mode is kept."""
+    import pyro_scalegp.hgp as hgp_module
+    from pyro_scalegp.threads import _flushing
+
+    X, y = _data(80)
+    kernel = _kernel()
+    seen = []
+    original = hgp_module._chunk_value_and_grads
+    monkeypatch.setattr(hgp_module, "_chunk_value_and_grads", lambda *a: (seen.append(_flushing()), original(*a))[1])
+    d = HGPMarginal(kernel, X, NOISE, experts=partition(X.numpy(), expert_size=20, method="random", seed=1),
+                    chunk_size=1)
+    with torch_threads(2):
+        d.log_prob(y).backward()
+    assert len(seen) == 4 and all(seen)
     assert not _flushing()
 
 
