@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from scalegp.combine import COMBINE_RULES, combine as combine_predictions, tree_sum
 from scalegp.partition import Experts
 
-from .kernels import (BoundKernel, bind, check_finite, check_kernel_inputs, check_positive, check_shape,
+from .kernels import (BoundKernel, bind, check_finite, check_kernel_inputs, check_positive_scalar, check_shape,
                       stationary_forward, stationary_vjp)
 from .threads import flushing_subnormals, torch_threads
 
@@ -429,9 +429,7 @@ class HGPMarginal(TorchDistribution):
         check_finite("X", X)
         N = X.shape[0]
         noise = torch.as_tensor(noise, dtype=X.dtype, device=X.device)
-        if noise.numel() != 1:
-            raise ValueError(f"noise: expected a scalar, got shape {tuple(noise.shape)}")
-        check_positive("noise", noise)
+        check_positive_scalar("noise", noise)
         loc = torch.zeros((), dtype=X.dtype, device=X.device) if mean is None else torch.as_tensor(
             mean, dtype=X.dtype, device=X.device)
         if loc.dim() > 1 or (loc.dim() == 1 and loc.shape[0] not in (1, N)):

@@ -46,7 +46,7 @@ from scalegp.kernel_shapes import check_active_columns, check_lengthscale_shape
 
 __all__ = [
     "BoundKernel", "bind", "gram", "cross", "diag",
-    "check_finite", "check_positive", "check_shape", "check_kernel_inputs",
+    "check_finite", "check_positive", "check_positive_scalar", "check_shape", "check_kernel_inputs",
 ]
 
 _FAST = {
@@ -75,6 +75,13 @@ def check_positive(name: str, value: torch.Tensor) -> None:
     check_finite(name, value)
     if not bool((value > 0).all()):
         raise ValueError(f"{name}: must be positive, got {value.detach().flatten()[:5].tolist()}")
+
+
+def check_positive_scalar(name: str, value: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` holds one finite positive number."""
+    if value.numel() != 1:
+        raise ValueError(f"{name}: expected a scalar, got shape {tuple(value.shape)}")
+    check_positive(name, value)
 
 
 def check_shape(name: str, value: torch.Tensor, shape: tuple) -> None:

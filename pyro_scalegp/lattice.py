@@ -50,7 +50,7 @@ from scalegp import lattice as sl
 from scalegp.krylov import check_solver_options, warn_unconverged
 from scalegp.neighbors import check_neighbors, neighbor_variances
 
-from .kernels import check_finite, check_kernel_inputs, check_positive
+from .kernels import check_finite, check_kernel_inputs, check_positive_scalar
 
 __all__ = ["LatticeKernelOperator", "SimplexGPMarginal", "kernel_name"]
 
@@ -213,8 +213,8 @@ class LatticeKernelOperator(LinearOperator):
             kernel_name_ = kernel_name(kernel)
             if torch.is_tensor(X) and X.dim() == 2:
                 check_kernel_inputs(kernel, X.shape[1])
-            if X.dim() == 2 and list(kernel.active_dims) != list(range(X.shape[1])):
-                X = kernel._slice_input(X)  # a copy: not made when the kernel takes every column in order
+                if list(kernel.active_dims) != list(range(X.shape[1])):
+                    X = kernel._slice_input(X)  # a copy: not made when the kernel takes every column in order
             lengthscale, variance = kernel.lengthscale, kernel.variance
         if not torch.is_tensor(X) or X.dim() != 2:
             raise ValueError(f"X: expected a 2-D (N, d) tensor, got {type(X).__name__} of shape {getattr(X, 'shape', None)}")
@@ -421,9 +421,7 @@ class SimplexGPMarginal(TorchDistribution):
         self.op = LatticeKernelOperator(X, kernel, order=order, backend=backend)
         self.X = self.op.X
         self.noise = torch.as_tensor(noise, dtype=X.dtype, device=X.device)
-        if self.noise.numel() != 1:
-            raise ValueError(f"noise: expected a scalar, got shape {tuple(self.noise.shape)}")
-        check_positive("noise", self.noise)
+        check_positive_scalar("noise", self.noise)
         self.loc = torch.zeros((), dtype=X.dtype, device=X.device) if mean is None else torch.as_tensor(
             mean, dtype=X.dtype, device=X.device)
         self.cg_tol, self.max_cg_iter, self.num_probes = float(cg_tol), int(max_cg_iter), int(num_probes)
