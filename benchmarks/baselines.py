@@ -17,6 +17,7 @@ noisy test targets per test point, in the *standardized* unit), ``train_s``, ``p
 """
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -207,8 +208,10 @@ def svgp_gpytorch(data, *, num_inducing: int = 500, kernel: str = "rbf", steps: 
         gen = torch.Generator().manual_seed(seed)
         perm, pos = torch.randperm(N, generator=gen), 0
         done = 0
+        # a run bounded in time counts its steps without a total (no estimate of the time to `steps`)
         budget = "" if time_s is None else f", up to {time_s:.0f} s"
-        for _ in progress(range(steps), desc=f"SVGP M={num_inducing}{budget}", disable=not show_progress):
+        steps_left = range(steps) if time_s is None else itertools.islice(itertools.count(), steps)
+        for _ in progress(steps_left, desc=f"SVGP M={num_inducing}{budget}", disable=not show_progress):
             if time_s is not None and time.perf_counter() - t_train.start >= time_s:
                 break
             done += 1

@@ -97,12 +97,15 @@ def set_threads(n: int | None) -> int:
 
 
 def progress(iterable: Iterable | None = None, **kwargs):
-    """A tqdm progress bar on stderr (``disable=True`` gives a silent one)."""
+    """A tqdm progress bar on stderr (``disable=True`` gives a silent one); redrawn at most every
+    10 s where stderr is not a terminal (a log file), instead of ten times a second."""
     from tqdm import tqdm
 
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("leave", False)
     kwargs.setdefault("file", sys.stderr)
+    if not kwargs["file"].isatty():
+        kwargs.setdefault("mininterval", 10.0)
     return tqdm(iterable, **kwargs)
 
 
