@@ -40,7 +40,8 @@ peer run on the GPU too, and every time waits for the GPU's work to finish, afte
     python -m benchmarks.lattice_mvm --device cuda --exact-rows 250000 --sizes 10000 30000 100000 243853 \
         --synthetic-sizes 10000 --dims 2 4 8 12 16 20 --lengthscales ... --variance ... --out ...
 
-Writes JSON and a markdown table next to it.
+Writes JSON, a markdown table and, with flights rows, a figure (time and cosine similarity against N
+per order, ``.png``) next to it; ``--replot results.json`` only redraws the figure of a stored run.
 """
 from __future__ import annotations
 
@@ -203,6 +204,49 @@ def markdown(rows, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    """Time and cosine similarity against N on the flights rows, one colour per order: ours (build +
+    1 column, solid), the authors' call (dashed) and the exact product (black). False, and no file,
+    without flights rows."""
+    rows = [r for r in rows if r["data"] == "flights"]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_c) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, order in enumerate(sorted({r["order"] for r in rows})):
+        own = sorted((r for r in rows if r["order"] == order), key=lambda r: r["n"])
+        n = [r["n"] for r in own]
+        color = f"C{i}"
+        ax_t.loglog(n, [r["build_plus_1col_s"] for r in own], "o-", color=color, label=f"ours, order {order}")
+        ax_c.semilogx(n, [r["cosine"] for r in own], "o-", color=color, label=f"ours, order {order}")
+        if own[0].get("peer_1col_s") is not None:
+            ax_t.loglog(n, [r["peer_1col_s"] for r in own], "s--", color=color, label=f"authors, order {order}")
+            ax_c.semilogx(n, [r["peer_cosine"] for r in own], "s--", color=color, label=f"authors, order {order}")
+    exact = sorted({r["n"]: r["exact_1col_s"] for r in rows}.items())
+    scaled = " (timed on a subset, scaled by N)" if any(r["exact_scaled"] for r in rows) else ""
+    ax_t.loglog([n for n, _ in exact], [t for _, t in exact], "k^-", label="exact product" + scaled)
+    ax_c.axhline(0.99, color="r", lw=0.8, ls=":", label="target 0.99")
+    ax_t.set(xlabel="flights rows N", ylabel="seconds (ours: build + 1 column)", title="time of one product")
+    ax_c.set(xlabel="flights rows N", ylabel="mean cosine with the exact product", title="accuracy")
+    for ax in (ax_t, ax_c):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_title(meta: dict) -> str:
+    where = f"{meta['threads']} CPU threads" if meta.get("device", "cpu") == "cpu" else meta.get("gpu", "GPU")
+    return f"Lattice MVM on the flights (RBF, d = 8), {where}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000], help="flights sizes")
@@ -220,7 +264,14 @@ def main(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the data live: 'cuda' runs our CUDA build, the exact product and the peer on the GPU")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--replot", type=Path, default=None,
+                   help="only draw the figure of a results JSON of this script (next to it, .png)")
     args = p.parse_args(argv)
+    if args.replot:
+        results = json.loads(args.replot.read_text())
+        if not plot(results["rows"], args.replot.with_suffix(".png"), _plot_title(results["meta"])):
+            raise SystemExit(f"--replot: {args.replot} has no flights rows to plot")
+        return
     if args.quick or os.environ.get("CI"):
         args.sizes, args.synthetic_sizes, args.dims, args.repeats = [2000], [1000], [2, 8], 1
     torch.set_num_threads(2)
@@ -262,6 +313,7 @@ def main(argv=None):
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         args.out.with_suffix(".md").write_text(table)
+        plot(rows, args.out.with_suffix(".png"), _plot_title(meta))
 
 
 if __name__ == "__main__":

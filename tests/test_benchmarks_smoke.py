@@ -475,3 +475,26 @@ def test_lattice_flights_quick(tmp_path, monkeypatch, float64_torch):
     payload = json.load(open(tmp_path / "lattice_flights.json"))
     assert payload["meta"]["quick"] and len(payload["rows"]) == len(rows)
     assert "Simplex-GP (NumPyro)" in open(tmp_path / "lattice_flights.md").read()
+
+
+def test_lattice_mvm_quick_writes_table_and_figure(tmp_path, monkeypatch, float64_torch):
+    from benchmarks import lattice_mvm
+
+    monkeypatch.setenv("CI", "true")
+    out = tmp_path / "mvm.json"
+    lattice_mvm.main(["--no-peer", "--orders", "1", "--lengthscales", *["2.0"] * 8, "--variance", "1.0",
+                      "--out", str(out)])
+    rows = json.load(open(out))["rows"]  # quick: 2,000 flights rows, 1,000 normal points with d = 2 and 8
+    assert [(r["data"], r["n"], r["d"]) for r in rows] == [("flights", 2000, 8), ("normal", 1000, 2),
+                                                          ("normal", 1000, 8)]
+    assert all(0.9 < r["cosine"] <= 1.0 and "peer_1col_s" not in r for r in rows)
+    assert "| flights | 2000 |" in open(tmp_path / "mvm.md").read()
+    figure = tmp_path / "mvm.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure.unlink()
+    lattice_mvm.main(["--replot", str(out)])  # the figure again, from the stored JSON alone
+    assert figure.exists()
+    synthetic = tmp_path / "synthetic.json"
+    synthetic.write_text(json.dumps({"meta": {"threads": 2}, "rows": rows[1:]}))
+    with pytest.raises(SystemExit, match="no flights rows"):
+        lattice_mvm.main(["--replot", str(synthetic)])
