@@ -315,7 +315,7 @@ class LatticeKernelOperator:
     cotangent) and ``vmap``. Constructed from concrete values, bad values raise ``ValueError``
     here; constructed inside ``jit`` (traced inputs), shapes, the kernel and ``order`` are checked
     here and the values by the build (a callback) when the computation runs, which then fails with the
-    same message.
+    same message. Cross-covariances: :meth:`cross_matmul`.
 
     .. note:: Cost: see the module note. Inside ``jit`` the lattice is built once per execution of
        the computation that constructs the operator.
@@ -390,6 +390,31 @@ class LatticeKernelOperator:
         return out[:, 0] if v.ndim == 1 else out
 
     __matmul__ = matmul
+
+    def joint(self, X_new) -> "LatticeKernelOperator":
+        """The operator of the same kernel on ``[X; X_new]`` (a new lattice)."""
+        X_new = jnp.asarray(X_new, self.X.dtype)
+        d = self.X.shape[1]
+        if X_new.ndim != 2 or X_new.shape[1] != d:
+            raise ValueError(f"X_new: expected a (T, {d}) array, got shape {X_new.shape}")
+        cls = {name: c for c, name in _NAMES}[self.kernel_name]
+        return LatticeKernelOperator(jnp.concatenate([self.X, X_new]),
+                                     cls(d, variance=self.variance, lengthscale=self.lengthscale),
+                                     order=self.order, backend=self.backend)
+
+    def cross_matmul(self, X_new, rhs):
+        """``K(X_new, X) @ rhs`` from the joint lattice of ``[X; X_new]`` (its calibration and
+        symmetry hold for the joint matrix; the ``X``-block of the joint operator can differ slightly
+        from ``self``, whose lattice holds only ``X``).
+
+        .. note:: Cost: one joint lattice build and one product of ``rhs.shape[-1]`` columns.
+        """
+        joint = self.joint(X_new)
+        n, t = self.X.shape[0], joint.shape[0] - self.X.shape[0]
+        rhs = jnp.asarray(rhs, self.X.dtype)
+        r = rhs[:, None] if rhs.ndim == 1 else rhs
+        out = (joint @ jnp.concatenate([r, jnp.zeros((t, r.shape[1]), r.dtype)]))[n:]
+        return out[:, 0] if rhs.ndim == 1 else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,8 +751,7 @@ class SimplexGPMarginal(Distribution):
                                           or not 1 <= variance_rank <= n):
             raise ValueError(f"variance_rank: must be None or an integer in [1, {n}], got {variance_rank!r}")
         check_neighbors(neighbors, variance_rank, n)
-        joint = LatticeKernelOperator(jnp.concatenate([self.X, X_new]), self._op_kernel(), order=self.order,
-                                     backend=self.op.backend)
+        joint = self.op.joint(X_new)
         t = X_new.shape[0]
         cfg = self._cfg()
         alpha = self._solve(joint, (y - self.loc)[:, None], n, cfg)
@@ -759,10 +783,6 @@ class SimplexGPMarginal(Distribution):
         x, rel = _solve(joint, self.noise, B, n, cfg)
         krylov.warn_unconverged("SimplexGPMarginal.predict", rel, self.cg_tol, self.max_cg_iter)
         return x
-
-    def _op_kernel(self):
-        """The kernel with the operator's (validated, broadcast) hyperparameters."""
-        return type(self.kernel)(self.X.shape[1], variance=self.op.variance, lengthscale=self.op.lengthscale)
 
     @property
     def mean(self):

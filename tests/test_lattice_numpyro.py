@@ -202,3 +202,31 @@ def test_dropped_lattice_is_rebuilt(monkeypatch):
     monkeypatch.setattr(nl, "_REGISTRY", nl._Registry(keep=0))  # keeps nothing: every lookup rebuilds
     np.testing.assert_allclose(traced(jnp.asarray(X), k, jnp.asarray(V)), ref, rtol=1e-12, atol=1e-13)
     assert len(builds) == 2  # the build, then the rebuild for the product
+
+
+def test_cross_matmul_in_both_frontends_approximates_the_kernel_and_agrees():
+    """``K(X_new, X) @ rhs`` from the joint lattice: the joint operator's block, close to the exact
+    cross-covariance, the same in Pyro and NumPyro; a mis-shaped ``X_new`` is named."""
+    from tests.reference import kernel_matrix
+
+    X, ell, _, _ = _data(300)
+    X_new, rhs = np.random.default_rng(3).normal(size=(40, 3)), np.random.default_rng(4).normal(size=(300, 2))
+    op = LatticeKernelOperator(X, nk.Matern32(3, variance=1.3, lengthscale=jnp.asarray(ell)), order=2)
+    cross = op.cross_matmul(X_new, jnp.asarray(rhs))
+    joint = np.asarray(op.joint(X_new) @ jnp.eye(340))
+    np.testing.assert_allclose(np.asarray(cross), joint[300:, :300] @ rhs, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(op.cross_matmul(X_new, jnp.asarray(rhs[:, 0]))), np.asarray(cross)[:, 0],
+                               rtol=1e-12, atol=1e-14)
+    exact = kernel_matrix("matern32", X_new, X, 1.3, ell) @ rhs
+    cosine = (np.asarray(cross) * exact).sum(0) / np.linalg.norm(cross, axis=0) / np.linalg.norm(exact, axis=0)
+    assert cosine.min() > 0.97, cosine
+
+    kt = gpk.Matern32(3, variance=torch.tensor(1.3, dtype=torch.float64), lengthscale=torch.tensor(ell))
+    with torch.no_grad():
+        cross_t = TorchOperator(torch.tensor(X), kt, order=2).cross_matmul(torch.tensor(X_new), torch.tensor(rhs))
+    np.testing.assert_allclose(cross_t.numpy(), np.asarray(cross), rtol=1e-10, atol=1e-12)
+    for bad in (X_new[:, :2], X_new[0]):
+        with pytest.raises(ValueError, match="X_new"):
+            op.cross_matmul(bad, jnp.asarray(rhs))
+        with pytest.raises(ValueError, match="X_new"):
+            TorchOperator(torch.tensor(X), kt, order=2).cross_matmul(torch.tensor(bad), torch.tensor(rhs))
