@@ -94,7 +94,7 @@ def test_cpu_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(
     wrapper.write_text(f'#!/bin/sh\nexec g++ {FLAGS} "$@"\n')
     wrapper.chmod(0o755)
     env = {**os.environ, "CXX": str(wrapper), "SCALEGP_CACHE": str(tmp_path / "cache")}
-    # compiled here, without the preloaded runtimes (the compiler is no Python process to check)
+    # compiled in this process, so that the compiler itself runs without the preloaded runtimes
     for key in ("CXX", "SCALEGP_CACHE"):
         monkeypatch.setenv(key, env[key])
     library = build.cpu_library_path()
