@@ -409,12 +409,7 @@ class LatticeKernelOperator:
 
         .. note:: Cost: one joint lattice build and one product of ``rhs.shape[-1]`` columns.
         """
-        joint = self.joint(X_new)
-        n, t = self.X.shape[0], joint.shape[0] - self.X.shape[0]
-        rhs = jnp.asarray(rhs, self.X.dtype)
-        r = rhs[:, None] if rhs.ndim == 1 else rhs
-        out = (joint @ jnp.concatenate([r, jnp.zeros((t, r.shape[1]), r.dtype)]))[n:]
-        return out[:, 0] if rhs.ndim == 1 else out
+        return _test_block(self.joint(X_new), self.X.shape[0])(jnp.asarray(rhs, self.X.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,6 +512,12 @@ def _train_block(op, n: int):
     return lambda v: (op @ jnp.concatenate([v, jnp.zeros((t,) + v.shape[1:], v.dtype)]))[:n]
 
 
+def _test_block(op, n: int):
+    """``v -> K[n:, :n] v`` (the test-by-training block of an operator over training and test points)."""
+    t = op.shape[0] - n
+    return lambda v: (op @ jnp.concatenate([v, jnp.zeros((t,) + v.shape[1:], v.dtype)]))[n:]
+
+
 def _preconditioner(op, n: int, noise, rank: int) -> _Preconditioner:
     K = _train_block(op, n)
     column = lambda i: K(jax.nn.one_hot(i, n, dtype=op.X.dtype))  # noqa: E731
@@ -563,8 +564,7 @@ def _lanczos_cross(joint, noise, b, n: int, rank: int):
             jnp.zeros(n, dtype), jnp.zeros((), dtype), jnp.ones((), bool))
     Q, alpha, beta, *_ = jax.lax.fori_loop(0, rank, body, init)
     T = jnp.diag(alpha) + jnp.diag(beta[:-1], 1) + jnp.diag(beta[:-1], -1)
-    t = joint.shape[0] - n
-    cross = (joint @ jnp.concatenate([Q, jnp.zeros((t, rank), dtype)]))[n:]  # K_{*X} Q
+    cross = _test_block(joint, n)(Q)  # K_{*X} Q
     return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(T), cross.T, lower=True)
 
 
@@ -755,7 +755,7 @@ class SimplexGPMarginal(Distribution):
         t = X_new.shape[0]
         cfg = self._cfg()
         alpha = self._solve(joint, (y - self.loc)[:, None], n, cfg)
-        mean = self.loc + (joint @ jnp.concatenate([alpha, jnp.zeros((t, 1), self.X.dtype)]))[n:, 0]
+        mean = self.loc + _test_block(joint, n)(alpha)[:, 0]
         if neighbors is not None:
             var = jnp.asarray(neighbor_variances(self.X, X_new, neighbors, kernel=self.op.kernel_name,
                                                  lengthscale=self.op.lengthscale, variance=self.op.variance,
