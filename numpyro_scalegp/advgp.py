@@ -268,8 +268,11 @@ class ADVGP:
                 raise ValueError(f"Z: M={self.num_inducing} inducing points exceed the N={X.shape[0]} rows of X")
         return X, y
 
+    def _kzz(self, kernel, Z):
+        return kernel(Z) + self.jitter * jnp.eye(Z.shape[0], dtype=Z.dtype)
+
     def _chol_zz(self, kernel, Z):
-        return jnp.linalg.cholesky(kernel(Z) + self.jitter * jnp.eye(Z.shape[0], dtype=Z.dtype))
+        return jnp.linalg.cholesky(self._kzz(kernel, Z))
 
     def _features(self, kernel, Z, X, chol_zz):
         return solve_triangular(chol_zz, kernel(Z, X), lower=True).T
@@ -297,8 +300,8 @@ class ADVGP:
         X, y = self._check_data(X, y)
         c = self.constrain(self.init_params() if params is None else params)
         kernel, Z = c["kernel"], c["Z"]
-        Kzz = kernel(Z) + self.jitter * jnp.eye(Z.shape[0], dtype=Z.dtype)
-        return _data_term(Kzz, kernel(Z, X), kernel(X, diag=True).sum(), y, c["loc"], c["scale_tril"], c["noise"])
+        return _data_term(self._kzz(kernel, Z), kernel(Z, X), kernel(X, diag=True).sum(), y, c["loc"],
+                          c["scale_tril"], c["noise"])
 
     def kl(self, *, params: dict | None = None):
         """The KL term ``h`` (see :func:`kl_term`)."""
