@@ -17,7 +17,6 @@ noisy test targets per test point, in the *standardized* unit), ``train_s``, ``p
 """
 from __future__ import annotations
 
-import itertools
 import time
 
 import numpy as np
@@ -210,7 +209,7 @@ def svgp_gpytorch(data, *, num_inducing: int = 500, kernel: str = "rbf", steps: 
         done = 0
         # a run bounded in time counts its steps without a total (no estimate of the time to `steps`)
         budget = "" if time_s is None else f", up to {time_s:.0f} s"
-        steps_left = range(steps) if time_s is None else itertools.islice(itertools.count(), steps)
+        steps_left = range(steps) if time_s is None else iter(range(steps))  # an iterator has no length
         for _ in progress(steps_left, desc=f"SVGP M={num_inducing}{budget}", disable=not show_progress):
             if time_s is not None and time.perf_counter() - t_train.start >= time_s:
                 break

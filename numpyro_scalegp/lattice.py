@@ -504,18 +504,21 @@ def _pcg(matvec, psolve, B, tol: float, max_iter: int, steps: int):
     return x, alphas, betas, acts, jnp.linalg.norm(r, axis=0) / jnp.where(bnorm > 0, bnorm, 1.0)
 
 
+def _from_training(op, n: int, v):
+    """``K[:, :n] v``: ``op`` (over training and test points) times ``v`` padded with zeros for the test points."""
+    return op @ jnp.concatenate([v, jnp.zeros((op.shape[0] - n,) + v.shape[1:], v.dtype)])
+
+
 def _train_block(op, n: int):
     """``v -> K[:n, :n] v`` (the training block of an operator over training and test points)."""
-    t = op.shape[0] - n
-    if t == 0:
+    if op.shape[0] == n:
         return op.matmul
-    return lambda v: (op @ jnp.concatenate([v, jnp.zeros((t,) + v.shape[1:], v.dtype)]))[:n]
+    return lambda v: _from_training(op, n, v)[:n]
 
 
 def _test_block(op, n: int):
     """``v -> K[n:, :n] v`` (the test-by-training block of an operator over training and test points)."""
-    t = op.shape[0] - n
-    return lambda v: (op @ jnp.concatenate([v, jnp.zeros((t,) + v.shape[1:], v.dtype)]))[n:]
+    return lambda v: _from_training(op, n, v)[n:]
 
 
 def _preconditioner(op, n: int, noise, rank: int) -> _Preconditioner:
@@ -740,9 +743,7 @@ class SimplexGPMarginal(Distribution):
         y = self._check_y(y, "y")
         X_new = jnp.asarray(X_new, self.X.dtype)
         X_new = X_new[:, None] if X_new.ndim == 1 else X_new
-        n, d = self.X.shape
-        if X_new.ndim != 2 or X_new.shape[1] != d:
-            raise ValueError(f"X_new: expected a (T, {d}) array, got shape {X_new.shape}")
+        n = self.X.shape[0]  # (X_new's shape: checked by the joint operator below)
         if jnp.ndim(self.loc) != 0:
             raise ValueError("mean: predict needs a constant (scalar) mean")
         if not isinstance(chunk, (int, np.integer)) or chunk < 1:
