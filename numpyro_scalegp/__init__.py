@@ -1,22 +1,37 @@
-"""scalegp for NumPyro: scalable Gaussian-process components on JAX."""
+"""scalegp for NumPyro: scalable Gaussian-process components on JAX.
+
+The names below load their module on first use (``numpyro_scalegp.ADVGP`` imports
+:mod:`numpyro_scalegp.advgp`, and NumPyro with it): a process that needs one module, as the
+ADVGP workers' fork server (:mod:`numpyro_scalegp.worker`), does not import the others.
+"""
+import importlib
+
 from scalegp import Experts, balanced_tree, partition
 
-from . import kernels
-from .advgp import ADVGP, ADVGPGuide
-from .async_svi import AsyncProximalSVI, distributed_proximal_svi
-from .hgp import (
-    HGPMarginal, JitterWarning, NotPositiveDefiniteError, NotPositiveDefiniteWarning, expert_log_likelihood,
-    gaussian_log_likelihood,
-)
-from .lattice import LatticeKernelOperator, SimplexGPMarginal
-from .optim import proximal_adadelta
-from .svgp_vae import SVGPVAE, ExactGPVAE, SVGPVAEGuide
+_MODULES = {
+    "kernels": ["kernels"],
+    "advgp": ["ADVGP", "ADVGPGuide"],
+    "async_svi": ["AsyncProximalSVI", "distributed_proximal_svi"],
+    "hgp": ["HGPMarginal", "JitterWarning", "NotPositiveDefiniteError", "NotPositiveDefiniteWarning",
+            "expert_log_likelihood", "gaussian_log_likelihood"],
+    "lattice": ["LatticeKernelOperator", "SimplexGPMarginal"],
+    "optim": ["proximal_adadelta"],
+    "svgp_vae": ["SVGPVAE", "ExactGPVAE", "SVGPVAEGuide"],
+}
+_MODULE_OF = {name: module for module, names in _MODULES.items() for name in names}
 
-__all__ = [
-    "Experts", "balanced_tree", "partition", "kernels",
-    "HGPMarginal", "JitterWarning", "NotPositiveDefiniteError", "NotPositiveDefiniteWarning",
-    "expert_log_likelihood", "gaussian_log_likelihood",
-    "ADVGP", "ADVGPGuide", "AsyncProximalSVI", "distributed_proximal_svi", "proximal_adadelta",
-    "LatticeKernelOperator", "SimplexGPMarginal",
-    "SVGPVAE", "ExactGPVAE", "SVGPVAEGuide",
-]
+__all__ = ["Experts", "balanced_tree", "partition", *_MODULE_OF]
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'numpyro_scalegp' has no attribute {name!r}")
+    loaded = importlib.import_module(f"{__name__}.{module}")
+    value = loaded if name == module else getattr(loaded, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

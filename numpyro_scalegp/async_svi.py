@@ -3,7 +3,8 @@ r"""Delayed (bounded-staleness) proximal gradient training of ADVGP over worker 
 The same server/worker protocol as :mod:`pyro_scalegp.async_svi`, written once in
 :mod:`scalegp.async_server`: a server (this process) holds the unconstrained parameter
 dict of a :class:`~numpyro_scalegp.advgp.ADVGP`; ``num_workers`` processes (forked from a
-fork server that has imported this module, or spawned: :func:`scalegp.processes.preloading_context`)
+fork server that has imported :mod:`numpyro_scalegp.worker`, or spawned:
+:func:`scalegp.processes.preloading_context`)
 each own a data shard, receive the newest parameters, compute the gradient of their data term
 :math:`g_k` with a jitted ``jax.value_and_grad`` and send it back tagged with the version
 used. The server applies
@@ -18,8 +19,8 @@ and every worker's latest gradient is at most ``max_delay`` (:math:`\tau`) versi
 old; ``max_delay=0`` is synchronous proximal gradient descent. A dead worker is
 restarted on its own shard, a silent one is reported after ``stall_timeout`` seconds
 (:class:`StalledWorkerWarning`), ``state_dict``/``load_state_dict`` stop and resume.
-This module supplies the JAX parts: the jitted gradient, the optax step and the
-(de)serialization of the parameter dict.
+This module supplies the JAX parts: the optax step, and the jitted gradient and the
+(de)serialization of the parameter dict from :mod:`numpyro_scalegp.worker`.
 
 Past one machine, :func:`distributed_proximal_svi` runs the protocol between the
 processes of a ``jax.distributed`` job. JAX offers collectives across processes but no
@@ -37,8 +38,6 @@ the process ids and the rendezvous (process 0 broadcasts its port and a fresh ke
 from __future__ import annotations
 
 import functools
-import os
-import pickle
 import secrets
 import socket
 from typing import Callable, Sequence
@@ -46,132 +45,19 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 import optax
-from jax._src.lib import utils as jax_utils
-from jax.experimental import serialize_executable as _serialize_executable
-from jaxlib import lapack as _lapack
 from threadpoolctl import threadpool_limits
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
                                   accept_workers, averaging, check_options, connect_to_server, serve_gradients,
                                   shard_gradient, standing_in)
-from scalegp.processes import preloading_context
+from scalegp.processes import preloading_context, start_fork_server
 
+from . import worker
 from .advgp import ADVGP
 from .optim import proximal_adadelta
+from .worker import _QUICK_COMPILE, _flatten, _Gradient, _layout, _unflatten
 
 __all__ = ["AsyncProximalSVI", "PeerFailedError", "StalledWorkerWarning", "distributed_proximal_svi"]
-
-# XLA compiles the server's update and a minibatch gradient with its older CPU emitters in about
-# two thirds of the time, for calls as fast (flights, M = 50 / 100, 512 rows: update 0.51 -> 0.35 s,
-# gradient 0.6 -> 0.37 s, calls 1.0-2.6 ms either way), so the server and the workers start sooner;
-# whole-shard gradients keep the default emitters, whose calls were 2-8% faster on 20,000 rows.
-_QUICK_COMPILE = {"xla_cpu_use_fusion_emitters": False}
-
-
-def _flatten(params: dict, names) -> np.ndarray:
-    return np.concatenate([np.asarray(params[n], dtype=np.float64).reshape(-1) for n in names])
-
-
-def _layout(params: dict) -> tuple:
-    """``(names, shapes, dtype)``: how a parameter dict is laid out in a flat vector."""
-    names = sorted(params)
-    return names, [tuple(np.shape(params[n])) for n in names], np.asarray(params[names[0]]).dtype
-
-
-def _unflatten(flat: np.ndarray, names, shapes, dtype) -> dict:
-    out, offset = {}, 0
-    for n, shape in zip(names, shapes):
-        size = int(np.prod(shape, dtype=np.int64))
-        out[n] = np.asarray(flat[offset:offset + size].reshape(shape), dtype=dtype)
-        offset += size
-    return out
-
-
-class _Gradient:
-    """Picklable: builds, in a worker, the jitted ``compute(flat, rows=None) -> (g_k, grad g_k)``
-    on the shard ``(X, y)`` (or on its ``rows``) for parameter dicts laid out as ``params``
-    (``num_threads`` BLAS threads in that process, if given). The compiled functions are built once
-    per instance: the server's stand-in, called for every shard, compiles a minibatch gradient
-    once (0.4-0.6 s here), not once per worker. Minibatch gradients compile with
-    ``_QUICK_COMPILE``, whole-shard gradients with XLA's defaults.
-
-    :meth:`executables` serializes the minibatch gradients compiled here; a ``_Gradient`` given
-    them (``executables=``, in a process on the same machine with the same JAX) loads them
-    instead of tracing and compiling its own: about 10 ms instead of 0.9 s of CPU (flights, M = 50;
-    two workers on two cores took over from the stand-ins after 2.1 s instead of 3.4-3.5 s)."""
-
-    def __init__(self, advgp: ADVGP, params: dict, num_threads: int | None = None,
-                 executables: dict | None = None):
-        self._model = pickle.dumps(advgp)
-        self._layout = _layout(params)
-        self._x64 = bool(jax.config.jax_enable_x64)
-        self._num_threads = num_threads
-        self._executables = executables
-        self._jitted = None  # the jitted value_and_grad, built on first use
-        self._minibatch = {}  # rows per batch -> the compiled minibatch gradient
-
-    def executables(self) -> dict:
-        """``{rows: serialized}``: the minibatch gradients compiled here, for a local worker."""
-        return {rows: _serialize_executable.serialize(c) for rows, c in self._minibatch.items()}
-
-    def _value_and_grad(self):
-        if self._jitted is None:
-            advgp = pickle.loads(self._model)
-            self._jitted = jax.jit(jax.value_and_grad(lambda p, X, y: advgp.data_term(X, y, params=p)))
-        return self._jitted
-
-    def _minibatch_gradient(self, params, X, y):
-        """The value and gradient on the minibatch ``(X, y)`` by the program for its size: loaded,
-        or compiled here on first use."""
-        program = self._minibatch.get(len(y))
-        if program is None:
-            program = self._minibatch[len(y)] = self._value_and_grad().lower(params, X, y).compile(_QUICK_COMPILE)
-        return program(params, X, y)
-
-    def __call__(self, X, y):
-        if self._num_threads is not None:
-            # XLA's CPU Cholesky and triangular solves call scipy's OpenBLAS, whose threads spin
-            # between calls: two local workers with a thread per core each took the cores from one
-            # another (2 workers of 512 rows, M = 50, 2 cores: 43 ms a gradient, 2 ms with one thread)
-            threadpool_limits(self._num_threads, user_api="blas")
-        # the precision first, then the model: its arrays must not be rebuilt in float32
-        jax.config.update("jax_enable_x64", self._x64)
-        if self._executables:
-            self._minibatch.update(_load_executables(self._executables))
-            self._executables = None
-        names = self._layout[0]
-        # minibatches are gathered by numpy (an eager JAX gather per call costs more than a small
-        # batch's gradient); whole-shard gradients take the shard on the device, copied on first use
-        # only: a minibatch run's server, standing in for every shard, would otherwise hold the data twice
-        X, y = np.asarray(X), np.asarray(y)
-        on_device = functools.cache(lambda: (jax.numpy.asarray(X), jax.numpy.asarray(y)))
-
-        def compute(flat, rows=None):
-            params = _unflatten(flat, *self._layout)
-            if rows is None:
-                value, grads = self._value_and_grad()(params, *on_device())
-            else:
-                value, grads = self._minibatch_gradient(params, X[rows], y[rows])
-            return float(value), _flatten(grads, names)
-
-        return compute
-
-
-def _load_executables(executables: dict) -> dict:
-    """Load :meth:`_Gradient.executables` serialized on this machine (JAX's private
-    logging and LAPACK hooks used here are those of the jax/jaxlib 0.9 that ``pyproject.toml`` asks)."""
-    # a process that has lowered no LAPACK call has not looked up LAPACK's routines, which a
-    # loaded program calls (a crash without this)
-    _lapack._lapack.initialize()
-    # XLA's loader logs an error for CPU tuning flags that it takes for missing features
-    # (openxla/xla#44565) and a warning that it cannot check versions: both false here
-    jax_utils.absl_set_min_log_level(3)
-    try:
-        return {rows: _serialize_executable.deserialize_and_load(*blob) for rows, blob in executables.items()}
-    finally:
-        level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1")  # jax's default
-        jax_utils.absl_set_min_log_level(int(level) if level.isdigit() else 1)
-
 
 class _Server(ProximalServer):
     """The protocol's server with the JAX hooks: ``params`` (a dict of arrays) and
@@ -182,7 +68,9 @@ class _Server(ProximalServer):
     first gradient, which compiles it): worker interpreters started earlier compete with the
     compilations for the cores (on the flights and 2 cores, with 2 workers and minibatches, the
     first update came after 2.9 s with the workers started first, after 1.5-1.6 s with them
-    started after the compilations), and the workers load the program the stand-in compiled."""
+    started after the compilations), and the workers load the program the stand-in compiled.
+    Only the fork server, which imports :mod:`numpyro_scalegp.worker` (JAX, single-threaded),
+    starts before the compilations, beside them (:class:`AsyncProximalSVI`)."""
 
     def __init__(self, advgp: ADVGP, params: dict, optim: dict, start_workers: Callable, *, max_delay: int,
                  stall_timeout: float, shrink_stale_steps: bool = True, average_decay: float = 0.0,
@@ -282,7 +170,8 @@ class AsyncProximalSVI(_Server):
         (:func:`scalegp.async_server.batch_rows`).
     :param seed: seeds the minibatch draws (with the worker and the parameter version).
     :param stand_in: while a worker process starts or restarts (seconds: it compiles, and the
-        first time the fork server imports JAX), the server computes that worker's gradients itself when an
+        first time the fork server imports JAX, which it starts doing at construction, while the
+        server compiles), the server computes that worker's gradients itself when an
         update waits for them (``stood_in`` lists them; it compiles the gradient once, for
         every worker whose batch has the same size, and before starting the workers, which
         would compete with it for the cores, and hands them the compiled program, which they
@@ -319,10 +208,13 @@ class AsyncProximalSVI(_Server):
                                        shrink_stale_steps=shrink_stale_steps, average_decay=average_decay)
         data = [(X[s], y[s]) for s in shards]
         here = _Gradient(advgp, params) if standing_in(stand_in, batch_size) else None
+        # the fork server imports the workers' module while the server compiles (one core each)
+        context = preloading_context(worker.__name__)
+        start_fork_server(context)
 
         def start_workers():
             compiled = None if here is None else here.executables()
-            return ProcessWorkers(preloading_context(__name__),
+            return ProcessWorkers(context,
                                   _Gradient(advgp, params, int(num_threads), executables=compiled),
                                   data, sleeps, batch_size=batch_size, seed=seed, stand_in=here)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 
-__all__ = ["preloading_context"]
+__all__ = ["preloading_context", "start_fork_server"]
 
 
 def preloading_context(module: str):
@@ -30,10 +30,24 @@ def preloading_context(module: str):
 
     .. note:: Cost: one ``multiprocessing.get_context`` call; the fork server's start (an
        interpreter importing ``module``) happens with the first worker's, off the server's thread
-       (:class:`ProcessWorkers`).
+       (:class:`ProcessWorkers`), or earlier with :func:`start_fork_server`.
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([module])
     return context
+
+
+def start_fork_server(context) -> None:
+    """Start ``context``'s fork server now if it is one (:func:`preloading_context`) and not
+    already running, so that its imports run while this process does other work: a process
+    that compiles before it starts its workers (NumPyro's ADVGP server) leaves the other core
+    to them. Workers started later connect to it and wait only for what is left of the imports.
+
+    .. note:: Cost: starting an interpreter (milliseconds here; its imports run in the background).
+    """
+    if context.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()

@@ -13,9 +13,11 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from numpyro_scalegp import async_svi
 from numpyro_scalegp import kernels as nk
 from numpyro_scalegp.advgp import ADVGP
-from numpyro_scalegp.async_svi import AsyncProximalSVI, _flatten, _Gradient
+from numpyro_scalegp.async_svi import AsyncProximalSVI
 from numpyro_scalegp.optim import proximal_adadelta
+from numpyro_scalegp.worker import _flatten, _Gradient, _layout
 from scalegp.async_server import ProcessWorkers, batch_rows
+from scalegp.processes import start_fork_server
 from tests.reference import moving_average
 
 OPTIM = {"learning_rate": 2.0, "rho": 0.9}
@@ -192,7 +194,8 @@ pickle.dump((value, grad, gradient._jitted is None), open(sys.argv[1], "wb"))
 
 def test_a_fresh_process_loads_the_stand_ins_minibatch_gradient_instead_of_compiling(tmp_path):
     """The workers load the stand-in's compiled minibatch gradient: in a process that has lowered
-    nothing (no LAPACK call looked up yet), with the same numbers, no tracing and nothing logged."""
+    nothing (LAPACK's routines looked up only by importing the worker's module), with the same
+    numbers, no tracing and nothing logged."""
     import pickle
     import subprocess
     import sys
@@ -221,9 +224,9 @@ def test_minibatch_and_whole_shard_gradients_agree():
     X, y, Z = data()
     model = new_model(Z)
     params = model.init_params()
-    names = async_svi._layout(params)[0]
-    flat = async_svi._flatten(params, names)
-    compute = async_svi._Gradient(model, params)(X[:40], y[:40])
+    names = _layout(params)[0]
+    flat = _flatten(params, names)
+    compute = _Gradient(model, params)(X[:40], y[:40])
     value, grad = compute(flat)
     batch_value, batch_grad = compute(flat, np.arange(40))
     assert abs(batch_value - value) <= 1e-10 * abs(value)
@@ -235,22 +238,59 @@ def test_minibatch_and_whole_shard_gradients_agree():
 def test_the_server_compiles_before_it_starts_the_workers(monkeypatch, xla_compiles):
     """Spawned interpreters compete with compilation for the cores, so the server compiles its
     update and the stand-in's gradient (with a first computation of each) before starting them;
-    the updates that follow compile nothing."""
+    the updates that follow compile nothing. Only the fork server, which imports the workers'
+    module, starts before the compilations, beside them."""
     X, y, Z = data()
     model = new_model(Z)
-    started_after = []
+    started_after, fork_server_started_after = [], []
 
     def recording_workers(*args, **kwargs):
         started_after.append(len(xla_compiles))
         return ProcessWorkers(*args, **kwargs)
 
+    def recording_fork_server(context):
+        fork_server_started_after.append((len(xla_compiles), context))
+        start_fork_server(context)
+
     monkeypatch.setattr(async_svi, "ProcessWorkers", recording_workers)
+    monkeypatch.setattr(async_svi, "start_fork_server", recording_fork_server)
     with AsyncProximalSVI(model, X, y, num_workers=2, optim=OPTIM, shards=SHARDS, **MINIBATCHES) as svi:
         svi.step()
         svi.step()
         assert svi.stood_in[:2] == [(0, 0), (1, 0)]
     assert len(started_after) == 1 and started_after[0] >= 2
     assert xla_compiles[started_after[0]:] == []
+    [(compiled_before, context)] = fork_server_started_after
+    # the update and the stand-in's gradient (at least) compiled while the fork server started
+    assert compiled_before + 2 <= started_after[0] and context.get_start_method() == "forkserver"
+
+
+WORKER_IMPORTS = """
+import json, sys
+from jaxlib import lapack
+from threadpoolctl import threadpool_info
+import numpyro_scalegp.worker
+blas = len(threadpool_info())
+lapack._lapack.initialize()
+print(json.dumps({"modules": sorted(sys.modules), "blas": blas, "blas_after_lookup": len(threadpool_info())}))
+"""
+
+
+def test_the_fork_server_imports_jax_and_lapacks_blas_but_not_numpyro():
+    """The workers' fork server imports :mod:`numpyro_scalegp.worker`: JAX, but neither NumPyro
+    nor the package's other modules (the package loads them on first use), and it has loaded
+    the BLAS that XLA's LAPACK calls go through, so that each worker's thread limit reaches it."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", WORKER_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    imported = json.loads(run.stdout)
+    assert "jax" in imported["modules"]
+    assert [m for m in imported["modules"] if m.split(".")[0] in ("numpyro", "numpyro_scalegp")] == [
+        "numpyro_scalegp", "numpyro_scalegp.worker"]
+    assert imported["blas"] == imported["blas_after_lookup"]
 
 
 def blas_threads() -> set:
