@@ -52,7 +52,6 @@ from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServe
                                   shard_gradient, standing_in)
 from scalegp.processes import preloading_context, start_fork_server
 
-from . import worker
 from .advgp import ADVGP
 from .optim import proximal_adadelta
 from .worker import _QUICK_COMPILE, _flatten, _Gradient, _layout, _unflatten
@@ -209,7 +208,7 @@ class AsyncProximalSVI(_Server):
         data = [(X[s], y[s]) for s in shards]
         here = _Gradient(advgp, params) if standing_in(stand_in, batch_size) else None
         # the fork server imports the workers' module while the server compiles (one core each)
-        context = preloading_context(worker.__name__)
+        context = preloading_context(_Gradient.__module__)
         start_fork_server(context)
 
         def start_workers():

@@ -272,7 +272,9 @@ from threadpoolctl import threadpool_info
 import numpyro_scalegp.worker
 blas = len(threadpool_info())
 lapack._lapack.initialize()
-print(json.dumps({"modules": sorted(sys.modules), "blas": blas, "blas_after_lookup": len(threadpool_info())}))
+unlisted = sorted(set(numpyro_scalegp.__all__) - set(dir(numpyro_scalegp)))
+print(json.dumps({"modules": sorted(sys.modules), "blas": blas, "blas_after_lookup": len(threadpool_info()),
+                  "unlisted": unlisted}))
 """
 
 
@@ -291,6 +293,18 @@ def test_the_fork_server_imports_jax_and_lapacks_blas_but_not_numpyro():
     assert [m for m in imported["modules"] if m.split(".")[0] in ("numpyro", "numpyro_scalegp")] == [
         "numpyro_scalegp", "numpyro_scalegp.worker"]
     assert imported["blas"] == imported["blas_after_lookup"]
+    assert imported["unlisted"] == []  # dir() lists the names not loaded yet, loading nothing
+
+
+def test_the_package_loads_each_name_from_its_module_on_first_use():
+    import numpyro_scalegp
+    from numpyro_scalegp import advgp, hgp, lattice
+
+    assert numpyro_scalegp.ADVGP is advgp.ADVGP and numpyro_scalegp.HGPMarginal is hgp.HGPMarginal
+    assert numpyro_scalegp.SimplexGPMarginal is lattice.SimplexGPMarginal and numpyro_scalegp.kernels is nk
+    assert all(getattr(numpyro_scalegp, name) is not None for name in numpyro_scalegp.__all__)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        numpyro_scalegp.no_such_name
 
 
 def blas_threads() -> set:
