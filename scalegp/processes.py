@@ -24,9 +24,10 @@ def preloading_context(module: str):
     too, so forking from it is safe where forking the user's process is not (JAX's threads, CUDA,
     OpenMP's pool). Its children still import the main module as spawned ones do (so a script
     needs ``if __name__ == "__main__":``). The fork server is the process's own
-    (``multiprocessing``'s): it starts with the first worker and stays for later runs, whose
-    workers then start with nothing to import, with the environment variables it started with;
-    if it already runs with other modules, workers import ``module`` themselves.
+    (``multiprocessing``'s): it starts with the first worker (or at :func:`start_fork_server`) and
+    stays for later runs, whose workers then start with nothing to import, with the environment
+    variables it started with; if it already runs with other modules, workers import ``module``
+    themselves.
 
     .. note:: Cost: one ``multiprocessing.get_context`` call; the fork server's start (an
        interpreter importing ``module``) happens with the first worker's, off the server's thread
