@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -22,6 +23,9 @@ from jax._src.lib import utils as jax_utils
 from jax.experimental import serialize_executable as _serialize_executable
 from jaxlib import lapack as _lapack
 from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:  # (not imported at run time: it imports NumPyro)
+    from .advgp import ADVGP
 
 # a loaded program calls LAPACK's routines, which a process that has lowered no LAPACK call has not
 # looked up (a crash without this). Looked up at import: once in the fork server, not in each worker
