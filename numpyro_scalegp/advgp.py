@@ -52,6 +52,8 @@ import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import constraints
 
+from scalegp.advgp_gradient import data_term_and_gradients
+
 from .kernels import Kernel
 from .optim import lower_cholesky_from_unconstrained
 
@@ -71,45 +73,8 @@ def _gram_statistics(Lz, A, b):
 
 
 def _data_term_and_gradients(Kzz, Kzx, kxx, y, loc, scale_tril, noise):
-    r"""The data term :math:`g_k` and its gradients with respect to every argument, written out
-    (the formulas of :class:`pyro_scalegp.advgp._RBFDataTerm`): with :math:`a = 1/(2\sigma^2)`,
-    :math:`L = \mathrm{chol}(K_{zz})` (``Kzz`` with its jitter), :math:`T = L^{-1}K_{zx}K_{xz}L^{-\top}`,
-    :math:`c = L^{-1}K_{zx}y`, :math:`S` = ``scale_tril`` and :math:`q` the bracket of :math:`g_k`,
-
-    .. math::
-
-        \bar\mu = 2a(T\mu - c), \quad \bar S = 2aTS, \quad
-        \bar\sigma^2 = \tfrac{n}{2\sigma^2} - \tfrac{q}{2\sigma^4}, \quad
-        \bar k_{xx} = a, \quad \bar y = 2ay + K_{xz}\bar b,
-
-        \bar T = a(\mu\mu^\top + SS^\top - I), \quad \bar b = -2aL^{-\top}\mu, \quad
-        \bar L = \mathrm{tril}(-2L^{-\top}\bar T T - \bar b c^\top), \quad
-        \bar K_{zz} = \mathrm{sym}\big(L^{-\top}\Phi(L^\top\bar L)L^{-1}\big), \quad
-        \bar K_{zx} = 2L^{-\top}\bar T L^{-1} K_{zx} + \bar b y^\top
-
-    (:math:`\Phi`: the lower triangle with the diagonal halved; :math:`L^{-1}` is formed).
-
-    .. note:: Cost: ``O(M^3 + n M^2)``, as the value; JAX's autodiff of the value records
-       the Cholesky's and the triangular solves' own rules instead, about 1.4x the CPU time.
-    """
-    eye = jnp.eye(Kzz.shape[0], dtype=Kzz.dtype)
-    L = jnp.linalg.cholesky(Kzz)
-    Li = solve_triangular(L, eye, lower=True)
-    T = Li @ (Kzx @ Kzx.T) @ Li.T
-    c = Li @ (Kzx @ y)
-    Tmu, TS = T @ loc, T @ scale_tril
-    quad = y @ y - 2 * loc @ c + loc @ Tmu + (scale_tril * TS).sum() + kxx - jnp.trace(T)
-    n = y.shape[0]
-    value = 0.5 * n * jnp.log(2 * jnp.pi * noise) + 0.5 * quad / noise
-    a = 0.5 / noise
-    G_T = a * (jnp.outer(loc, loc) + scale_tril @ scale_tril.T - eye)
-    G_b = Li.T @ (-2 * a * loc)
-    LtG = Li.T @ G_T  # shared by the Cholesky factor's and K_zx's gradients
-    P = L.T @ jnp.tril(-2 * LtG @ T - jnp.outer(G_b, c))
-    P = Li.T @ (jnp.tril(P) - 0.5 * jnp.diag(jnp.diagonal(P))) @ Li
-    grads = (0.5 * (P + P.T), 2 * (LtG @ Li) @ Kzx + jnp.outer(G_b, y), a, 2 * a * y + Kzx.T @ G_b,
-             2 * a * (Tmu - c), 2 * a * TS, 0.5 * n / noise - 0.5 * quad / noise**2)
-    return value, grads
+    """:func:`scalegp.advgp_gradient.data_term_and_gradients` on ``jax.numpy``."""
+    return data_term_and_gradients(Kzz, Kzx, kxx, y, loc, scale_tril, noise, xp=jnp, solve_triangular=solve_triangular)
 
 
 @jax.custom_vjp

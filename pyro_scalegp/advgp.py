@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -66,6 +67,8 @@ from pyro.contrib.gp.kernels import RBF
 from pyro.distributions import constraints
 from pyro.nn import PyroModule, PyroParam
 from torch.autograd.function import once_differentiable
+
+from scalegp.advgp_gradient import rbf_data_term_and_gradients
 
 from .kernels import check_kernel_inputs
 
@@ -113,80 +116,23 @@ def _gram_statistics(Lz: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> tupl
             torch.linalg.solve_triangular(Lz, b[:, None], upper=False)[:, 0])
 
 
+def _solve_triangular(L: torch.Tensor, B: torch.Tensor, lower: bool) -> torch.Tensor:
+    return torch.linalg.solve_triangular(L, B, upper=not lower)
+
+
 class _RBFDataTerm(torch.autograd.Function):
-    r""":math:`g_k` for the RBF kernel :math:`k(a, b) = v\exp(-\tfrac12\sum_j (a_j - b_j)^2/\ell_j^2)`,
-    its gradient written out and computed with the value (one pass; ``backward`` only scales it).
-    Autograd records some 190 small operations for :math:`g_k` and its backward, whose dispatch costs
-    more than their arithmetic at minibatch sizes (M = 50, d = 8, one thread: 1.14 -> 0.54 ms for 256
-    rows, 1.90 -> 1.07 ms for 1,024).
-
-    With :math:`a = 1/(2\sigma^2)`, :math:`L = \mathrm{chol}(K_{zz} + \epsilon I)`, :math:`T`, :math:`c`
-    as in the module docstring and :math:`S` = ``scale_tril``:
-
-    .. math::
-
-        \bar T = a(\mu\mu^\top + SS^\top - I), \quad \bar c = -2a\mu, \quad
-        \bar\mu = 2a(T\mu - c), \quad \bar S = 2aTS, \quad
-        \bar\sigma^2 = \tfrac{n}{2\sigma^2} - \tfrac{q}{2\sigma^4}
-        \ (q \text{ the bracket of } g_k),
-
-        \bar A = L^{-\top}\bar T L^{-1}, \quad \bar b = L^{-\top}\bar c, \quad
-        \bar L = \mathrm{tril}(-2L^{-\top}\bar T T - \bar b c^\top), \quad
-        \bar K_{zz} = \mathrm{sym}\big(L^{-\top}\Phi(L^\top\bar L)L^{-1}\big),
-
-        \bar K_{zx} = 2\bar A K_{zx} + \bar b y^\top,
-
-    (:math:`\Phi`: the lower triangle with the diagonal halved, :math:`\mathrm{sym}(B) = (B + B^\top)/2`;
-    :math:`L^{-1}` is formed, ``M x M``),
-    then through the kernel with :math:`W = \bar K \odot K`: :math:`\bar v = an + \sum W / v` and, with
-    :math:`W` zeroed where the squared distance was clamped at 0 (as in Pyro's kernel),
-    :math:`\bar z_i \mathrel{+}= -\sum_j W_{ij}(z_i - x_j)/\ell^2`,
-    :math:`\bar\ell \mathrel{+}= \sum_{ij} W_{ij}(z_i - x_j)^2/\ell^3` for :math:`K_{zx}` and, with
-    :math:`K_{zz}`'s two arguments, twice that for :math:`\bar K_{zz}` (the jitter excluded from
-    :math:`\bar v`). Checked against autograd in ``tests/test_advgp.py``.
+    r""":math:`g_k` for Pyro's RBF kernel, its gradient written out and computed with the value
+    (:func:`scalegp.advgp_gradient.rbf_data_term_and_gradients` on torch, which has the formulas;
+    ``backward`` only scales the saved gradients). Checked against autograd in ``tests/test_advgp.py``.
 
     .. note:: Cost: ``O(M^3 + n M^2 + n M d)``, as the value.
     """
 
     @staticmethod
     def forward(ctx, variance, lengthscale, Z, noise, loc, scale_tril, X, y, jitter):
-        M, n = Z.shape[0], X.shape[0]
-        eye = torch.eye(M, dtype=Z.dtype, device=Z.device)
-        inv_l2 = lengthscale**-2
-        zs = Z * inv_l2
-
-        def kernel(B):  # K(Z, B), the mask of unclamped squared distances, as Pyro computes them
-            r2 = (Z * zs).sum(1)[:, None] + (B * B * inv_l2).sum(1)[None, :] - 2 * zs @ B.T
-            return variance * torch.exp(-0.5 * r2.clamp(min=0)), r2 >= 0
-
-        Kzz, zz_mask = kernel(Z)
-        Kzx, zx_mask = kernel(X)
-        L = torch.linalg.cholesky(Kzz + jitter * eye)
-        Li = torch.linalg.solve_triangular(L, eye, upper=False)
-        T = Li @ (Kzx @ Kzx.T) @ Li.T
-        c = Li @ (Kzx @ y)
-        Tmu, TS = T @ loc, T @ scale_tril
-        quad = y @ y - 2 * loc @ c + loc @ Tmu + (scale_tril * TS).sum() + n * variance - T.diagonal().sum()
-        value = 0.5 * n * torch.log(2 * math.pi * noise) + 0.5 * quad / noise
-        a = 0.5 / noise
-        g_loc, g_scale = 2 * a * (Tmu - c), 2 * a * TS
-        g_noise = 0.5 * n / noise - 0.5 * quad / noise**2
-        G_T = a * (torch.outer(loc, loc) + scale_tril @ scale_tril.T - eye)
-        G_b = Li.T @ (-2 * a * loc)
-        LtG = Li.T @ G_T  # shared by the Cholesky factor's and K_zx's gradients
-        G_L = (-2 * LtG @ T - torch.outer(G_b, c)).tril()
-        P = L.T @ G_L
-        P = Li.T @ (P.tril() - 0.5 * torch.diag(P.diagonal())) @ Li
-        W_zz = 0.5 * (P + P.T) * Kzz
-        W_zx = (2 * LtG @ Li @ Kzx + torch.outer(G_b, y)) * Kzx
-        g_var = a * n + (W_zz.sum() + W_zx.sum()) / variance
-        W_zz, W_zx = W_zz * zz_mask, W_zx * zx_mask  # the squared distances' share
-        r_zx, r_zz = W_zx.sum(1), W_zz.sum(1)
-        WX, WZ = W_zx @ X, W_zz @ Z
-        g_Z = -((Z * r_zx[:, None] - WX) + 2 * (Z * r_zz[:, None] - WZ)) * inv_l2
-        g_ell = ((Z * Z * r_zx[:, None]).sum(0) - 2 * (Z * WX).sum(0) + (X * X * W_zx.sum(0)[:, None]).sum(0)
-                 + 2 * ((Z * Z * r_zz[:, None]).sum(0) - (Z * WZ).sum(0))) / lengthscale**3
-        ctx.save_for_backward(g_var, g_ell, g_Z, g_noise, g_loc, g_scale)
+        value, grads = rbf_data_term_and_gradients(variance, lengthscale, Z, noise, loc, scale_tril, X, y, jitter,
+                                                   xp=torch, solve_triangular=_solve_triangular)
+        ctx.save_for_backward(*grads)
         return value
 
     @staticmethod
@@ -304,8 +250,8 @@ class ADVGP(PyroModule):
         r"""The data term :math:`g_k` of the rows ``(X, y)`` (paper eq. 15); differentiable
         in the kernel hyperparameters, ``Z``, ``noise``, ``loc`` and ``scale_tril``. Computed from
         the shard's statistics :math:`K_{zx}K_{xz}` and :math:`K_{zx}y` (see the module docstring),
-        never forming :math:`\Phi`. For an RBF kernel (Pyro's ``RBF`` itself) with the gradient
-        to be taken and no ``chol_zz`` given, value and gradient come from :class:`_RBFDataTerm`."""
+        never forming :math:`\Phi`. For an RBF kernel (Pyro's ``RBF`` itself) with the
+        gradient to be taken and no ``chol_zz`` given, value and gradient come from :class:`_RBFDataTerm`."""
         if (chol_zz is None and type(self.kernel) is RBF and torch.is_grad_enabled()
                 and not (X.requires_grad or y.requires_grad)):
             k = self.kernel
@@ -370,3 +316,75 @@ class ADVGP(PyroModule):
         var = (self.noise + self.kernel.forward(X_new, diag=True) - (Phi**2).sum(-1)
                + ((Phi @ self.guide.scale_tril) ** 2).sum(-1))
         return dist.Normal(mean, var.clamp(min=torch.finfo(var.dtype).tiny).sqrt()).to_event(1)
+
+
+# The parameters of an RBF ADVGP whose gradient _flat_rbf_gradient writes out, with the constraints their
+# classes give them: Pyro maps a positive one from its unconstrained value u as exp(u), scale_tril as
+# LowerCholeskyTransform (the strict lower triangle of u, exp of its diagonal), a real one as itself.
+_RBF_PARAMETERS = {"Z": constraints.real, "noise": constraints.positive, "kernel.variance": constraints.positive,
+                   "kernel.lengthscale": constraints.positive, "guide.loc": constraints.real,
+                   "guide.scale_tril": constraints.lower_cholesky}
+
+
+def _flat_rbf_gradient(advgp: ADVGP):
+    r"""``gradient(flat, X, y) -> (g_k, grad g_k)`` in numpy, without autograd, for the workers of
+    :class:`~pyro_scalegp.async_svi.AsyncProximalSVI`: ``flat`` holds the unconstrained parameters
+    in the order of ``advgp.parameters()``, ``X`` (all input columns, ``advgp``'s dtype) and ``y`` are
+    numpy arrays. :func:`scalegp.advgp_gradient.rbf_data_term_and_gradients` gives the gradients
+    with respect to the constrained values, and the chain rule through the parametrization is
+    written out: :math:`\bar u = \bar\theta\,e^u` for a positive :math:`\theta = e^u`, and for
+    ``scale_tril`` the lower triangle of :math:`\bar S` with its diagonal times :math:`e^{u_{jj}}`.
+
+    ``None`` (the caller differentiates :meth:`ADVGP.data_term` by autograd) unless the kernel is
+    Pyro's ``RBF``, the parameters are on the CPU and are exactly the six of ``_RBF_PARAMETERS``,
+    all trainable, with those constraints. Against autograd through :class:`_RBFDataTerm` (flights,
+    256 rows, one thread, ``/work/notes/adhoc/worker_overhead.py M 4``): 1.72 -> 0.86 ms at M = 50,
+    2.79 -> 1.87 ms at M = 100.
+
+    .. note:: Cost: ``O(M^3 + n M^2 + n M d)``, as the value.
+    """
+    kernel = advgp.kernel
+    if type(kernel) is not RBF or advgp.Z.device.type != "cpu":
+        return None
+    modules = dict(advgp.named_modules())
+    layout = []  # (name, shape) in the order of advgp.parameters()
+    for full_name, p in advgp.named_parameters():
+        owner, _, attr = full_name.rpartition(".")
+        name = full_name.removesuffix("_unconstrained")
+        declared = modules[owner].__dict__.get("_pyro_params", {}).get(attr.removesuffix("_unconstrained"))
+        expected = _RBF_PARAMETERS.get(name)
+        if (name == full_name or not p.requires_grad or declared is None  # (a model unpickled in a worker
+                or type(declared[0]) is not type(expected) or vars(declared[0]) != vars(expected)):  # has copies)
+            return None
+        layout.append((name, tuple(p.shape)))
+    if len(layout) != len(_RBF_PARAMETERS):
+        return None
+    dtype = torch.empty(0, dtype=advgp.Z.dtype).numpy().dtype
+    cols = list(kernel.active_dims)
+    every_column = cols == list(range(advgp.Z.shape[1]))
+    jitter = advgp.jitter
+
+    def gradient(flat, X, y):
+        flat, u, offset = np.asarray(flat, dtype=dtype), {}, 0
+        for name, shape in layout:
+            size = math.prod(shape)
+            u[name] = flat[offset:offset + size].reshape(shape)
+            offset += size
+        variance, lengthscale, noise = (np.exp(u[k]) for k in ("kernel.variance", "kernel.lengthscale", "noise"))
+        S, diag = np.tril(u["guide.scale_tril"], -1), np.exp(np.diagonal(u["guide.scale_tril"]))
+        S[np.diag_indices_from(S)] = diag
+        Z = u["Z"] if every_column else u["Z"][:, cols]
+        value, (g_var, g_ell, g_Z, g_noise, g_loc, g_S) = rbf_data_term_and_gradients(
+            variance, np.broadcast_to(lengthscale, (len(cols),)), Z, noise, u["guide.loc"], S,
+            X if every_column else X[:, cols], y, jitter)
+        if not every_column:  # the columns the kernel ignores get no gradient
+            g_Z, active = np.zeros_like(u["Z"]), g_Z
+            np.add.at(g_Z, (slice(None), cols), active)
+        g_S = np.tril(g_S)
+        g_S[np.diag_indices_from(g_S)] *= diag
+        grads = {"Z": g_Z, "noise": g_noise * noise, "kernel.variance": g_var * variance,
+                 "kernel.lengthscale": (g_ell.sum() if lengthscale.ndim == 0 else g_ell) * lengthscale,
+                 "guide.loc": g_loc, "guide.scale_tril": g_S}
+        return float(value), np.concatenate([np.ravel(grads[name]) for name, _ in layout])
+
+    return gradient

@@ -11,6 +11,7 @@ import pyro
 import pyro.contrib.gp as gp
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 from pyro_scalegp import async_svi
 from pyro_scalegp.advgp import ADVGP
@@ -88,6 +89,67 @@ def test_one_synchronous_worker_is_proximal_gradient_descent_step_for_step():
     first = new_model(Z).loss(X, y).item()
     assert losses[0] == pytest.approx(first, rel=1e-12)
     assert losses[-1] < losses[0]
+
+
+def random_parameters(model, seed):
+    """Moves every parameter of ``model`` off its initial value (a full lower-triangular ``scale_tril``)."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.as_tensor(0.3 * rng.normal(size=tuple(p.shape)), dtype=p.dtype))
+
+
+@pytest.mark.parametrize("case", ["ard", "scalar_lengthscale", "active_dims", "float32"])
+def test_one_thread_workers_numpy_gradient_equals_autograd(case):
+    """A worker on one thread differentiates an RBF model in numpy, the chain rule through the
+    parametrization written out (``_flat_rbf_gradient``): the same value and gradient, in the
+    flat layout, as autograd through the module (what a worker of more threads computes), on its
+    whole shard and on minibatch rows."""
+    X, y, Z = data()
+    dtype = torch.float32 if case == "float32" else torch.float64
+    if case == "active_dims":  # a third input column the kernel ignores
+        X, Z = torch.cat([X[:, :1], torch.randn(len(X), 1), X[:, 1:]], 1), torch.cat([Z[:, :1], torch.randn(len(Z), 1), Z[:, 1:]], 1)
+    kernel = gp.kernels.RBF(2, variance=torch.tensor(1.3, dtype=dtype),
+                            lengthscale=torch.tensor(0.9 if case == "scalar_lengthscale" else [0.7, 1.2], dtype=dtype),
+                            active_dims=[0, 2] if case == "active_dims" else None)
+    model = ADVGP(kernel, Z.to(dtype), 0.2)
+    random_parameters(model, 4)
+    X, y = X.to(dtype), y.to(dtype)  # (as AsyncProximalSVI hands them over)
+    flat = async_svi._flatten([p.detach() for p in model.parameters()]).numpy()
+    threads = torch.get_num_threads()
+    try:
+        with threadpool_limits(limits=None, user_api="blas"):  # gives back the BLAS threads the worker limits
+            written_out = async_svi._Gradient(model, num_threads=1)(X, y)
+    finally:
+        torch.set_num_threads(threads)
+    autograd = async_svi._Gradient(model)(X, y)
+    assert "lambda" in written_out.__qualname__ and "compute" in autograd.__qualname__  # the two paths
+    rtol, atol = (2e-5, 1e-4) if case == "float32" else (1e-10, 1e-12)
+    for rows in (None, np.array([1, 4, 5, 17, 30, 31, 39])):
+        (v_w, g_w), (v_a, g_a) = written_out(flat, rows), autograd(flat, rows)
+        assert v_w == pytest.approx(v_a, rel=rtol)
+        assert g_w.dtype == g_a.dtype == torch.empty(0, dtype=dtype).numpy().dtype
+        np.testing.assert_allclose(g_w, g_a, rtol=rtol, atol=atol)
+        assert np.count_nonzero(g_a) == g_a.size - (len(Z) * (len(Z) - 1) // 2  # scale_tril's upper triangle
+                                                    + (len(Z) if case == "active_dims" else 0))  # Z's ignored column
+
+
+@pytest.mark.parametrize("change", ["matern", "fixed_variance", "another_constraint", "lengthscale_prior"])
+def test_other_models_are_differentiated_by_autograd_in_the_workers(change):
+    """Only Pyro's RBF with its own six trainable parameters and their constraints is written out;
+    anything else goes through autograd."""
+    X, y, Z = data()
+    model = new_model(Z)
+    if change == "matern":
+        model.kernel = gp.kernels.Matern52(2, variance=torch.tensor(1.3), lengthscale=torch.tensor([0.7, 1.2]))
+    elif change == "fixed_variance":
+        model.kernel.variance_unconstrained.requires_grad_(False)
+    elif change == "another_constraint":
+        model.kernel.lengthscale = pyro.nn.PyroParam(torch.tensor([0.7, 1.2]), pyro.distributions.constraints.greater_than(0.1))
+    else:
+        model.kernel.lengthscale = pyro.nn.PyroSample(pyro.distributions.LogNormal(torch.zeros(2), 1.0).to_event(1))
+    assert async_svi._flat_rbf_gradient(model) is None
+    assert async_svi._flat_rbf_gradient(new_model(Z)) is not None
 
 
 FORK = pytest.param("fork", marks=pytest.mark.skipif(sys.platform != "linux", reason="forked on Linux only"))
