@@ -250,8 +250,8 @@ class ADVGP(PyroModule):
         r"""The data term :math:`g_k` of the rows ``(X, y)`` (paper eq. 15); differentiable
         in the kernel hyperparameters, ``Z``, ``noise``, ``loc`` and ``scale_tril``. Computed from
         the shard's statistics :math:`K_{zx}K_{xz}` and :math:`K_{zx}y` (see the module docstring),
-        never forming :math:`\Phi`. For an RBF kernel (Pyro's ``RBF`` itself) with the
-        gradient to be taken and no ``chol_zz`` given, value and gradient come from :class:`_RBFDataTerm`."""
+        never forming :math:`\Phi`. For an RBF kernel (Pyro's ``RBF`` itself) with the gradient
+        to be taken and no ``chol_zz`` given, value and gradient come from :class:`_RBFDataTerm`."""
         if (chol_zz is None and type(self.kernel) is RBF and torch.is_grad_enabled()
                 and not (X.requires_grad or y.requires_grad)):
             k = self.kernel
