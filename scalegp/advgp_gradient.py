@@ -2,8 +2,9 @@ r"""ADVGP's data term :math:`g_k` with its gradient written out, once for both f
 
 :func:`data_term_and_gradients` is the matrix part, written against an array namespace: NumPyro
 runs it on ``jax.numpy`` inside its jitted gradients (the kernel's part by JAX's autodiff), the
-Pyro frontend on numpy through :func:`rbf_data_term_and_gradients`, which adds Pyro's RBF kernel
-and its derivatives. With :math:`a = 1/(2\sigma^2)`, :math:`L = \mathrm{chol}(K_{zz})`
+Pyro frontend through :func:`rbf_data_term_and_gradients`, which adds Pyro's RBF kernel and its
+derivatives: on torch in ``pyro_scalegp.advgp._RBFDataTerm``, on numpy in the workers of one thread
+of ``AsyncProximalSVI``. With :math:`a = 1/(2\sigma^2)`, :math:`L = \mathrm{chol}(K_{zz})`
 (``Kzz`` with its jitter), :math:`T = L^{-1}K_{zx}K_{xz}L^{-\top}`, :math:`c = L^{-1}K_{zx}y`,
 :math:`S` = ``scale_tril`` and :math:`q` the bracket of
 
