@@ -49,12 +49,12 @@ from threadpoolctl import threadpool_limits
 
 from scalegp.async_server import (PeerFailedError, ProcessWorkers, ProximalServer, StalledWorkerWarning,
                                   accept_workers, averaging, check_options, connect_to_server, serve_gradients,
-                                  shard_gradient, standing_in)
+                                  shard_gradient, standing_in, unflatten)
 from scalegp.processes import preloading_context, start_fork_server
 
 from .advgp import ADVGP
 from .optim import proximal_adadelta
-from .worker import _QUICK_COMPILE, _flatten, _Gradient, _layout, _unflatten
+from .worker import _QUICK_COMPILE, _flatten, _Gradient, _layout
 
 __all__ = ["AsyncProximalSVI", "PeerFailedError", "StalledWorkerWarning", "distributed_proximal_svi"]
 
@@ -90,7 +90,7 @@ class _Server(ProximalServer):
 
         self._update = update
         flat = _flatten(self.params, self._names)
-        update(self.params, _unflatten(np.zeros_like(flat), self._names, self._shapes, self._dtype), self.opt_state,
+        update(self.params, unflatten(np.zeros_like(flat), self._names, self._shapes, self._dtype), self.opt_state,
                1.0)
         if warm_up is not None:
             warm_up(flat)
@@ -100,7 +100,7 @@ class _Server(ProximalServer):
     def averaged_params(self) -> dict:
         """The averaged parameters (``average``, see :mod:`scalegp.async_server`) as a dict of
         arrays laid out as ``params`` (unconstrained)."""
-        return {n: jax.numpy.asarray(a) for n, a in _unflatten(self.average, self._names, self._shapes,
+        return {n: jax.numpy.asarray(a) for n, a in unflatten(self.average, self._names, self._shapes,
                                                                  self._dtype).items()}
 
     def predict(self, X_new, *, averaged: bool = True):
@@ -116,7 +116,7 @@ class _Server(ProximalServer):
         return _flatten(self.params, self._names)
 
     def _proximal_step(self, grad: np.ndarray, step_scale: float) -> float:
-        grads = _unflatten(grad, self._names, self._shapes, self._dtype)
+        grads = unflatten(grad, self._names, self._shapes, self._dtype)
         self.params, self.opt_state, h = self._update(self.params, grads, self.opt_state, step_scale)
         return float(h)
 

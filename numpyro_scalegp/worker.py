@@ -24,6 +24,8 @@ from jax.experimental import serialize_executable as _serialize_executable
 from jaxlib import lapack as _lapack
 from threadpoolctl import threadpool_limits
 
+from scalegp.async_server import unflatten
+
 if TYPE_CHECKING:  # (not imported at run time: it imports NumPyro)
     from .advgp import ADVGP
 
@@ -48,15 +50,6 @@ def _layout(params: dict) -> tuple:
     """``(names, shapes, dtype)``: how a parameter dict is laid out in a flat vector."""
     names = sorted(params)
     return names, [tuple(np.shape(params[n])) for n in names], np.asarray(params[names[0]]).dtype
-
-
-def _unflatten(flat: np.ndarray, names, shapes, dtype) -> dict:
-    out, offset = {}, 0
-    for n, shape in zip(names, shapes):
-        size = int(np.prod(shape, dtype=np.int64))
-        out[n] = np.asarray(flat[offset:offset + size].reshape(shape), dtype=dtype)
-        offset += size
-    return out
 
 
 class _Gradient:
@@ -119,7 +112,7 @@ class _Gradient:
         on_device = functools.cache(lambda: (jax.numpy.asarray(X), jax.numpy.asarray(y)))
 
         def compute(flat, rows=None):
-            params = _unflatten(flat, *self._layout)
+            params = unflatten(flat, *self._layout)
             if rows is None:
                 value, grads = self._value_and_grad()(params, *on_device())
             else:

@@ -69,6 +69,7 @@ from pyro.nn import PyroModule, PyroParam
 from torch.autograd.function import once_differentiable
 
 from scalegp.advgp_gradient import rbf_data_term_and_gradients
+from scalegp.async_server import unflatten
 
 from .kernels import check_kernel_inputs
 
@@ -347,7 +348,7 @@ def _flat_rbf_gradient(advgp: ADVGP):
     if type(kernel) is not RBF or advgp.Z.device.type != "cpu":
         return None
     modules = dict(advgp.named_modules())
-    layout = []  # (name, shape) in the order of advgp.parameters()
+    names, shapes = [], []  # in the order of advgp.parameters()
     for full_name, p in advgp.named_parameters():
         owner, _, attr = full_name.rpartition(".")
         name = full_name.removesuffix("_unconstrained")
@@ -356,8 +357,9 @@ def _flat_rbf_gradient(advgp: ADVGP):
         if (name == full_name or not p.requires_grad or declared is None  # (a model unpickled in a worker
                 or type(declared[0]) is not type(expected) or vars(declared[0]) != vars(expected)):  # has copies)
             return None
-        layout.append((name, tuple(p.shape)))
-    if len(layout) != len(_RBF_PARAMETERS):
+        names.append(name)
+        shapes.append(tuple(p.shape))
+    if len(names) != len(_RBF_PARAMETERS):
         return None
     dtype = torch.empty(0, dtype=advgp.Z.dtype).numpy().dtype
     cols = list(kernel.active_dims)
@@ -365,11 +367,7 @@ def _flat_rbf_gradient(advgp: ADVGP):
     jitter = advgp.jitter
 
     def gradient(flat, X, y):
-        flat, u, offset = np.asarray(flat, dtype=dtype), {}, 0
-        for name, shape in layout:
-            size = math.prod(shape)
-            u[name] = flat[offset:offset + size].reshape(shape)
-            offset += size
+        u = unflatten(np.asarray(flat, dtype=dtype), names, shapes, dtype)
         variance, lengthscale, noise = (np.exp(u[k]) for k in ("kernel.variance", "kernel.lengthscale", "noise"))
         S, diag = np.tril(u["guide.scale_tril"], -1), np.exp(np.diagonal(u["guide.scale_tril"]))
         S[np.diag_indices_from(S)] = diag
@@ -385,6 +383,6 @@ def _flat_rbf_gradient(advgp: ADVGP):
         grads = {"Z": g_Z, "noise": g_noise * noise, "kernel.variance": g_var * variance,
                  "kernel.lengthscale": (g_ell.sum() if lengthscale.ndim == 0 else g_ell) * lengthscale,
                  "guide.loc": g_loc, "guide.scale_tril": g_S}
-        return float(value), np.concatenate([np.ravel(grads[name]) for name, _ in layout])
+        return float(value), np.concatenate([np.ravel(grads[name]) for name in names])
 
     return gradient

@@ -135,6 +135,7 @@ __all__ = [
     "MAX_RESTARTS", "ConnectionChannel", "ConnectionWorkers", "PeerFailedError", "ProcessWorkers", "ProximalServer",
     "DEFAULT_AVERAGE_DECAY", "StalledWorkerWarning", "accept_workers", "average_weight", "averaging", "batch_rows",
     "check_options", "connect_to_server", "keep_freed_memory", "serve_gradients", "shard_gradient", "standing_in",
+    "unflatten",
 ]
 
 _POLL_SECONDS = 0.05
@@ -234,6 +235,19 @@ def standing_in(stand_in: bool | None, batch_size: int | None) -> bool:
 
 
 # ---- the worker side -----------------------------------------------------------------------------
+def unflatten(flat: np.ndarray, names, shapes, dtype) -> dict:
+    """The parameters ``{name: array of shape, dtype}`` laid out one after the other in the flat
+    vector ``flat`` (the messages' and gradients' layout of either frontend).
+
+    .. note:: Cost: ``O(P)`` for ``P`` numbers (views where ``flat`` has ``dtype`` already)."""
+    out, offset = {}, 0
+    for n, shape in zip(names, shapes):
+        size = int(np.prod(shape, dtype=np.int64))
+        out[n] = np.asarray(flat[offset:offset + size].reshape(shape), dtype=dtype)
+        offset += size
+    return out
+
+
 def batch_rows(version: int, n: int, batch_size: int | None, seed: int, worker: int) -> np.ndarray | None:
     """The rows of worker ``worker``'s shard (``n`` rows) whose data term it differentiates at
     the parameters of ``version``: ``None`` (all of them) when ``batch_size`` is ``None`` or at
