@@ -266,13 +266,19 @@ class LatticeKernelOperator(LinearOperator):
         return self.variance * torch.ones(self.X.shape[0], dtype=self.X.dtype, device=self.X.device)
 
     def _get_indices(self, row_index, col_index, *batch_indices):
-        # entries K[i, j] from one product per distinct row (used by pivoted-Cholesky preconditioners)
+        # entries K[i, j] from one product column per distinct row or per distinct column, whichever are
+        # fewer (K is symmetric): the pivoted-Cholesky preconditioner asks for k rows, its backward for all
+        # N rows of k columns, which one column per row made N products wide
         shape = torch.broadcast_shapes(row_index.shape, col_index.shape)
-        rows, inv = torch.unique(row_index.expand(shape).reshape(-1), return_inverse=True)
-        onehot = torch.zeros(self.X.shape[0], rows.numel(), dtype=self.X.dtype, device=self.X.device)
-        onehot[rows, torch.arange(rows.numel(), device=rows.device)] = 1
-        block = self._matmul(onehot)  # column r is K[:, rows[r]] = K[rows[r], :]
-        return block[col_index.expand(shape).reshape(-1), inv].reshape(shape)
+        rows, cols = row_index.expand(shape).reshape(-1), col_index.expand(shape).reshape(-1)
+        picked, inv = torch.unique(rows, return_inverse=True)
+        picked_cols, inv_cols = torch.unique(cols, return_inverse=True)
+        if picked_cols.numel() < picked.numel():
+            rows, cols, picked, inv = cols, rows, picked_cols, inv_cols
+        onehot = torch.zeros(self.X.shape[0], picked.numel(), dtype=self.X.dtype, device=self.X.device)
+        onehot[picked, torch.arange(picked.numel(), device=picked.device)] = 1
+        block = self._matmul(onehot)  # column r is K[:, picked[r]] = K[picked[r], :]
+        return block[cols, inv].reshape(shape)
 
     def cross_matmul(self, X_new: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """``K(X_new, X) @ rhs`` from the joint lattice of ``[X; X_new]`` (its calibration and
