@@ -477,6 +477,18 @@ def test_lattice_flights_quick(tmp_path, monkeypatch, float64_torch):
     assert "Simplex-GP (NumPyro)" in open(tmp_path / "lattice_flights.md").read()
 
 
+
+def test_lattice_gpytorch_quick(tmp_path, monkeypatch):
+    from benchmarks import lattice_gpytorch
+
+    monkeypatch.setenv("CI", "true")
+    rows = lattice_gpytorch.main(["--out", str(tmp_path), "--threads", "2"])
+    assert [(r["method"], r["n_train"]) for r in rows] == [("lattice operator", 1000), ("GPyTorch kernel", 1000)]
+    for r in rows:
+        assert math.isfinite(r["nlpd"]) and 20 < r["rmse"] < 80 and r["step_s"] > 0  # minutes: the delays' std is 45
+    assert rows[0]["gpytorch_step_over_ours"] == rows[1]["step_s"] / rows[0]["step_s"]
+    assert "lattice operator" in open(tmp_path / "lattice_gpytorch.md").read()
+
 def test_lattice_mvm_quick_writes_table_and_figure(tmp_path, monkeypatch, float64_torch):
     from benchmarks import lattice_mvm
 
