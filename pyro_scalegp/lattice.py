@@ -268,7 +268,7 @@ class LatticeKernelOperator(LinearOperator):
     def _get_indices(self, row_index, col_index, *batch_indices):
         # entries K[i, j] from one product column per distinct row or per distinct column, whichever are
         # fewer (K is symmetric): the pivoted-Cholesky preconditioner asks for k rows, its backward for all
-        # N rows of k columns, which one column per row made N products wide
+        # N rows of k columns, k product columns either way
         shape = torch.broadcast_shapes(row_index.shape, col_index.shape)
         rows, cols = row_index.expand(shape).reshape(-1), col_index.expand(shape).reshape(-1)
         picked, inv = torch.unique(rows, return_inverse=True)

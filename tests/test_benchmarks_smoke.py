@@ -477,7 +477,6 @@ def test_lattice_flights_quick(tmp_path, monkeypatch, float64_torch):
     assert "Simplex-GP (NumPyro)" in open(tmp_path / "lattice_flights.md").read()
 
 
-
 def test_lattice_gpytorch_quick(tmp_path, monkeypatch):
     from benchmarks import lattice_gpytorch
 
@@ -488,6 +487,7 @@ def test_lattice_gpytorch_quick(tmp_path, monkeypatch):
         assert math.isfinite(r["nlpd"]) and 20 < r["rmse"] < 80 and r["step_s"] > 0  # minutes: the delays' std is 45
     assert rows[0]["gpytorch_step_over_ours"] == rows[1]["step_s"] / rows[0]["step_s"]
     assert "lattice operator" in open(tmp_path / "lattice_gpytorch.md").read()
+
 
 def test_lattice_mvm_quick_writes_table_and_figure(tmp_path, monkeypatch, float64_torch):
     from benchmarks import lattice_mvm

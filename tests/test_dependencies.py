@@ -2,7 +2,8 @@
 anywhere in `scalegp`, `pyro_scalegp`, `numpyro_scalegp` and `kernels_cuda` (at the top of a module or
 inside a function) belongs to a distribution named in pyproject's `[project] dependencies`, not only in an
 extra that `make test` happens to install (`import pyro_scalegp` once failed on a plain install for want of
-`linear_operator`)."""
+`linear_operator`). Modules imported by name at run time are not seen: `kernels_cuda.gpu` loads CuPy, the
+optional `cuda` / `cuda13` extra, by `importlib.import_module`."""
 from __future__ import annotations
 
 import ast

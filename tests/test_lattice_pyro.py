@@ -161,7 +161,7 @@ def test_entries_take_one_product_column_per_distinct_row_or_column_whichever_ar
     assert widths == [3, 3]
 
 
-def test_marginal_gradient_makes_no_product_wider_than_its_probes(monkeypatch):
+def test_marginal_gradient_makes_no_product_wider_than_its_probes_or_pivots(monkeypatch):
     """log_prob and its backward apply the operator to at most max(1 + num_probes, precond_rank) columns at
     once (CG and SLQ, the preconditioner's pivots): the preconditioner's backward once took one column per
     training point (23 s for a gradient on 5,000 flights rows, 0.08 s now)."""
@@ -231,15 +231,13 @@ def test_inv_quad_logdet_matches_dense():
     assert abs(logdet - torch.linalg.slogdet(A)[1]) < 0.03 * abs(torch.linalg.slogdet(A)[1]) + 1.0
 
 
-
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 def test_gpytorch_exact_gp_trains_and_predicts_with_the_operator():
     """The operator as the covariance of a GPyTorch ``ExactGP`` (the kernel a Pyro module inside it): the
     exact marginal log likelihood and its gradient in the lengthscales are those of the dense matrix of our
-    operator, and GPyTorch's predictions (a joint operator on train + test inputs, sliced into blocks) are
-    the dense posterior: GPyTorch's cache solves with the train-only operator, the cross and test blocks come
-    from a joint operator on train + test inputs."""
-    gpytorch = pytest.importorskip("gpytorch")
+    operator, and GPyTorch's predictions the dense posterior as GPyTorch forms it: solves with the operator
+    on the training inputs, cross and test blocks from one on training and test inputs together."""
+    import gpytorch
     X, kern = _problem(250, 2, "matern52")
     Xt = torch.randn(40, 2, generator=torch.Generator().manual_seed(8))
     y = torch.sin(2 * X[:, 0]) + 0.1 * torch.randn(250, generator=torch.Generator().manual_seed(9))
