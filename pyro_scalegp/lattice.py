@@ -266,11 +266,17 @@ class LatticeKernelOperator(LinearOperator):
         return self.variance * torch.ones(self.X.shape[0], dtype=self.X.dtype, device=self.X.device)
 
     def _get_indices(self, row_index, col_index, *batch_indices):
-        # entries K[i, j] from one product column per distinct row or per distinct column, whichever are
-        # fewer (K is symmetric): the pivoted-Cholesky preconditioner asks for k rows, its backward for all
-        # N rows of k columns, k product columns either way
+        # entries K[i, j]: on the diagonal those of _diagonal (GPyTorch's predictive variances ask for the
+        # diagonal of a block of test rows, which took a product column per test row); off it one product
+        # column per distinct row or per distinct column, whichever are fewer (K is symmetric): the
+        # pivoted-Cholesky preconditioner asks for k rows, its backward for all N rows of k columns
         shape = torch.broadcast_shapes(row_index.shape, col_index.shape)
         rows, cols = row_index.expand(shape).reshape(-1), col_index.expand(shape).reshape(-1)
+        entries = self._diagonal()[rows]
+        off = torch.nonzero(rows != cols).squeeze(-1)
+        if off.numel() == 0:
+            return entries.reshape(shape)
+        rows, cols = rows[off], cols[off]
         picked, inv = torch.unique(rows, return_inverse=True)
         picked_cols, inv_cols = torch.unique(cols, return_inverse=True)
         if picked_cols.numel() < picked.numel():
@@ -278,7 +284,7 @@ class LatticeKernelOperator(LinearOperator):
         onehot = torch.zeros(self.X.shape[0], picked.numel(), dtype=self.X.dtype, device=self.X.device)
         onehot[picked, torch.arange(picked.numel(), device=picked.device)] = 1
         block = self._matmul(onehot)  # column r is K[:, picked[r]] = K[picked[r], :]
-        return block[cols, inv].reshape(shape)
+        return entries.index_put((off,), block[cols, inv]).reshape(shape)
 
     def cross_matmul(self, X_new: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         """``K(X_new, X) @ rhs`` from the joint lattice of ``[X; X_new]`` (its calibration and

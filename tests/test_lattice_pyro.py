@@ -144,8 +144,9 @@ def test_entries_for_preconditioner():
         torch.testing.assert_close(op[torch.tensor([5, 9])].to_dense(), A[[5, 9]], rtol=1e-12, atol=1e-15)
 
 
-def test_entries_take_one_product_column_per_distinct_row_or_column_whichever_are_fewer(monkeypatch):
-    """A pivoted Cholesky's backward asks for all N rows of its k pivot columns: k product columns, not N."""
+def test_entries_take_one_product_column_per_distinct_row_or_column_whichever_are_fewer_or_none_on_the_diagonal(monkeypatch):
+    """A pivoted Cholesky's backward asks for all N rows of its k pivot columns: k product columns, not N;
+    entries on the diagonal take none."""
     X, kern = _problem(300, 2)
     op = LatticeKernelOperator(X, kern)
     widths = []
@@ -158,7 +159,14 @@ def test_entries_take_one_product_column_per_distinct_row_or_column_whichever_ar
         widths.clear()
         torch.testing.assert_close(op._get_indices(rows, cols), A[rows, cols], rtol=1e-12, atol=0)
         torch.testing.assert_close(op._get_indices(cols.T, rows.T), A[cols.T, rows.T], rtol=1e-12, atol=0)
-    assert widths == [3, 3]
+        assert widths == [3, 3]
+        # the diagonal (GPyTorch's predictive variances of a block of rows) is _diagonal's: no product
+        idx = torch.arange(40, 240)
+        torch.testing.assert_close(op._get_indices(idx, idx), A.diagonal()[idx], rtol=1e-12, atol=0)  # exact calibration
+        assert widths == [3, 3]
+    variance = kern.variance_unconstrained
+    (grad,) = torch.autograd.grad(LatticeKernelOperator(X, kern)._get_indices(idx, idx).sum(), variance)
+    torch.testing.assert_close(grad, 200 * kern.variance.detach())  # d(200 exp(u)) / du
 
 
 def test_marginal_gradient_makes_no_product_wider_than_its_probes_or_pivots(monkeypatch):
