@@ -1,20 +1,26 @@
 """The lattice operator inside GPyTorch: an ``ExactGP`` whose covariance is the Pyro
 :class:`~pyro_scalegp.lattice.LatticeKernelOperator`, beside the same ``ExactGP`` with GPyTorch's own
-kernel (the exact kernel matrix, what a GPyTorch user has without us), on flights training subsets.
+kernel (the exact kernel matrix, what a GPyTorch user has without us) and with the Simplex-GP authors'
+GPyTorch kernel (``gpytorch-lattice-kernel`` 0.0.dev1, ``make bench`` installs it), on flights training
+subsets.
 
-Both models are GPyTorch's, with GPyTorch's default solvers: past 800 rows the marginal likelihood by
+The models are GPyTorch's, with GPyTorch's default solvers: past 800 rows the marginal likelihood by
 preconditioned CG and stochastic Lanczos quadrature (BBMM), the predictive variances by LOVE
 (``fast_pred_var``). Only the kernel matrix differs: a Matern 5/2 with ARD lengthscales from
-:data:`benchmarks.baselines.INIT`, as a lazily evaluated dense matrix (GPyTorch) or the order-1 lattice
-(ours, a Pyro kernel module inside the GPyTorch model). Each (method, N) runs ``--steps`` Adam steps in a
-fresh process (for its peak memory) and predicts the ``--test`` test rows; the GPyTorch kernel is skipped
-where its matrices would not fit in the memory available (``8 N^2`` bytes times :data:`DENSE_COPIES`,
-the peak measured at 10,000 rows).
+:data:`benchmarks.baselines.INIT`, as a lazily evaluated dense matrix (GPyTorch), our order-1 lattice (a
+Pyro kernel module inside the GPyTorch model) or the authors' order-1 ``MaternLattice`` in a
+``ScaleKernel``. The authors' kernel runs in float32 (its filter's dtype; the others in float64), with
+its operator's ``diag`` under the name ``_diagonal`` that current linear_operator calls, and without the
+preconditioner, whose pivots need entries its operator cannot give current linear_operator
+(``max_preconditioner_size(0)``). Each (method, N)
+runs ``--steps`` Adam steps in a fresh process (for its peak memory) and predicts the ``--test`` test
+rows; the GPyTorch kernel is skipped where its matrices would not fit in the memory available (``8 N^2``
+bytes times :data:`DENSE_COPIES`, the peak measured at 10,000 rows).
 
 Reported: seconds a training step (median), training and prediction time, test RMSE (minutes) and NLPD,
-peak memory, and the ratio of the GPyTorch kernel's step time to ours at the same N.
+peak memory, and the ratios of the other kernels' step times to ours at the same N.
 
-Run: ``python -m benchmarks.lattice_gpytorch`` (about 5 minutes on 2 idle cores); ``--quick`` (or ``CI``
+Run: ``python -m benchmarks.lattice_gpytorch`` (about 10 minutes on 2 idle cores); ``--quick`` (or ``CI``
 set) for a smoke test on 1,000 rows.
 """
 from __future__ import annotations
@@ -25,6 +31,7 @@ import time
 from scalegp.lattice import _available_bytes
 
 from .common import gaussian_metrics, parser, quick_mode, run_isolated, set_threads, write_results
+from .lattice_mvm import load_peer
 
 NAME = "lattice_gpytorch"
 #: peak resident memory of the GPyTorch-kernel model in units of one N x N float64 matrix (measured: 12 at
@@ -32,8 +39,14 @@ NAME = "lattice_gpytorch"
 DENSE_COPIES = 12
 
 
+#: the methods and their names in the results
+METHODS = {"lattice": "lattice operator", "gpytorch": "GPyTorch kernel", "authors": "authors' lattice kernel"}
+
+
 def fit_job(n: int, method: str, *, steps: int, lr: float, num_test: int, threads: int, seed: int) -> dict:
-    """Train one GPyTorch ``ExactGP`` (``method``: ``"lattice"`` or ``"gpytorch"``) on ``n`` flights rows."""
+    """Train one GPyTorch ``ExactGP`` (``method``: a key of :data:`METHODS`) on ``n`` flights rows."""
+    import contextlib
+
     import gpytorch
     import pyro.contrib.gp as gp
     import torch
@@ -44,11 +57,21 @@ def fit_job(n: int, method: str, *, steps: int, lr: float, num_test: int, thread
     from .baselines import INIT, _gpytorch_kernel
 
     set_threads(threads)
-    torch.set_default_dtype(torch.float64)
+    dtype = torch.float32 if method == "authors" else torch.float64
+    torch.set_default_dtype(dtype)
     torch.manual_seed(seed)
     data = load_flights(num_train=n).subset(num_test=num_test, seed=seed)
-    X, y = torch.tensor(data.X_train), torch.tensor(data.y_train)
+    X, y = torch.tensor(data.X_train, dtype=dtype), torch.tensor(data.y_train, dtype=dtype)
     d = X.shape[1]
+    solver = contextlib.nullcontext()
+    if method == "authors":
+        peer, reason = load_peer()
+        if peer is None:
+            raise RuntimeError(reason)
+        from gpytorch_lattice_kernel.bilateral_kernel import MaternLattice, SquareLazyLattice
+
+        SquareLazyLattice._diagonal = SquareLazyLattice.diag  # the name current linear_operator calls
+        solver = gpytorch.settings.max_preconditioner_size(0)
 
     class Model(gpytorch.models.ExactGP):
         def __init__(self):
@@ -58,8 +81,12 @@ def fit_job(n: int, method: str, *, steps: int, lr: float, num_test: int, thread
             if method == "lattice":
                 self.kernel = gp.kernels.Matern52(d, variance=torch.tensor(INIT["variance"]),
                                                   lengthscale=torch.full((d,), INIT["lengthscale"]))
-            else:
+            elif method == "gpytorch":
                 self.kernel = _gpytorch_kernel("matern52", d)
+            else:
+                self.kernel = gpytorch.kernels.ScaleKernel(MaternLattice(ard_num_dims=d, nu=2.5, order=1))
+                self.kernel.base_kernel.lengthscale = torch.full((1, d), INIT["lengthscale"])
+                self.kernel.outputscale = torch.tensor(INIT["variance"])
 
         def forward(self, x):
             K = LatticeKernelOperator(x, self.kernel) if method == "lattice" else self.kernel(x)
@@ -70,20 +97,21 @@ def fit_job(n: int, method: str, *, steps: int, lr: float, num_test: int, thread
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     times = []
-    for _ in range(steps):
+    with solver:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            optimizer.zero_grad()
+            loss = -mll(model(X), y)
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - t0)
+        model.eval()
         t0 = time.perf_counter()
-        optimizer.zero_grad()
-        loss = -mll(model(X), y)
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - t0)
-    model.eval()
-    t0 = time.perf_counter()
-    with torch.no_grad(), gpytorch.settings.fast_pred_var():
-        pred = model.likelihood(model(torch.tensor(data.X_test)))
-        mean, var = pred.mean.numpy(), pred.variance.numpy()
-    predict_s = time.perf_counter() - t0
-    out = {"method": "lattice operator" if method == "lattice" else "GPyTorch kernel", "n_train": n,
+        with torch.no_grad(), gpytorch.settings.fast_pred_var():
+            pred = model.likelihood(model(torch.tensor(data.X_test, dtype=dtype)))
+            mean, var = pred.mean.double().numpy(), pred.variance.double().numpy()
+        predict_s = time.perf_counter() - t0
+    out = {"method": METHODS[method], "n_train": n, "dtype": str(dtype).removeprefix("torch."),
            "step_s": statistics.median(times), "train_s": sum(times), "predict_s": predict_s,
            "loss_last": float(loss.detach())}
     out.update(gaussian_metrics(data.y_test, mean, var, y_std=data.y_std))
@@ -100,14 +128,17 @@ def main(argv=None) -> list[dict]:
     quick = quick_mode(args)
     sizes, steps, num_test = ([1000], 2, 200) if quick else (args.sizes, args.steps, args.test)
     threads = set_threads(args.threads)
+    _, peer_missing = load_peer()
     rows = []
     for n in sizes:
         by_method = {}
-        for method in ("lattice", "gpytorch"):
+        for method in METHODS:
             need = DENSE_COPIES * 8 * n * n
             if method == "gpytorch" and need > _available_bytes():
-                rows.append({"method": "GPyTorch kernel", "n_train": n,
-                             "skipped": f"needs about {need / 2**30:.0f} GiB"})
+                rows.append({"method": METHODS[method], "n_train": n, "skipped": f"needs about {need / 2**30:.0f} GiB"})
+                continue
+            if method == "authors" and peer_missing:
+                rows.append({"method": METHODS[method], "n_train": n, "skipped": peer_missing})
                 continue
             row, peak = run_isolated(fit_job, n, method, steps=steps, lr=args.lr, num_test=num_test,
                                      threads=threads, seed=args.seed)
@@ -115,12 +146,13 @@ def main(argv=None) -> list[dict]:
             by_method[method] = row
             rows.append(row)
             print(row, flush=True)
-        if len(by_method) == 2:
-            by_method["lattice"]["gpytorch_step_over_ours"] = by_method["gpytorch"]["step_s"] / by_method["lattice"]["step_s"]
+        for method in ("gpytorch", "authors"):
+            if method in by_method:
+                by_method["lattice"][f"{method}_step_over_ours"] = by_method[method]["step_s"] / by_method["lattice"]["step_s"]
     write_results(NAME, rows, out=args.out, meta={"quick": quick, "steps": steps, "threads": threads,
                                                   "num_test": num_test, "seed": args.seed},
-                  columns=["method", "n_train", "step_s", "gpytorch_step_over_ours", "train_s", "predict_s",
-                           "rmse", "nlpd", "peak_rss_mib", "skipped"])
+                  columns=["method", "n_train", "dtype", "step_s", "gpytorch_step_over_ours", "authors_step_over_ours",
+                           "train_s", "predict_s", "rmse", "nlpd", "peak_rss_mib", "skipped"])
     return rows
 
 
