@@ -266,10 +266,11 @@ class LatticeKernelOperator(LinearOperator):
         return self.variance * torch.ones(self.X.shape[0], dtype=self.X.dtype, device=self.X.device)
 
     def _get_indices(self, row_index, col_index, *batch_indices):
-        # entries K[i, j]: on the diagonal those of _diagonal (GPyTorch's predictive variances ask for the
-        # diagonal of a block of test rows, which took a product column per test row); off it one product
-        # column per distinct row or per distinct column, whichever are fewer (K is symmetric): the
-        # pivoted-Cholesky preconditioner asks for k rows, its backward for all N rows of k columns
+        # entries K[i, j]: on the diagonal _diagonal's, with no product (GPyTorch's predictive variances ask
+        # for the diagonal of a block of test rows; the products' own diagonal is the same up to the probe
+        # calibration's error); off it one product column per distinct row or per distinct column, whichever
+        # are fewer (K is symmetric): the pivoted-Cholesky preconditioner asks for k rows, its backward for
+        # all N rows of k columns
         shape = torch.broadcast_shapes(row_index.shape, col_index.shape)
         rows, cols = row_index.expand(shape).reshape(-1), col_index.expand(shape).reshape(-1)
         entries = self._diagonal()[rows]

@@ -144,7 +144,7 @@ def test_entries_for_preconditioner():
         torch.testing.assert_close(op[torch.tensor([5, 9])].to_dense(), A[[5, 9]], rtol=1e-12, atol=1e-15)
 
 
-def test_entries_take_one_product_column_per_distinct_row_or_column_whichever_are_fewer_or_none_on_the_diagonal(monkeypatch):
+def test_entries_take_few_product_columns_and_none_on_the_diagonal(monkeypatch):
     """A pivoted Cholesky's backward asks for all N rows of its k pivot columns: k product columns, not N;
     entries on the diagonal take none."""
     X, kern = _problem(300, 2)
