@@ -74,8 +74,14 @@ def _finish(name, data, mean, var, train_s, predict_s, **settings) -> dict:
 # exact GP
 # ----------------------------------------------------------------------------------------------
 
-def _exact_model(X, y, kernel):
+def _exact_model(X, y, kernel, covariance=None):
+    """GPyTorch's exact GP on ``(X, y)``, in their dtype, with the noise of :data:`INIT`, a constant mean
+    and ``kernel``: a name for :func:`_gpytorch_kernel`, or a module whose covariance of inputs ``x`` is
+    ``covariance(kernel, x)`` (default ``kernel(x)``)."""
     import gpytorch
+
+    module = _gpytorch_kernel(kernel, X.shape[1]) if isinstance(kernel, str) else kernel
+    covariance = covariance or (lambda k, x: k(x))
 
     class ExactGP(gpytorch.models.ExactGP):
         def __init__(self):
@@ -83,12 +89,12 @@ def _exact_model(X, y, kernel):
             lik.noise = torch.tensor(INIT["noise"])
             super().__init__(X, y, lik)
             self.mean_module = gpytorch.means.ConstantMean()
-            self.covar_module = _gpytorch_kernel(kernel, X.shape[1])
+            self.covar_module = module
 
         def forward(self, x):
-            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), self.covar_module(x))
+            return gpytorch.distributions.MultivariateNormal(self.mean_module(x), covariance(self.covar_module, x))
 
-    return ExactGP().double()
+    return ExactGP().to(X.dtype)
 
 
 def _exact_settings(n: int):

@@ -54,7 +54,7 @@ def fit_job(n: int, method: str, *, steps: int, lr: float, num_test: int, thread
     from pyro_scalegp import LatticeKernelOperator
     from scalegp import load_flights
 
-    from .baselines import INIT, _gpytorch_kernel
+    from .baselines import INIT, _exact_model
 
     set_threads(threads)
     dtype = torch.float32 if method == "authors" else torch.float64
@@ -64,7 +64,13 @@ def fit_job(n: int, method: str, *, steps: int, lr: float, num_test: int, thread
     X, y = torch.tensor(data.X_train, dtype=dtype), torch.tensor(data.y_train, dtype=dtype)
     d = X.shape[1]
     solver = contextlib.nullcontext()
-    if method == "authors":
+    if method == "lattice":
+        kernel = gp.kernels.Matern52(d, variance=torch.tensor(INIT["variance"]),
+                                     lengthscale=torch.full((d,), INIT["lengthscale"]))
+        model = _exact_model(X, y, kernel, lambda k, x: LatticeKernelOperator(x, k))
+    elif method == "gpytorch":
+        model = _exact_model(X, y, "matern52")
+    else:
         peer, reason = load_peer()
         if peer is None:
             raise RuntimeError(reason)
@@ -72,27 +78,10 @@ def fit_job(n: int, method: str, *, steps: int, lr: float, num_test: int, thread
 
         SquareLazyLattice._diagonal = SquareLazyLattice.diag  # the name current linear_operator calls
         solver = gpytorch.settings.max_preconditioner_size(0)
-
-    class Model(gpytorch.models.ExactGP):
-        def __init__(self):
-            super().__init__(X, y, gpytorch.likelihoods.GaussianLikelihood())
-            self.likelihood.noise = torch.tensor(INIT["noise"])
-            self.mean = gpytorch.means.ConstantMean()
-            if method == "lattice":
-                self.kernel = gp.kernels.Matern52(d, variance=torch.tensor(INIT["variance"]),
-                                                  lengthscale=torch.full((d,), INIT["lengthscale"]))
-            elif method == "gpytorch":
-                self.kernel = _gpytorch_kernel("matern52", d)
-            else:
-                self.kernel = gpytorch.kernels.ScaleKernel(MaternLattice(ard_num_dims=d, nu=2.5, order=1))
-                self.kernel.base_kernel.lengthscale = torch.full((1, d), INIT["lengthscale"])
-                self.kernel.outputscale = torch.tensor(INIT["variance"])
-
-        def forward(self, x):
-            K = LatticeKernelOperator(x, self.kernel) if method == "lattice" else self.kernel(x)
-            return gpytorch.distributions.MultivariateNormal(self.mean(x), K)
-
-    model = Model()
+        kernel = gpytorch.kernels.ScaleKernel(MaternLattice(ard_num_dims=d, nu=2.5, order=1))
+        kernel.base_kernel.lengthscale = torch.full((1, d), INIT["lengthscale"])
+        kernel.outputscale = torch.tensor(INIT["variance"])
+        model = _exact_model(X, y, kernel)
     mll = gpytorch.mlls.ExactMarginalLogLikelihood(model.likelihood, model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
