@@ -144,15 +144,21 @@ def test_entries_for_preconditioner():
         torch.testing.assert_close(op[torch.tensor([5, 9])].to_dense(), A[[5, 9]], rtol=1e-12, atol=1e-15)
 
 
+def _product_widths(monkeypatch) -> list:
+    """The number of columns of every product the CPU lattice computes from now on, appended as they run."""
+    widths = []
+    real = kernels_cuda.cpu.CpuLattice.filter
+    monkeypatch.setattr(kernels_cuda.cpu.CpuLattice, "filter",
+                        lambda self, v, *a, **k: widths.append(v.shape[1] if v.ndim == 2 else 1) or real(self, v, *a, **k))
+    return widths
+
+
 def test_entries_take_few_product_columns_and_none_on_the_diagonal(monkeypatch):
     """A pivoted Cholesky's backward asks for all N rows of its k pivot columns: k product columns, not N;
     entries on the diagonal take none."""
     X, kern = _problem(300, 2)
     op = LatticeKernelOperator(X, kern)
-    widths = []
-    real = kernels_cuda.cpu.CpuLattice.filter
-    monkeypatch.setattr(kernels_cuda.cpu.CpuLattice, "filter",
-                        lambda self, v, *a, **k: widths.append(v.shape[1]) or real(self, v, *a, **k))
+    widths = _product_widths(monkeypatch)
     with torch.no_grad():
         A = op @ torch.eye(300)
         rows, cols = torch.arange(300)[:, None], torch.tensor([[4, 17, 4, 250]])
@@ -174,10 +180,7 @@ def test_marginal_gradient_makes_no_product_wider_than_its_probes_or_pivots(monk
     once (CG and SLQ, the preconditioner's pivots): the preconditioner's backward once took one column per
     training point (23 s for a gradient on 5,000 flights rows, 0.08 s now)."""
     X, kern, y, noise = _marginal_problem(2000)  # linear_operator preconditions from 2,000 rows up
-    widths = []
-    real = kernels_cuda.cpu.CpuLattice.filter
-    monkeypatch.setattr(kernels_cuda.cpu.CpuLattice, "filter",
-                        lambda self, v, *a, **k: widths.append(v.shape[1] if v.ndim == 2 else 1) or real(self, v, *a, **k))
+    widths = _product_widths(monkeypatch)
     m = SimplexGPMarginal(kern, X, noise, num_probes=8)
     assert m.precond_rank == 15
     m.log_prob(y).backward()
