@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 
 from scalegp import COMBINE_RULES, Experts, tree_leaves, tree_sum
 from scalegp.combine import combine as combine_predictions
+from scalegp.domain import DomainError, DomainWarning
 
 from . import kernels
 
@@ -86,12 +87,12 @@ class JitterWarning(RuntimeWarning):
     """A Cholesky factorization needed more jitter than requested."""
 
 
-class NotPositiveDefiniteWarning(RuntimeWarning):
+class NotPositiveDefiniteWarning(DomainWarning):
     """Under ``jit``: an expert's matrix stayed non positive definite at the largest jitter;
     its log-likelihood was set to ``-inf`` (and the gradient is NaN)."""
 
 
-class NotPositiveDefiniteError(ValueError):
+class NotPositiveDefiniteError(DomainError):
     """Outside ``jit``: an expert's matrix stayed non positive definite at the largest jitter."""
 
 
@@ -643,10 +644,37 @@ def _check_finite(name: str, value) -> None:
     lax.cond(bad, lambda: jax.debug.callback(partial(_raise_non_finite, name), bad), lambda: None)
 
 
-def _check_positive(name: str, value) -> None:
-    _check_finite(name, value)
-    if _concrete(value) and not np.all(np.asarray(value) > 0):
-        raise ValueError(f"{name}: must be positive, got {np.asarray(value).ravel()[:5].tolist()}")
+def _domain_message(name: str, value) -> str | None:
+    value = np.asarray(value)
+    if not np.all(np.isfinite(value)):
+        return f"{name}: contains NaN or inf"
+    if not np.all(value > 0):
+        return f"{name}: must be positive, got {value.ravel()[:5].tolist()}"
+    return None
+
+
+def _warn_domain(name: str, value) -> None:
+    message = _domain_message(name, value)
+    if message:  # batched under vmap, where both branches of the cond run
+        warnings.warn(message + " (NaN here)", DomainWarning, stacklevel=2)
+
+
+def _check_positive(name: str, value):
+    """``value``, a hyperparameter's (``noise``), checked to be finite and positive: where it is concrete a
+    :class:`scalegp.domain.DomainError` naming ``name`` otherwise; inside ``jit``/``grad``/``vmap`` it is
+    returned as NaN instead, so that the log-density is not finite (NUTS rejects the step), with a
+    :class:`scalegp.domain.DomainWarning` from a host callback. Cost: one ``O(size)`` reduction; the
+    callback runs only for bad values."""
+    if _concrete(value):
+        message = _domain_message(name, value)
+        if message:
+            raise DomainError(message)
+        return value
+    if not_jax_tracer(value):  # a global array of a multi-process run: its shards are checked where they live
+        return value
+    bad = ~(jnp.isfinite(value) & (value > 0))
+    lax.cond(jnp.any(bad), lambda: jax.debug.callback(partial(_warn_domain, name), value), lambda: None)
+    return jnp.where(bad, jnp.nan, value)
 
 
 def _check_jitter(jitter) -> None:
@@ -712,7 +740,7 @@ def expert_log_likelihood(kernel, X, y, index, noise, mean=None, *, jitter: floa
     if y.ndim < 1 or y.shape[-1] != X.shape[0]:
         raise ValueError(f"y: expected shape (..., {X.shape[0]}), got {y.shape}")
     _check_finite("y", y)
-    _check_positive("noise", noise)
+    noise = _check_positive("noise", noise)
     _check_jitter(jitter)
     experts = Experts(np.asarray(index), None, tree)
     experts.check(X.shape[0])
@@ -805,7 +833,7 @@ class HGPMarginal(Distribution):
         N = X.shape[0]
         if jnp.ndim(noise) != 0:
             raise ValueError(f"noise: expected a scalar, got shape {jnp.shape(noise)}")
-        _check_positive("noise", noise)
+        noise = _check_positive("noise", noise)
         _check_jitter(jitter)
         if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
             raise ValueError(f"chunk_size: must be an int >= 1, got {chunk_size!r}")

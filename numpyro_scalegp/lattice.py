@@ -47,6 +47,7 @@ import contextlib
 import functools
 import itertools
 import math
+import warnings
 import weakref
 
 import jax
@@ -61,6 +62,7 @@ from kernels_cuda.dispatch import array_module, build_lattice, memory_limit
 from kernels_cuda.gpu import external_stream
 from scalegp import krylov
 from scalegp import lattice as sl
+from scalegp.domain import DomainError, DomainWarning
 from scalegp.neighbors import check_neighbors, neighbor_variances
 
 from . import kernels as nk
@@ -166,6 +168,8 @@ class _Registry:
 
 
 _REGISTRY = _Registry()
+#: the handle of a traced build that met a :class:`scalegp.domain.DomainError` (no lattice)
+_NO_LATTICE = -1
 
 
 def _build(name: str, order: int, backend: str, X, ell, variance, *, keep: bool = True):
@@ -216,7 +220,10 @@ def _lattice_call(name: str, order: int, backend: str, method: str, out_like, *a
     """``method(out, w, *cols)`` of the lattice that ``args = (handle, X, lengthscale, w, *cols)`` identify,
     by a callback inside the computation; returns ``out`` (shaped as ``out_like``)."""
     def run(outs, handle, X, ell, w, *cols):
-        getattr(_REGISTRY.get(handle, X, ell, name, order, backend), method)(outs[0], w, *cols)
+        if handle == _NO_LATTICE:
+            outs[0][...] = np.nan
+        else:
+            getattr(_REGISTRY.get(handle, X, ell, name, order, backend), method)(outs[0], w, *cols)
 
     shape = (jax.ShapeDtypeStruct(out_like.shape, out_like.dtype),)
     return _device_call(run, backend, shape, *args)[0]
@@ -315,7 +322,10 @@ class LatticeKernelOperator:
     cotangent) and ``vmap``. Constructed from concrete values, bad values raise ``ValueError``
     here; constructed inside ``jit`` (traced inputs), shapes, the kernel and ``order`` are checked
     here and the values by the build (a callback) when the computation runs, which then fails with the
-    same message. Cross-covariances: :meth:`cross_matmul`.
+    same message, except for hyperparameters the lattice cannot represent
+    (:class:`scalegp.domain.DomainError`: met by NUTS far in a prior's tail), where the products are
+    NaN (so is ``log_prob``: NUTS rejects the step) and the message comes as a
+    :class:`scalegp.domain.DomainWarning`. Cross-covariances: :meth:`cross_matmul`.
 
     .. note:: Cost: see the module note. Inside ``jit`` the lattice is built once per execution of
        the computation that constructs the operator.
@@ -344,7 +354,13 @@ class LatticeKernelOperator:
             stop = jax.lax.stop_gradient
 
             def build(outs, *values):
-                for out, a in zip(outs, _build(name, self.order, backend, *values)[1]):
+                try:
+                    arrays = _build(name, self.order, backend, *values)[1]
+                except DomainError as e:  # a sampler far in a prior's tail: NaN, not a failed run
+                    warnings.warn(f"{e} (the lattice operator's products are NaN here)", DomainWarning,
+                                  stacklevel=2)
+                    arrays = (_NO_LATTICE,) + (np.nan,) * (len(outs) - 1)
+                for out, a in zip(outs, arrays):
                     out[...] = a
 
             self._lattice = _device_call(build, backend, shapes, stop(self.X), stop(self.lengthscale),
@@ -671,7 +687,7 @@ class SimplexGPMarginal(Distribution):
                                                    num_probes=num_probes, precond_rank=precond_rank)
         if jnp.ndim(noise) != 0:
             raise ValueError(f"noise: expected a scalar, got shape {jnp.shape(noise)}")
-        _check_positive("noise", noise)
+        noise = _check_positive("noise", noise)
         self.op = LatticeKernelOperator(X, kernel, order=order, backend=backend)
         n = self.op.shape[0]
         self.kernel, self.order = kernel, int(order)

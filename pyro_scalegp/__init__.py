@@ -6,6 +6,7 @@ from .async_svi import AsyncProximalSVI, distributed_proximal_svi
 from .hgp import HGPMarginal, NotPositiveDefiniteError, expert_log_likelihood, gaussian_log_likelihood
 from .kernels import BoundKernel, bind
 from .lattice import LatticeKernelOperator, SimplexGPMarginal
+from . import mcmc  # noqa: F401  (registers mcmc.reject_step with Pyro's HMC and NUTS)
 from .optim import ProximalAdadelta, ProximalAdadeltaOptimizer
 from .svgp_vae import SVGPVAE, ExactGPVAE, SVGPVAEGuide
 

@@ -46,6 +46,7 @@ from torch.distributions import constraints
 from tqdm.auto import tqdm
 
 from scalegp.combine import COMBINE_RULES, combine as combine_predictions, tree_sum
+from scalegp.domain import DomainError
 from scalegp.partition import Experts
 
 from .kernels import (BoundKernel, bind, check_finite, check_kernel_inputs, check_positive_scalar, check_shape,
@@ -61,8 +62,9 @@ _JITTER_STEPS = 6
 _CHUNK_ELEMENTS = 1 << 21  # default expert chunk: about 2**21 kernel entries (16 MiB in float64)
 
 
-class NotPositiveDefiniteError(ValueError):
-    """An expert's ``K + noise I`` stayed non positive definite after raising the jitter."""
+class NotPositiveDefiniteError(DomainError):
+    """An expert's ``K + noise I`` stayed non positive definite after raising the jitter (a
+    :class:`scalegp.domain.DomainError`, so a ``ValueError``: Pyro's HMC and NUTS reject the step)."""
 
 
 def _chunk(chunk_size: int | None, n: int, E: int | None = None) -> int:
@@ -447,7 +449,7 @@ class HGPMarginal(TorchDistribution):
             raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
         self.kernel = bind(kernel)
         for value in self.kernel.params:
-            check_finite("kernel", torch.as_tensor(value))
+            check_finite("kernel", torch.as_tensor(value), DomainError)
         check_kernel_inputs(kernel, X.shape[1])
         self.X = X
         self.noise = noise.reshape(())

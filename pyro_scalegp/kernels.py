@@ -42,6 +42,7 @@ import math
 import torch
 from pyro.contrib.gp import kernels as gp_kernels
 
+from scalegp.domain import DomainError
 from scalegp.kernel_shapes import check_active_columns, check_lengthscale_shape
 
 __all__ = [
@@ -64,24 +65,26 @@ _EPS = 1e-12  # pyro.contrib.gp.kernels.isotropic._torch_sqrt
 _EXP_FLOOR, _EXP_ZERO = -345.0, math.exp(-344.0)
 
 
-def check_finite(name: str, value: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` unless every entry of ``value`` is finite."""
+def check_finite(name: str, value: torch.Tensor, error: type = ValueError) -> None:
+    """Raise ``error`` naming ``name`` unless every entry of ``value`` is finite (``error``:
+    :class:`scalegp.domain.DomainError` for a hyperparameter's value)."""
     if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name}: contains NaN or inf")
+        raise error(f"{name}: contains NaN or inf")
 
 
-def check_positive(name: str, value: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` unless every entry is finite and positive."""
-    check_finite(name, value)
+def check_positive(name: str, value: torch.Tensor, error: type = ValueError) -> None:
+    """Raise ``error`` naming ``name`` unless every entry is finite and positive."""
+    check_finite(name, value, error)
     if not bool((value > 0).all()):
-        raise ValueError(f"{name}: must be positive, got {value.detach().flatten()[:5].tolist()}")
+        raise error(f"{name}: must be positive, got {value.detach().flatten()[:5].tolist()}")
 
 
 def check_positive_scalar(name: str, value: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` holds one finite positive number."""
+    """Raise ``ValueError`` naming ``name`` unless ``value`` holds one number, and
+    :class:`scalegp.domain.DomainError` unless that is finite and positive (a hyperparameter's value)."""
     if value.numel() != 1:
         raise ValueError(f"{name}: expected a scalar, got shape {tuple(value.shape)}")
-    check_positive(name, value)
+    check_positive(name, value, DomainError)
 
 
 def check_shape(name: str, value: torch.Tensor, shape: tuple) -> None:

@@ -74,6 +74,7 @@ import os
 
 import numpy as np
 
+from .domain import DomainError
 from .kernel_shapes import check_lengthscale_shape
 
 __all__ = [
@@ -249,8 +250,9 @@ def column_extremes(X: np.ndarray, rows: int = 64) -> tuple[np.ndarray, np.ndarr
 
 
 def validate_inputs(X, lengthscale, variance, kernel: str, order) -> tuple[np.ndarray, np.ndarray]:
-    """Check the operator's inputs (numpy views of them); ``ValueError`` naming the bad argument.
-    Returns ``X`` as a 2-D array and the lengthscale broadcast to ``(d,)``."""
+    """Check the operator's inputs (numpy views of them); ``ValueError`` naming the bad argument
+    (:class:`scalegp.domain.DomainError` for the hyperparameters' values: see there). Returns ``X``
+    as a 2-D array and the lengthscale broadcast to ``(d,)``."""
     kernel_profile(kernel, 0.0)
     X = np.asarray(X)
     if X.ndim != 2:
@@ -267,10 +269,12 @@ def validate_inputs(X, lengthscale, variance, kernel: str, order) -> tuple[np.nd
     ell = np.asarray(lengthscale, dtype=np.float64)
     check_lengthscale_shape(ell.shape, d)
     if not (np.all(np.isfinite(ell)) and np.all(ell > 0)):
-        raise ValueError(f"lengthscale: must be finite and positive, got {ell}")
+        raise DomainError(f"lengthscale: must be finite and positive, got {ell}")
     var = np.asarray(variance, dtype=np.float64)
-    if var.size != 1 or not (np.isfinite(var).all() and (var > 0).all()):
-        raise ValueError(f"variance: must be a finite positive scalar, got {variance}")
+    if var.size != 1:
+        raise ValueError(f"variance: must be a scalar, got shape {var.shape}")
+    if not (np.isfinite(var).all() and (var > 0).all()):
+        raise DomainError(f"variance: must be a finite positive scalar, got {variance}")
     if isinstance(order, bool) or int(order) != order or order < 1:
         raise ValueError(f"order: must be a positive integer, got {order!r}")
     ell = np.broadcast_to(ell, (d,))
@@ -278,7 +282,7 @@ def validate_inputs(X, lengthscale, variance, kernel: str, order) -> tuple[np.nd
     span = (np.maximum(hi, -lo) / ell).max()
     bound = span * elevation_scale(d, st).max() * 2 * (d + 1)
     if not bound < _MAX_COORD:
-        raise ValueError(
+        raise DomainError(
             f"X: inputs span {span:.3g} lengthscales, too far for 32-bit lattice coordinates; "
             "centre the inputs or increase the lengthscale")
     return X, ell

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from scalegp import Experts, gp_draws, partition
+from scalegp.domain import DomainError, DomainWarning
 from tests import reference as ref
 
 KERNEL_NAMES = {"rbf": "RBF", "matern32": "Matern32", "matern52": "Matern52", "exponential": "Exponential"}
@@ -486,6 +487,33 @@ def test_jitter_raised_with_warning_then_error(data):
         warnings.simplefilter("error")  # a well-conditioned problem warns about nothing
         float(jax.jit(lambda v: hgp("rbf", X, experts, noise=v).log_prob(y))(NOISE))
         jax.effects_barrier()
+
+
+def test_noise_outside_the_domain_raises_eagerly_and_warns_under_jit(data):
+    # a noise that underflows to 0 or overflows to inf is what NUTS meets far in a prior's tail: eagerly a
+    # DomainError (a ValueError) naming it; inside jit a DomainWarning, and the log-density is not finite
+    # (NUTS rejects the step) instead of a failed computation
+    from numpyro_scalegp import HGPMarginal, NotPositiveDefiniteWarning
+    from numpyro_scalegp.lattice import SimplexGPMarginal
+    X, y, _ = data
+    experts = partition(X, expert_size=20, method="random")
+    for dist in (lambda noise: HGPMarginal(make_kernel("rbf"), X, noise, experts=experts),
+                 lambda noise: SimplexGPMarginal(make_kernel("rbf"), X, noise)):
+        for noise, message in ((0.0, "noise: must be positive"), (np.inf, "noise: contains NaN or inf")):
+            with pytest.raises(DomainError, match=message):
+                dist(noise)
+            with pytest.warns(DomainWarning, match=message), warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotPositiveDefiniteWarning)  # HGP's Cholesky of a NaN matrix
+                assert not np.isfinite(float(jax.jit(lambda v: dist(v).log_prob(y))(noise)))
+                jax.effects_barrier()
+    # so NUTS started from a step of 1,000 (its step-size search proposes noises and lengthscales of 0 and
+    # inf) runs on
+    from numpyro.infer import MCMC, NUTS
+    mcmc = MCMC(NUTS(_model, step_size=1e3, max_tree_depth=3), num_warmup=5, num_samples=3, progress_bar=False)
+    with pytest.warns(DomainWarning):
+        mcmc.run(jax.random.PRNGKey(0), X, experts, y=y)
+        jax.effects_barrier()
+    assert np.isfinite(np.asarray(mcmc.get_samples()["noise"])).all()
 
 
 def test_bad_input_raises_value_error_naming_argument(data):

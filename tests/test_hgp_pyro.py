@@ -20,8 +20,10 @@ import scalegp
 from pyro_scalegp import HGPMarginal, NotPositiveDefiniteError, expert_log_likelihood, gaussian_log_likelihood
 from pyro_scalegp.hgp import GaussianLogLikelihood
 from pyro_scalegp.kernels import bind, cross, diag, gram, stationary_forward
+from pyro_scalegp.mcmc import reject_step
 from pyro_scalegp.threads import torch_threads
 from scalegp import partition
+from scalegp.domain import DomainError, DomainWarning
 from tests import reference
 
 pytestmark = pytest.mark.usefixtures("float64", "pyro_clean")
@@ -544,6 +546,26 @@ def test_nuts_and_predictive():
     assert samples["lengthscale"].shape == (8, D) and torch.isfinite(samples["noise"]).all()
     draws = Predictive(model, samples)()["y"]
     assert draws.shape == (8, 24) and torch.isfinite(draws).all()
+
+
+def test_nuts_rejects_hyperparameters_outside_the_domain():
+    # NUTS's step-size search from a large step proposes a noise of 0 and lengthscales of 0 and inf: called
+    # directly those raise DomainError; under NUTS the step is rejected with a DomainWarning and the run goes on
+    X, y = _data(24)
+    ex = np.arange(24).reshape(3, 8)
+    kernel, model = _model_factory(X, ex, prior=True)
+    with pytest.raises(DomainError, match="noise: must be positive"):
+        HGPMarginal(gk.RBF(D), X, torch.tensor(0.0), experts=ex)
+    with pytest.raises(DomainError, match="kernel: contains NaN or inf"):
+        HGPMarginal(gk.RBF(D, lengthscale=torch.full((D,), math.inf)), X, torch.tensor(0.1), experts=ex)
+    assert issubclass(NotPositiveDefiniteError, DomainError)
+    assert not reject_step(ValueError("y: contains NaN or inf")) and not reject_step(RuntimeError("boom"))
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(NUTS(model, step_size=1e3, max_tree_depth=3), num_samples=3, warmup_steps=5, disable_progbar=True)
+    with pytest.warns(DomainWarning, match="HMC/NUTS rejects this step"):
+        mcmc.run(y)
+    samples = mcmc.get_samples()
+    assert samples["lengthscale"].shape == (3, D) and torch.isfinite(samples["noise"]).all()
 
 
 # --------------------------------------------------------------------------- precision and recovery

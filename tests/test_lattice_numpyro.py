@@ -12,6 +12,7 @@ from pyro.contrib.gp import kernels as gpk
 from numpyro_scalegp import kernels as nk
 from numpyro_scalegp.lattice import LatticeKernelOperator
 from pyro_scalegp.lattice import LatticeKernelOperator as TorchOperator
+from scalegp.domain import DomainWarning
 
 
 pytestmark = pytest.mark.usefixtures("jax_x64")
@@ -134,9 +135,12 @@ def test_built_inside_jit_equals_eager():
     for e, b in zip(ells, batched):
         np.testing.assert_allclose(b, LatticeKernelOperator(X, nk.Matern32(3, variance=0.9, lengthscale=e), order=2)
                                    @ jnp.asarray(V), rtol=1e-12, atol=1e-13)
-    # values are checked by the host build when the jitted computation runs
-    with pytest.raises(Exception, match="lengthscale: must be finite and positive"):
-        traced(jnp.asarray(X), nk.Matern32(3, lengthscale=jnp.asarray(-ell)), jnp.asarray(V)).block_until_ready()
+    # values are checked by the host build when the jitted computation runs: bad data fail it, while
+    # hyperparameters the lattice cannot hold (a sampler far in a prior's tail) give NaN and a warning
+    with pytest.raises(Exception, match="X: contains NaN"):
+        traced(jnp.asarray(X).at[4, 1].set(jnp.nan), k, jnp.asarray(V)).block_until_ready()
+    with pytest.warns(DomainWarning, match="lengthscale: must be finite and positive"):
+        assert np.isnan(traced(jnp.asarray(X), nk.Matern32(3, lengthscale=jnp.asarray(-ell)), jnp.asarray(V))).all()
     with pytest.raises(ValueError, match="lengthscale"):
         traced(jnp.asarray(X), nk.Matern32(3, lengthscale=jnp.ones(2)), jnp.asarray(V))
 

@@ -3,6 +3,7 @@ calibration, gradients against finite differences of its own forward, linear_ope
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import numpy as np
@@ -10,11 +11,14 @@ import pyro
 import pytest
 import torch
 from pyro.contrib.gp import kernels as gpk
+from pyro.infer import MCMC, NUTS
+from pyro.ops.integrator import potential_grad
 
 import kernels_cuda.cpu
 import kernels_cuda.dispatch
 from pyro_scalegp.lattice import LatticeKernelOperator, SimplexGPMarginal
 from scalegp import lattice as sl
+from scalegp.domain import DomainError, DomainWarning
 from tests.reference import gp_predict, kernel_matrix
 
 KERNELS = {"rbf": gpk.RBF, "exponential": gpk.Exponential, "matern32": gpk.Matern32, "matern52": gpk.Matern52}
@@ -364,6 +368,32 @@ def test_marginal_bad_input_names_the_argument():
         m.log_prob(y[:10])
     with pytest.raises(ValueError, match="y: contains NaN"):
         m.log_prob(torch.where(torch.arange(50) == 3, float("nan"), y))
+
+
+def test_marginal_under_nuts_rejects_lengthscales_the_lattice_cannot_hold():
+    # NUTS's step-size search from a large step proposes lengthscales of 0 and inf, and spans of 1e49
+    # lengthscales, beyond the lattice's 32-bit coordinates: called directly those raise DomainError; under
+    # NUTS the step is rejected (a NaN potential energy) with a DomainWarning and the run goes on
+    X, kern, y, noise = _marginal_problem(60)
+    with pytest.raises(DomainError, match="X: inputs span .* lengthscales"):
+        SimplexGPMarginal(gpk.RBF(3, lengthscale=torch.full((3,), 1e-9)), X, noise)
+    with pytest.warns(DomainWarning, match="lengthscale: must be finite and positive"):
+        _, energy = potential_grad(
+            lambda z: -SimplexGPMarginal(gpk.RBF(3, lengthscale=z["ell"]), X, noise).log_prob(y),
+            {"ell": torch.tensor([1.0, math.inf, 1.0])})
+    assert torch.isnan(energy)
+
+    def model(X, y):
+        ell = pyro.sample("ell", pyro.distributions.LogNormal(torch.zeros(3), 1.0).to_event(1))
+        noise = pyro.sample("noise", pyro.distributions.LogNormal(-2.0, 1.0))
+        pyro.sample("y", SimplexGPMarginal(gpk.RBF(3, lengthscale=ell), X, noise), obs=y)
+
+    pyro.set_rng_seed(0)
+    mcmc = MCMC(NUTS(model, step_size=1e3, max_tree_depth=3), warmup_steps=5, num_samples=3, disable_progbar=True)
+    with pytest.warns(DomainWarning, match="HMC/NUTS rejects this step"):
+        mcmc.run(X, y)
+    samples = mcmc.get_samples()
+    assert samples["ell"].shape == (3, 3) and torch.isfinite(samples["ell"]).all()
 
 
 def test_marginal_solver_options_and_fewer_points_than_the_default_preconditioner_rank():

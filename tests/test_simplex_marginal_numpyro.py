@@ -14,6 +14,7 @@ import pytest
 from numpyro_scalegp import kernels as nk
 from numpyro_scalegp.lattice import LatticeKernelOperator, SimplexGPMarginal, _pivoted_cholesky
 from scalegp import krylov
+from scalegp.domain import DomainError, DomainWarning
 from tests.reference import gp_predict, log_marginal
 
 pytestmark = pytest.mark.usefixtures("jax_x64")
@@ -335,6 +336,39 @@ def test_svi_under_jit_lowers_the_loss():
     assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < losses[0] - 20, losses
     params = svi.get_params(state)
     assert params["noise"] < 0.5
+
+
+def test_nuts_rejects_lengthscales_the_lattice_cannot_hold():
+    # NUTS's step-size search starting from a large step proposes lengthscales of 0 and inf, and spans of
+    # 1e97 lengthscales, beyond the lattice's 32-bit coordinates. Built eagerly such values raise; inside
+    # jit the build warns and log_prob is NaN, which NUTS rejects, so the run goes on
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import MCMC, NUTS
+
+    X, y, _ = _problem(n=60, seed=1)
+    with pytest.raises(DomainError, match="X: inputs span .* lengthscales"):
+        SimplexGPMarginal(nk.RBF(3, 1.0, jnp.full(3, 1e-9)), X, 0.1)
+    lp = jax.jit(lambda ell: SimplexGPMarginal(nk.RBF(3, 1.0, ell), X, 0.1).log_prob(y))
+    grad = jax.jit(jax.grad(lp))
+    for ell, message in ((1e-9, "X: inputs span"), (np.inf, "lengthscale: must be finite and positive")):
+        with pytest.warns(DomainWarning, match=message):
+            assert np.isnan(float(lp(jnp.full(3, ell))))
+        with pytest.warns(DomainWarning, match=message):
+            assert np.isnan(grad(jnp.full(3, ell))).all()
+    np.testing.assert_allclose(float(lp(jnp.ones(3))),
+                               float(SimplexGPMarginal(nk.RBF(3, 1.0, jnp.ones(3)), X, 0.1).log_prob(y)), rtol=1e-10)
+
+    def model(X, y):
+        ell = numpyro.sample("ell", dist.LogNormal(jnp.zeros(3), 1.0).to_event(1))
+        noise = numpyro.sample("noise", dist.LogNormal(-2.0, 1.0))
+        numpyro.sample("y", SimplexGPMarginal(nk.RBF(3, 1.0, ell), X, noise), obs=y)
+
+    mcmc = MCMC(NUTS(model, step_size=1e3, max_tree_depth=3), num_warmup=5, num_samples=3, progress_bar=False)
+    with pytest.warns(DomainWarning):
+        mcmc.run(jax.random.PRNGKey(0), jnp.asarray(X), jnp.asarray(y))
+    samples = mcmc.get_samples()
+    assert samples["ell"].shape == (3, 3) and np.isfinite(samples["ell"]).all() and np.isfinite(samples["noise"]).all()
 
 
 def test_fewer_points_than_the_default_preconditioner_rank():
