@@ -45,6 +45,8 @@ def _sigs():
             None, [tp, tp, _i64, _int, _int, _i32p, tp, ctypes.c_int32, _i32p, _int, tp, tp, tp])
         sig[f"sgp_splat_blur_{suffix}"] = (
             None, [tp, _i64, _int, _int, _i32p, tp, ctypes.c_int32, _i32p, _int, tp, tp, tp])
+        sig[f"sgp_blur_slice_{suffix}"] = (
+            None, [tp, tp, _i64, _int, _int, _i32p, tp, ctypes.c_int32, _i32p, _int, tp, tp])
         sig[f"sgp_pair_gram_{suffix}"] = (None, [_i32p, _i64, _int, ctypes.c_int32, _i32p, _int, tp, _i64, _int, _int, tp])
         sig[f"sgp_gram_from_pairs_{suffix}"] = (None, [_i32p, _i64, _i32p, tp, _int, tp])
         sig[f"sgp_diag_from_pairs_{suffix}"] = (None, [_i32p, _i64, _i32p, tp, tp, _int, tp])
@@ -286,6 +288,22 @@ class CpuLattice:
             _ptr(v2), _ptr(out), self.n, nc, self.d, _ptr(self.vid), _ptr(bary), self.m, _ptr(self.nbr),
             self.order, _ptr(coef), _ptr(buf0), _ptr(buf1))
         return out.reshape(np.shape(v))
+
+    def blur_slice(self, u: np.ndarray, coef: np.ndarray, bary=None) -> np.ndarray:
+        """``W^T C^T u`` (``N x c``) for vertex values ``u`` (``m x c``): the transpose of the one-pass splat-blur
+        ``C W``, whose product with it is :meth:`filter`'s ``W^T C^T C W``; of standard normal ``u``, a draw of
+        ``N(0, W^T C^T C W)``. Cost ``O((N d + m d r) c)``."""
+        u2 = np.asarray(u)
+        if u2.dtype != self.dtype or u2.ndim != 2 or u2.shape[0] != self.m:
+            raise ValueError(f"u: expected a ({self.m}, c) {self.dtype} array, got {u2.dtype} {u2.shape}")
+        _, coef, bary = self._cols(np.zeros((self.n, 1), self.dtype), coef, bary)
+        nc = u2.shape[1]
+        work = np.array(u2, order="C")  # blurred in place
+        out = np.empty((self.n, nc), self.dtype)
+        getattr(load_library(), f"sgp_blur_slice_{self.suffix}")(
+            _ptr(work), _ptr(out), self.n, nc, self.d, _ptr(self.vid), _ptr(bary), self.m, _ptr(self.nbr),
+            self.order, _ptr(coef), _ptr(np.empty((self.m, nc), self.dtype)))
+        return out
 
     def calibrate(self, coef: np.ndarray, *, probes: int = CALIBRATION_PROBES, exact=None) -> "Calibration":
         """The values of ``B = C^T C`` (``C`` the one-pass blur) at every distinct vertex pair ``(a, b)``

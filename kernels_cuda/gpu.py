@@ -143,13 +143,32 @@ class GpuLattice:
         _launch(f"sgp_zero_{self.suffix}", self.m * nc, vals, np.int64(self.m * nc))
         _launch(f"sgp_splat_{self.suffix}", self.n, v2, np.int64(self.n), np.int32(nc), np.int32(self.d), self.vid,
                 bary, vals)
+        return self._blur(vals, buf, coef, 0)
+
+    def _blur(self, vals, buf, coef, first: int):
+        """Blur ``vals`` (``m x c``) along passes ``first..2d+1`` (axes ``0..d``, then ``d..0``), ping-ponging with
+        ``buf``; returns the array holding the result."""
         src, dst = vals, buf
-        for p in range(2 * (self.d + 1)):
+        for p in range(first, 2 * (self.d + 1)):
             axis = p if p <= self.d else 2 * self.d + 1 - p
-            _launch(f"sgp_blur_{self.suffix}", self.m * nc, np.int32(self.m), np.int32(axis), src, dst, np.int32(nc),
-                    np.int32(self.d), self.nbr, np.int32(self.order), coef)
+            _launch(f"sgp_blur_{self.suffix}", self.m * vals.shape[1], np.int32(self.m), np.int32(axis), src, dst,
+                    np.int32(vals.shape[1]), np.int32(self.d), self.nbr, np.int32(self.order), coef)
             src, dst = dst, src
         return src
+
+    def blur_slice(self, u, coef, bary=None):
+        """``W^T C^T u`` (``N x c``) for vertex values ``u`` (``m x c``; see the CPU twin)."""
+        cp = _cupy()
+        if u.dtype != self.dtype or u.ndim != 2 or u.shape[0] != self.m:
+            raise ValueError(f"u: expected a ({self.m}, c) {self.dtype} array, got {u.dtype} {u.shape}")
+        bary = self.bary if bary is None else cp.ascontiguousarray(bary, dtype=self.dtype)
+        nc = u.shape[1]
+        vals = self._blur(u.copy(order="C"), cp.empty((self.m, nc), self.dtype), cp.asarray(coef, self.dtype),
+                          self.d + 1)
+        out = cp.empty((self.n, nc), self.dtype)
+        _launch(f"sgp_slice_{self.suffix}", self.n, vals, out, np.int64(self.n), np.int32(nc), np.int32(self.d),
+                self.vid, bary)
+        return out
 
     def filter(self, v, coef, bary=None, out=None):
         """``W^T C^T C W v``, same shape as ``v``; written into ``out`` where given (as the CPU twin)."""

@@ -60,15 +60,14 @@ void splat(const T* v, int64_t n, int nc, int d, const int32_t* vid, const T* ba
     }
 }
 
-// vals (m x nc) = C^T C W v. 2(d+1) is even, so after ping-ponging the result is back in vals.
+// Blur the vertex values vals (m x nc) along passes first..2d+1 (pass p <= d is axis p, then axes d..0: B = C^T C
+// from first = 0, C^T from first = d + 1), ping-ponging with buf, each pass threaded over the vertices; returns
+// the buffer holding the result (vals after all 2(d+1) passes).
 template <typename T>
-void splat_blur(const T* v, int64_t n, int nc, int d, const int32_t* vid, const T* bary, int32_t m,
-                const int32_t* nbr, int r, const T* coef, T* vals, T* buf) {
-    splat<T>(v, n, nc, d, vid, bary, m, vals);
-    // B = C^T C: half-variance blurs along axes 0..d, then d..0
+T* blur(T* vals, T* buf, int32_t m, int nc, int d, const int32_t* nbr, int r, const T* coef, int first) {
     T* src = vals;
     T* dst = buf;
-    for (int pass = 0; pass < 2 * (d + 1); ++pass) {
+    for (int pass = first; pass < 2 * (d + 1); ++pass) {
         const int axis = pass <= d ? pass : 2 * d + 1 - pass;
 #pragma omp parallel for schedule(static) if ((int64_t)m * nc * (2 * r + 1) >= kParallelMin)
         for (int32_t a = 0; a < m; ++a) sgp_blur_vertex<T>(a, axis, src, dst, nc, d, nbr, r, coef, 0, nc);
@@ -76,6 +75,25 @@ void splat_blur(const T* v, int64_t n, int nc, int d, const int32_t* vid, const 
         src = dst;
         dst = t;
     }
+    return src;
+}
+
+// vals (m x nc) = C^T C W v.
+template <typename T>
+void splat_blur(const T* v, int64_t n, int nc, int d, const int32_t* vid, const T* bary, int32_t m,
+                const int32_t* nbr, int r, const T* coef, T* vals, T* buf) {
+    splat<T>(v, n, nc, d, vid, bary, m, vals);
+    blur<T>(vals, buf, m, nc, d, nbr, r, coef, 0);
+}
+
+// out (n x nc) = W^T C^T u for vertex values u (m x nc, overwritten; buf is scratch of m x nc): the transpose of the
+// one-pass splat-blur C W, so that (W^T C^T)(C W) is the filter.
+template <typename T>
+void blur_slice(T* u, T* out, int64_t n, int nc, int d, const int32_t* vid, const T* bary, int32_t m,
+                const int32_t* nbr, int r, const T* coef, T* buf) {
+    const T* vals = blur<T>(u, buf, m, nc, d, nbr, r, coef, d + 1);
+#pragma omp parallel for schedule(static) if (n * nc * (d + 1) >= kParallelMin)
+    for (int64_t i = 0; i < n; ++i) sgp_slice_point<T>(i, vals, out, nc, d, vid, bary);
 }
 
 template <typename T>
@@ -353,6 +371,17 @@ void sgp_splat_blur_f32(const float* v, int64_t n, int nc, int d, const int32_t*
 void sgp_splat_blur_f64(const double* v, int64_t n, int nc, int d, const int32_t* vid, const double* bary,
                         int32_t m, const int32_t* nbr, int r, const double* coef, double* vals, double* buf) {
     splat_blur<double>(v, n, nc, d, vid, bary, m, nbr, r, coef, vals, buf);
+}
+
+// out (n x nc) = W^T C^T u for vertex values u (m x nc, overwritten; buf: m x nc scratch): with C W the one-pass
+// splat-blur, a draw of N(0, W^T C^T C W) is W^T C^T of standard normal vertex values.
+void sgp_blur_slice_f32(float* u, float* out, int64_t n, int nc, int d, const int32_t* vid, const float* bary,
+                        int32_t m, const int32_t* nbr, int r, const float* coef, float* buf) {
+    blur_slice<float>(u, out, n, nc, d, vid, bary, m, nbr, r, coef, buf);
+}
+void sgp_blur_slice_f64(double* u, double* out, int64_t n, int nc, int d, const int32_t* vid, const double* bary,
+                        int32_t m, const int32_t* nbr, int r, const double* coef, double* buf) {
+    blur_slice<double>(u, out, n, nc, d, vid, bary, m, nbr, r, coef, buf);
 }
 
 // Number the distinct rows of keys (n x len) 0..K-1 in the order of their first occurrence: id[j] is row j's

@@ -146,6 +146,11 @@ class _Lattice:
             return _from_backend(self.impl.filter(_to_backend(u, self.backend), self.coef,
                                                   _to_backend(w, self.backend)), u)
 
+    def blur_slice(self, eps: torch.Tensor) -> torch.Tensor:
+        """``W^T C^T eps`` (``N x c``) for vertex values ``eps`` (``M x c``), at the build's weights."""
+        with _on_torch_stream(self.backend, self.device):
+            return _from_backend(self.impl.blur_slice(_to_backend(eps, self.backend), self.coef), self.w0)
+
     def splat_blur(self, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         with _on_torch_stream(self.backend, self.device):
             return _from_backend(self.impl.splat_blur(_to_backend(u, self.backend), self.coef,
@@ -300,6 +305,20 @@ class LatticeKernelOperator(LinearOperator):
         pad = torch.cat([r, torch.zeros(X_new.shape[0], r.shape[-1], dtype=r.dtype, device=r.device)], 0)
         out = (joint @ pad)[n:]
         return out.squeeze(-1) if rhs.dim() == 1 else out
+
+    @torch.no_grad()
+    def prior_samples(self, num_samples: int = 1, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""``num_samples`` draws of :math:`\mathcal N(0, K)` for this operator's :math:`K` (``num_samples x N``),
+        exact: :math:`K = \sigma^2 D^{-1/2} W^\top C^\top C W D^{-1/2}` is :math:`R^\top R` with
+        :math:`R = \sigma C W D^{-1/2}`, so :math:`R^\top \epsilon` for standard normal values :math:`\epsilon` at the
+        ``M`` vertices is such a draw. Not differentiable (for ``SimplexGPMarginal.sample`` and Pyro's
+        ``Predictive``; linear_operator's ``zero_mean_mvn_samples`` stays its differentiable Lanczos root).
+
+        .. note:: Cost: half a product, ``O((N d + M d r) S)`` for ``S`` draws.
+        """
+        eps = torch.randn(self.lattice.impl.m, int(num_samples), dtype=self.X.dtype, device=self.X.device,
+                          generator=generator)
+        return (self.variance.sqrt() * self.lattice.s0[:, None] * self.lattice.blur_slice(eps)).T
 
     def joint(self, X_new: torch.Tensor) -> "LatticeKernelOperator":
         """The operator of the same kernel on ``[X; X_new]`` (a new lattice)."""
@@ -460,8 +479,16 @@ class SimplexGPMarginal(TorchDistribution):
         n = self.X.shape[0]
         return -0.5 * (inv_quad + logdet + n * math.log(2 * math.pi))
 
-    def sample(self, sample_shape=torch.Size()):
-        raise NotImplementedError("SimplexGPMarginal: sampling is not implemented; use predict() for predictions")
+    @torch.no_grad()
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        r"""Draws of :math:`y \sim \mathcal N(m, K + \sigma_n^2 I)`, exact for the lattice operator :math:`K`
+        (:meth:`LatticeKernelOperator.prior_samples`), shape ``sample_shape + (N,)``: what Pyro's
+        ``Predictive`` draws at an unobserved site. Not reparametrized. Cost: half a product per draw."""
+        shape = torch.Size(sample_shape)
+        n = self.X.shape[0]
+        f = self.op.prior_samples(shape.numel())
+        e = self.noise.sqrt() * torch.randn(f.shape, dtype=f.dtype, device=f.device)
+        return (self.loc + f + e).reshape(shape + (n,))
 
     @torch.no_grad()
     def predict(self, y, X_new, *, noiseless: bool = False, chunk: int = 256, variance_rank: int | None = None,

@@ -158,6 +158,11 @@ def test_filter_equals_dense_assembly_and_is_symmetric(order):
     np.testing.assert_allclose(L.filter(V, st.coef), K @ V, rtol=1e-11, atol=1e-13)
     np.testing.assert_allclose(L.filter(V[:, 0], st.coef), K @ V[:, 0], rtol=1e-11, atol=1e-13)
     np.testing.assert_allclose(L.splat_blur(V, st.coef), C.T @ C @ W @ V, rtol=1e-11, atol=1e-13)
+    # the transpose of the one-pass splat-blur C W, the factor of the exact draws of N(0, K)
+    E = rng.normal(size=(L.m, 4))
+    np.testing.assert_allclose(L.blur_slice(E, st.coef), W.T @ C.T @ E, rtol=1e-11, atol=1e-13)
+    with pytest.raises(ValueError, match="u: expected"):
+        L.blur_slice(E[:-1], st.coef)
     U = rng.normal(size=(120, 5))
     assert abs(np.sum(U * L.filter(V, st.coef)) - np.sum(V * L.filter(U, st.coef))) < 1e-12 * np.abs(V).sum()
     # exact local Gram from the columns of B = C^T C: diag(W^T C^T C W)_i = w_i^T G_i w_i

@@ -74,6 +74,14 @@ def test_device_lattice_equals_the_cpu_build(d, order, dtype):
         assert _rel(np.sort(vals_d.sum(1)), np.sort(vals_h.sum(1))) < TOL[dtype]
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_device_draws_factor_the_device_filter(order):
+    # W^T C^T (the exact draws of N(0, K)) times its transpose is the filter W^T C^T C W, on the device's numbering
+    _, dev, coef, _ = _pair(300, 4, order, np.float64)
+    Rt = dev.blur_slice(cp.eye(dev.m), coef)
+    assert _rel(cp.asnumpy(Rt @ Rt.T), cp.asnumpy(dev.filter(cp.eye(300), coef))) < 1e-12
+
+
 @pytest.mark.parametrize("d,order", [(3, 1), (8, 2)])
 def test_device_calibration_equals_the_cpu_build(d, order):
     host, dev, coef, rng = _pair(3000, d, order, np.float64, seed=10 + d)

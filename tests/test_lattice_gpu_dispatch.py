@@ -236,6 +236,11 @@ def test_build_sequence(fake_cupy):
     fake_cupy.clear()
     L.filter(np.ones((50, 2)), st.coef)
     assert fake_cupy == ["sgp_zero_f64", "sgp_splat_f64"] + ["sgp_blur_f64"] * 6 + ["sgp_slice_f64"]
+    fake_cupy.clear()
+    E = np.random.default_rng(2).normal(size=(L.m, 3))
+    C = CpuLattice(z, sl.elevation_scale(2, st), 1)
+    np.testing.assert_allclose(L.blur_slice(E, st.coef), C.blur_slice(E, st.coef), rtol=1e-12, atol=1e-13)
+    assert fake_cupy == ["sgp_blur_f64"] * 3 + ["sgp_slice_f64"]  # C^T: the blurs along axes d..0
 
 
 def test_torch_operator_cuda_backend_dispatches(fake_cupy, monkeypatch):

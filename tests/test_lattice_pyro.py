@@ -11,7 +11,7 @@ import pyro
 import pytest
 import torch
 from pyro.contrib.gp import kernels as gpk
-from pyro.infer import MCMC, NUTS
+from pyro.infer import MCMC, NUTS, Predictive
 from pyro.ops.integrator import potential_grad
 
 import kernels_cuda.cpu
@@ -370,6 +370,29 @@ def test_marginal_bad_input_names_the_argument():
         m.log_prob(torch.where(torch.arange(50) == 3, float("nan"), y))
 
 
+def test_prior_samples_and_marginal_samples_have_the_operators_covariance():
+    # exact: the draws are R^T eps with R^T R the operator's matrix, to round-off; then by Monte Carlo, the draws'
+    # covariance (and the marginal's, with its noise and mean)
+    X, kern = _problem(30, 3, "matern32")
+    op = LatticeKernelOperator(X, kern)
+    with torch.no_grad():
+        K = op.to_dense()
+        Rt = op.variance.sqrt() * op.lattice.s0[:, None] * op.lattice.blur_slice(torch.eye(op.lattice.impl.m))
+    torch.testing.assert_close(Rt @ Rt.T, K, rtol=1e-12, atol=1e-13)
+    torch.manual_seed(0)
+    f = op.prior_samples(40000)
+    assert f.shape == (40000, 30) and not f.requires_grad
+    torch.testing.assert_close(f.T @ f / 40000, K, rtol=0, atol=0.05 * K.diagonal().max().item())
+    g = torch.Generator().manual_seed(3)
+    torch.testing.assert_close(op.prior_samples(2, generator=g), op.prior_samples(2, generator=torch.Generator().manual_seed(3)))
+    m = SimplexGPMarginal(kern, X, torch.tensor(0.3), mean=2.0)
+    y = m.sample((200, 100))
+    assert y.shape == (200, 100, 30)
+    cov = torch.cov(y.reshape(-1, 30).T)
+    torch.testing.assert_close(cov, K + 0.3 * torch.eye(30), rtol=0, atol=0.05 * K.diagonal().max().item())
+    assert abs(y.mean().item() - 2.0) < 0.05
+
+
 def test_marginal_under_nuts_rejects_lengthscales_the_lattice_cannot_hold():
     # NUTS's step-size search from a large step proposes lengthscales of 0 and inf, and spans of 1e49
     # lengthscales, beyond the lattice's 32-bit coordinates: called directly those raise DomainError; under
@@ -394,6 +417,8 @@ def test_marginal_under_nuts_rejects_lengthscales_the_lattice_cannot_hold():
         mcmc.run(X, y)
     samples = mcmc.get_samples()
     assert samples["ell"].shape == (3, 3) and torch.isfinite(samples["ell"]).all()
+    draws = Predictive(model, samples)(X, None)["y"]  # the marginal's own draws at the unobserved site
+    assert draws.shape == (3, 60) and torch.isfinite(draws).all()
 
 
 def test_marginal_solver_options_and_fewer_points_than_the_default_preconditioner_rank():

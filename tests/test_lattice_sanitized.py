@@ -62,6 +62,8 @@ def _workload():
             out = lat.filter(v, coef)
             assert out.shape == v.shape and np.isfinite(out).all()
             assert lat.splat_blur(v, coef).shape == (lat.m, cols)
+            drawn = lat.blur_slice(rng.normal(size=(lat.m, cols)).astype(dtype), coef)
+            assert drawn.shape == v.shape and np.isfinite(drawn).all()
         for exact in (True, False):
             if exact and lat.m > 6000:
                 continue  # the exact calibration costs m^2

@@ -338,13 +338,38 @@ def test_svi_under_jit_lowers_the_loss():
     assert params["noise"] < 0.5
 
 
+def test_prior_samples_and_marginal_samples_have_the_operators_covariance():
+    # the same draws built eagerly and inside jit (whose lattice size is known only when it runs) and under vmap;
+    # their covariance (and the marginal's, with its noise and mean) by Monte Carlo
+    X, _, _ = _problem(n=30, seed=4)
+    k = nk.Matern32(3, variance=1.7, lengthscale=jnp.asarray(ELL))
+    op = LatticeKernelOperator(X, k)
+    K = _dense(op)
+    key = jax.random.PRNGKey(0)
+    f = op.prior_samples(key, 40000)
+    assert f.shape == (40000, 30)
+    np.testing.assert_allclose(np.asarray(f.T @ f) / 40000, K, rtol=0, atol=0.05 * K.diagonal().max())
+    traced = jax.jit(lambda kk, key: LatticeKernelOperator(X, kk).prior_samples(key, 3))
+    np.testing.assert_allclose(traced(k, key), op.prior_samples(key, 3), rtol=1e-12, atol=1e-13)
+    keys = jax.random.split(key, 2)
+    batched = jax.vmap(lambda key: op.prior_samples(key, 3))(keys)
+    np.testing.assert_allclose(batched[1], op.prior_samples(keys[1], 3), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(jax.grad(lambda kk: LatticeKernelOperator(X, kk).prior_samples(key, 2).sum())(k).variance,
+                               0.0)  # not differentiable: zero, not a wrong gradient
+    m = SimplexGPMarginal(k, X, 0.3, mean=2.0)
+    y = np.asarray(m.sample(jax.random.PRNGKey(1), (200, 100)))
+    assert y.shape == (200, 100, 30)
+    np.testing.assert_allclose(np.cov(y.reshape(-1, 30).T), K + 0.3 * np.eye(30), rtol=0, atol=0.05 * K.diagonal().max())
+    assert abs(y.mean() - 2.0) < 0.05
+
+
 def test_nuts_rejects_lengthscales_the_lattice_cannot_hold():
     # NUTS's step-size search starting from a large step proposes lengthscales of 0 and inf, and spans of
     # 1e97 lengthscales, beyond the lattice's 32-bit coordinates. Built eagerly such values raise; inside
     # jit the build warns and log_prob is NaN, which NUTS rejects, so the run goes on
     import numpyro
     import numpyro.distributions as dist
-    from numpyro.infer import MCMC, NUTS
+    from numpyro.infer import MCMC, NUTS, Predictive
 
     X, y, _ = _problem(n=60, seed=1)
     with pytest.raises(DomainError, match="X: inputs span .* lengthscales"):
@@ -369,6 +394,8 @@ def test_nuts_rejects_lengthscales_the_lattice_cannot_hold():
         mcmc.run(jax.random.PRNGKey(0), jnp.asarray(X), jnp.asarray(y))
     samples = mcmc.get_samples()
     assert samples["ell"].shape == (3, 3) and np.isfinite(samples["ell"]).all() and np.isfinite(samples["noise"]).all()
+    draws = Predictive(model, samples)(jax.random.PRNGKey(1), jnp.asarray(X), None)["y"]  # the marginal's own draws
+    assert draws.shape == (3, 60) and np.isfinite(np.asarray(draws)).all()
 
 
 def test_fewer_points_than_the_default_preconditioner_rank():
@@ -407,5 +434,3 @@ def test_bad_input():
         m.log_prob(np.where(np.arange(50) == 3, np.nan, y))
     with pytest.raises(ValueError, match="mean"):
         SimplexGPMarginal(k, X, 0.1, mean=np.zeros(50)).predict(y, X[:3])
-    with pytest.raises(NotImplementedError):
-        m.sample(jax.random.PRNGKey(0))
