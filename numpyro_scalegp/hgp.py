@@ -830,6 +830,8 @@ class HGPMarginal(Distribution):
         X = _as_inputs("X", X)
         if isinstance(kernel, kernels.Kernel):
             kernel.check_inputs(X)
+            if not all(np.isfinite(np.asarray(v)).all() for v in jax.tree_util.tree_leaves(kernel) if _concrete(v)):
+                raise DomainError("kernel: contains NaN or inf")  # else a failed Cholesky that names no argument
         N = X.shape[0]
         if jnp.ndim(noise) != 0:
             raise ValueError(f"noise: expected a scalar, got shape {jnp.shape(noise)}")

@@ -530,6 +530,8 @@ def test_bad_input_raises_value_error_naming_argument(data):
         (lambda: HGPMarginal(k, X, -1.0, experts=experts), "noise: must be positive"),
         (lambda: HGPMarginal(k, X, np.inf, experts=experts), "noise: contains NaN or inf"),
         (lambda: HGPMarginal(k, X, jnp.ones(2), experts=experts), "noise: expected a scalar"),
+        (lambda: HGPMarginal(make_kernel("rbf", lengthscale=[np.nan, 1.0]), X, NOISE, experts=experts),
+         "kernel: contains NaN or inf"),
         (lambda: HGPMarginal(k, X, NOISE, experts=experts, mean=np.ones(5)), "mean: expected"),
         (lambda: HGPMarginal(k, X, NOISE, experts=experts, jitter=0.0), "jitter: must be positive"),
         (lambda: HGPMarginal(k, X, NOISE, experts=experts, workers=64), "workers: 64 devices"),
