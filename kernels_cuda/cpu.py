@@ -253,16 +253,19 @@ class CpuLattice:
             raise ValueError(f"v: dtype {v.dtype} differs from the lattice's {self.dtype}")
         if v.shape[0] != self.n:
             raise ValueError(f"v: expected {self.n} rows, got {v.shape[0]}")
-        v2 = np.ascontiguousarray(v.reshape(self.n, -1))
+        return (np.ascontiguousarray(v.reshape(self.n, -1)),) + self._stencil_weights(coef, bary)
+
+    def _stencil_weights(self, coef: np.ndarray, bary=None):
+        """``(coef, bary)`` checked, contiguous, in the lattice's dtype (``bary`` default: the lattice's own)."""
         coef = np.ascontiguousarray(coef, dtype=self.dtype)
         if coef.shape != (self.order + 1,):
             raise ValueError(f"coef: expected shape ({self.order + 1},), got {coef.shape}")
         if bary is None:
-            return v2, coef, self.bary
+            return coef, self.bary
         bary = np.ascontiguousarray(bary, dtype=self.dtype)
         if bary.shape != self.bary.shape:
             raise ValueError(f"bary: expected shape {self.bary.shape}, got {bary.shape}")
-        return v2, coef, bary
+        return coef, bary
 
     def splat_blur(self, v: np.ndarray, coef: np.ndarray, bary=None) -> np.ndarray:
         """Vertex values ``C^T C W v`` (``m x c``) for ``v`` of ``N`` rows; ``bary`` replaces the
@@ -296,7 +299,7 @@ class CpuLattice:
         u2 = np.asarray(u)
         if u2.dtype != self.dtype or u2.ndim != 2 or u2.shape[0] != self.m:
             raise ValueError(f"u: expected a ({self.m}, c) {self.dtype} array, got {u2.dtype} {u2.shape}")
-        _, coef, bary = self._cols(np.zeros((self.n, 1), self.dtype), coef, bary)
+        coef, bary = self._stencil_weights(coef, bary)
         nc = u2.shape[1]
         work = np.array(u2, order="C")  # blurred in place
         out = np.empty((self.n, nc), self.dtype)
@@ -313,7 +316,7 @@ class CpuLattice:
         from ``Z = C^T P`` with ``S = probes`` Rademacher columns (cost ``((d+1)(2r+1) m + P) S``;
         relative error of ``w^T G w`` about ``sqrt(2 / S)`` per point, correlated between nearby points;
         computed in :data:`PROBE_DTYPE`). ``exact=None`` picks the cheaper (see :func:`probe_plan`)."""
-        _, coef, _ = self._cols(np.zeros((self.n, 1), self.dtype), coef)
+        coef, _ = self._stencil_weights(coef)
         lib = load_library()
         first, simplex = number_rows(self.vid)
         all_keys = _mapped((first.size * (self.d + 1) * (self.d + 2) // 2, 2), np.int32)
