@@ -485,7 +485,7 @@ class HGPMarginal(TorchDistribution):
         if y.dim() < 1 or y.shape[-1] != self.X.shape[0]:
             raise ValueError(f"{name}: expected shape (..., {self.X.shape[0]}), got {tuple(y.shape)}")
         check_finite(name, y)
-        return y
+        return y.to(self.X)  # the dtype and device of X: numpy's float64 targets beside float32 inputs
 
     def log_prob(self, value):
         """Sum of the experts' exact log marginal likelihoods of ``value`` (``y``)."""
@@ -593,6 +593,7 @@ class HGPMarginal(TorchDistribution):
         X_new = X_new.unsqueeze(-1) if X_new.dim() == 1 else X_new
         check_shape("X_new", X_new, (None, self.X.shape[1]))
         check_finite("X_new", X_new)
+        X_new = X_new.to(self.X)
         T = X_new.shape[0]
         if mean_new is None:
             if self.loc.dim() != 0:

@@ -102,12 +102,17 @@ def _check_X(X):
     return X if X.dim() == 2 else X.unsqueeze(-1)
 
 
-def _encode(encoder, Y, latent_dim: int):
+def _encode(encoder, Y, latent_dim: int, dtype: torch.dtype | None = None):
+    """The encoder's ``(loc, scale)`` of ``Y``, checked to be ``(b, latent_dim)`` and, given ``dtype``,
+    of the GP's dtype (``loc`` meets the kernel matrices, and the decoder takes the latents)."""
     loc, scale = encoder(Y)
     shape = (Y.shape[0], latent_dim)
     if tuple(loc.shape) != shape or tuple(scale.shape) != shape:
         raise ValueError(f"encoder: must return (loc, scale) of shape {shape}, got "
                          f"{tuple(loc.shape)} and {tuple(scale.shape)}")
+    if dtype is not None and (loc.dtype != dtype or scale.dtype != dtype):
+        raise ValueError(f"encoder: returns (loc, scale) in {loc.dtype} and {scale.dtype} but the inducing inputs "
+                         f"Z are {dtype}; build the networks and Z in one dtype")
     return loc, scale
 
 
@@ -156,9 +161,9 @@ class SVGPVAEGuide(PyroModule):
     def _latent(self, X, Y, num_data: int | None):
         """The latent data set of a batch, ``(X, loc, scale)`` with ``loc``, ``scale`` of shape
         ``(b, L)``, after checking the inputs (a batch may not exceed ``num_data``)."""
-        X = _check_data(X, Y, num_data)
+        X = _check_data(X, Y, num_data).to(self.Z)  # e.g. float64 times beside float32 networks and Z
         pyro.module(self._pyro_get_fullname("encoder"), self.encoder)
-        loc, scale = _encode(self.encoder, Y, self.latent_dim)
+        loc, scale = _encode(self.encoder, Y, self.latent_dim, self.Z.dtype)
         return X, loc, scale
 
     def _factors(self, X, loc, scale, weight: float):
@@ -330,7 +335,7 @@ class SVGPVAE(_GPVAE):
         event shape ``(L,)``."""
         if self._conditioned is None:
             raise ValueError("condition: call condition(X_train, Y_train) before predicting")
-        X = _check_X(X_new)
+        X = _check_X(X_new).to(self.guide.Z)
         Lm, _, LB, alpha = self._conditioned
         V = torch.linalg.solve_triangular(Lm, self.guide.kernel(self.guide.Z, X), upper=False)
         mean, var = SVGPVAEGuide._predict(self.guide.kernel(X, diag=True), V, LB, alpha)
@@ -367,6 +372,7 @@ class ExactGPVAE(_GPVAE):
         check_kernel_inputs(self.kernel, 1 if X.dim() == 1 else X.shape[1])
         pyro.module(self._pyro_get_fullname("encoder"), self.encoder)
         ytilde, sigtilde = _encode(self.encoder, Y, self.latent_dim)
+        X = X.to(ytilde)  # the GP in the encoder's dtype, as the latents it gives the decoder
         K = self.kernel(X)
         Ly = torch.linalg.cholesky(K + torch.diag_embed(sigtilde.T**2))  # (L, b, b)
         return X, ytilde.T, sigtilde.T, K, Ly
@@ -414,8 +420,8 @@ class ExactGPVAE(_GPVAE):
         """Exact posterior marginals of the latents at ``X_new`` (``Normal``, event shape ``(L,)``)."""
         if self._conditioned is None:
             raise ValueError("condition: call condition(X_train, Y_train) before predicting")
-        Xs = _check_X(X_new)
         X, Ly, a = self._conditioned
+        Xs = _check_X(X_new).to(X)
         Ks = self.kernel(X, Xs)  # (N, n)
         mean = (Ks.T @ a).squeeze(-1)  # (L, n)
         W = torch.linalg.solve_triangular(Ly, Ks.expand(Ly.shape[0], -1, -1), upper=False)

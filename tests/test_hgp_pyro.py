@@ -465,6 +465,29 @@ def test_bad_input_raises_value_error_naming_the_argument():
         expert_log_likelihood(_Negated(gk.RBF(D, variance=torch.tensor(float("nan")))), X, y, ex, NOISE)
 
 
+def test_targets_and_test_inputs_take_the_dtype_of_X():
+    """float64 targets from numpy beside float32 inputs (and the reverse), and test inputs of another
+    dtype than X, are converted to X's dtype, not a torch dtype error naming no argument."""
+    X, y = _data(40)
+    ex = np.arange(40).reshape(4, 10)
+    d64 = HGPMarginal(_kernel(), X, NOISE, experts=ex)
+    y32 = y.float()
+    with torch.no_grad():
+        assert d64.log_prob(y32).dtype == torch.float64
+        assert float(d64.log_prob(y32)) == float(d64.log_prob(y32.double()))
+    pyro.clear_param_store()  # else a new kernel takes the stored float64 "lengthscale"
+    k32 = gk.RBF(D, variance=torch.tensor(VAR, dtype=torch.float32), lengthscale=torch.tensor(LS, dtype=torch.float32))
+    # float32 parameters (torch's default dtype) on float64 inputs, float32 test inputs
+    p = HGPMarginal(k32, X, NOISE, experts=ex).predict(y, X[:5].float())
+    q = HGPMarginal(k32, X, NOISE, experts=ex).predict(y, X[:5].float().double())
+    assert p.mean.dtype == torch.float64 and torch.equal(p.mean, q.mean) and torch.equal(p.variance, q.variance)
+    d32 = HGPMarginal(k32, X.float(), NOISE, experts=ex)
+    with torch.no_grad():
+        lp = d32.log_prob(y)
+        assert lp.dtype == torch.float32 and float(lp) == float(d32.log_prob(y.float()))
+    assert _rel(lp.double(), d64.log_prob(y)) < 1e-5
+
+
 # --------------------------------------------------------------------------- sampling
 
 

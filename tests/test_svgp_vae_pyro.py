@@ -316,6 +316,30 @@ def test_float32_runs_and_agrees_loosely():
     assert e32.dtype == torch.float32 and torch.isfinite(e32)
 
 
+def test_inputs_take_the_gp_dtype_and_a_mismatched_encoder_is_named():
+    """float64 auxiliary inputs (numpy's) beside float32 networks, kernel and Z are converted to the
+    GP's dtype (Z's; the exact GP-VAE: the encoder's outputs'), as float32 inputs would give; an encoder
+    of another dtype than Z is a ValueError naming it, not a torch dtype error."""
+    X, Y = make_data(binary=True)
+    k32 = lambda: gp.kernels.RBF(D, variance=torch.tensor(1.3, dtype=torch.float32),
+                                 lengthscale=torch.tensor([0.9, 1.4], dtype=torch.float32))
+    enc, dec = Encoder().float(), torch.nn.Linear(L, K).float()
+    vaes = [SVGPVAE(enc, dec, k32(), X[:6].float(), num_data=N, latent_dim=L),
+            ExactGPVAE(enc, dec, k32(), latent_dim=L)]
+    for vae in vaes:
+        values = []
+        for Xb in (X, X.float()):
+            pyro.set_rng_seed(0)
+            with torch.no_grad():
+                values.append(vae.elbo(Xb, Y.float()))
+                z = vae.condition(Xb, Y.float()).latent(X[:3])
+            assert z.mean.dtype == torch.float32
+        assert values[0].dtype == torch.float32 and float(values[0]) == float(values[1])
+    pyro.clear_param_store()  # else the new model takes the stored float32 "guide.Z"
+    with pytest.raises(ValueError, match="encoder: returns .*float32.* Z are torch.float64"):
+        SVGPVAE(enc, dec, make_kernel(), X[:6].clone(), num_data=N, latent_dim=L).elbo(X, Y.float())
+
+
 def test_bad_input_raises_value_errors():
     X, Y = make_data()
     enc, dec = Encoder(), torch.nn.Linear(L, K)
