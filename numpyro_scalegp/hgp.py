@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 
 from scalegp import COMBINE_RULES, Experts, tree_leaves, tree_sum
 from scalegp.combine import combine as combine_predictions
-from scalegp.domain import DomainError, DomainWarning
+from scalegp.domain import DomainError, DomainWarning, JitterWarning
 
 from . import kernels
 
@@ -81,10 +81,6 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _CHUNK_ELEMENTS = 1 << 24
 #: tries of the Cholesky with raised jitter (``jitter, 10 jitter, ..., 1e5 jitter``)
 _JITTER_STEPS = 6
-
-
-class JitterWarning(RuntimeWarning):
-    """A Cholesky factorization needed more jitter than requested."""
 
 
 class NotPositiveDefiniteWarning(DomainWarning):

@@ -46,7 +46,7 @@ from torch.distributions import constraints
 from tqdm.auto import tqdm
 
 from scalegp.combine import COMBINE_RULES, combine as combine_predictions, tree_sum
-from scalegp.domain import DomainError
+from scalegp.domain import DomainError, JitterWarning
 from scalegp.partition import Experts
 
 from .kernels import (BoundKernel, bind, check_finite, check_kernel_inputs, check_positive_scalar, check_shape,
@@ -54,7 +54,7 @@ from .kernels import (BoundKernel, bind, check_finite, check_kernel_inputs, chec
 from .threads import flushing_subnormals, torch_threads
 
 __all__ = [
-    "HGPMarginal", "NotPositiveDefiniteError", "GaussianLogLikelihood",
+    "HGPMarginal", "JitterWarning", "NotPositiveDefiniteError", "GaussianLogLikelihood",
     "gaussian_log_likelihood", "expert_log_likelihood",
 ]
 
@@ -126,7 +126,7 @@ def _cholesky(Kn: torch.Tensor, jitter: float, offset: int = 0, out: torch.Tenso
             warnings.warn(
                 f"HGPMarginal: K + noise I of experts {fixed[:10]}{'...' if len(fixed) > 10 else ''} "
                 f"was not positive definite in {Kn.dtype}; added jitter up to {amount:.1e} to its diagonal",
-                RuntimeWarning, stacklevel=3,
+                JitterWarning, stacklevel=3,
             )
             return L
         amount *= 10

@@ -3,10 +3,10 @@ expert partitioning, the combination rules of product-of-experts predictions, da
 errors of hyperparameter values outside a computation's domain."""
 from .combine import COMBINE_RULES, combine, tree_sum
 from .datasets import RegressionData, gp_draws, load_flights
-from .domain import DomainError, DomainWarning
+from .domain import DomainError, DomainWarning, JitterWarning
 from .partition import Experts, balanced_tree, partition, tree_leaves
 
 __all__ = [
     "COMBINE_RULES", "combine", "tree_sum", "RegressionData", "gp_draws", "load_flights",
-    "Experts", "balanced_tree", "partition", "tree_leaves", "DomainError", "DomainWarning",
+    "Experts", "balanced_tree", "partition", "tree_leaves", "DomainError", "DomainWarning", "JitterWarning",
 ]

@@ -10,10 +10,13 @@ search, and from a large first step proposes lengthscales and noises of 0 and in
 NUTS a rejected step with a :class:`DomainWarning` (``pyro_scalegp.mcmc`` registers the handler);
 inside NumPyro's ``jit``, where nothing can be raised without ending the run, a NaN or ``-inf``
 log-density (which NUTS rejects) with a :class:`DomainWarning` from a host callback.
+
+Short of that edge, a Cholesky that needs more jitter than requested to succeed warns with a
+:class:`JitterWarning` (both frontends' ``HGPMarginal``).
 """
 from __future__ import annotations
 
-__all__ = ["DomainError", "DomainWarning"]
+__all__ = ["DomainError", "DomainWarning", "JitterWarning"]
 
 
 class DomainError(ValueError):
@@ -22,3 +25,7 @@ class DomainError(ValueError):
 
 class DomainWarning(RuntimeWarning):
     """A :class:`DomainError`'s message where it does not stop the run (see the module docstring)."""
+
+
+class JitterWarning(RuntimeWarning):
+    """A Cholesky factorization needed more jitter than requested."""

@@ -143,3 +143,19 @@ def test_predict_progress_bar_counts_every_expert_and_changes_nothing(data, rule
         assert "HGP predict" in err and f"{total}/{total}" in err, err[-500:]
         np.testing.assert_array_equal(as_np(shown.mean), as_np(plain.mean))
         np.testing.assert_array_equal(as_np(shown.variance), as_np(plain.variance))
+
+
+def test_frontends_export_the_same_names():
+    """The two frontends' public names are the same but for each framework's idiom: Pyro's kernels
+    are ``pyro.contrib.gp`` modules (``bind``/``BoundKernel`` read their parameters once) and its
+    optimizers classes; NumPyro's kernels are ours (``kernels``), its optimizers functions, and its
+    traced failures warnings (``NotPositiveDefiniteWarning``). Shared classes are one object."""
+    import numpyro_scalegp
+    import pyro_scalegp
+
+    pyro_only = {"BoundKernel", "bind", "ProximalAdadelta", "ProximalAdadeltaOptimizer"}
+    numpyro_only = {"kernels", "proximal_adadelta", "NotPositiveDefiniteWarning"}
+    assert set(pyro_scalegp.__all__) - set(numpyro_scalegp.__all__) == pyro_only
+    assert set(numpyro_scalegp.__all__) - set(pyro_scalegp.__all__) == numpyro_only
+    for name in ("Experts", "partition", "balanced_tree", "JitterWarning"):
+        assert getattr(pyro_scalegp, name) is getattr(numpyro_scalegp, name)

@@ -17,7 +17,7 @@ from pyro.infer.autoguide import AutoDelta
 from pyro.nn import PyroSample
 
 import scalegp
-from pyro_scalegp import HGPMarginal, NotPositiveDefiniteError, expert_log_likelihood, gaussian_log_likelihood
+from pyro_scalegp import HGPMarginal, JitterWarning, NotPositiveDefiniteError, expert_log_likelihood, gaussian_log_likelihood
 from pyro_scalegp.hgp import GaussianLogLikelihood
 from pyro_scalegp.kernels import bind, cross, diag, gram, stationary_forward
 from pyro_scalegp.mcmc import reject_step
@@ -402,7 +402,7 @@ def test_jitter_warns_then_errors():
     Kn = torch.ones(2, n, n)  # singular: rank one
     Kn[1] = torch.eye(n)
     r = torch.randn(2, n)
-    with pytest.warns(RuntimeWarning, match=r"experts \[0\].*1\.0e-06"):
+    with pytest.warns(JitterWarning, match=r"experts \[0\].*1\.0e-06"):
         v = gaussian_log_likelihood(Kn, r, jitter=1e-6)
     ref = torch.distributions.MultivariateNormal(torch.zeros(n), Kn[0] + 1e-6 * torch.eye(n)).log_prob(r[0])
     assert _rel(v[0], ref) < 1e-10
@@ -417,7 +417,7 @@ def test_jitter_warns_then_errors():
     # duplicated inputs with a negligible noise: fixed by jitter, with a warning
     Xd = torch.cat([X[:5], X[:5]])
     dup = HGPMarginal(_kernel(), Xd, 1e-300, experts=np.arange(10)[None])
-    with pytest.warns(RuntimeWarning, match="jitter"):
+    with pytest.warns(JitterWarning, match="jitter"):
         assert torch.isfinite(dup.log_prob(torch.cat([y[:5], y[:5]])))
 
 
