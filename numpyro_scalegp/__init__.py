@@ -4,7 +4,7 @@ The names below load their module on first use (``numpyro_scalegp.ADVGP`` import
 :mod:`numpyro_scalegp.advgp`, and NumPyro with it): a process that needs one module, as the
 ADVGP workers' fork server (:mod:`numpyro_scalegp.worker`), does not import the others.
 """
-import importlib
+from importlib import import_module as _import_module
 
 from scalegp import Experts, balanced_tree, partition
 
@@ -27,7 +27,7 @@ def __getattr__(name: str):
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'numpyro_scalegp' has no attribute {name!r}")
-    loaded = importlib.import_module(f"{__name__}.{module}")
+    loaded = _import_module(f"{__name__}.{module}")
     value = loaded if name == module else getattr(loaded, name)
     globals()[name] = value
     return value

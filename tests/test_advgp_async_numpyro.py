@@ -297,12 +297,19 @@ def test_the_fork_server_imports_jax_and_lapacks_blas_but_not_numpyro():
 
 
 def test_the_package_loads_each_name_from_its_module_on_first_use():
+    import inspect
+
     import numpyro_scalegp
     from numpyro_scalegp import advgp, hgp, lattice
 
     assert numpyro_scalegp.ADVGP is advgp.ADVGP and numpyro_scalegp.HGPMarginal is hgp.HGPMarginal
     assert numpyro_scalegp.SimplexGPMarginal is lattice.SimplexGPMarginal and numpyro_scalegp.kernels is nk
     assert all(getattr(numpyro_scalegp, name) is not None for name in numpyro_scalegp.__all__)
+    # dir() offers the public names and the submodules, nothing of the loading machinery (it offered ``importlib``)
+    for name in (n for n in dir(numpyro_scalegp) if not n.startswith("_")):
+        value = getattr(numpyro_scalegp, name)
+        assert name in numpyro_scalegp.__all__ or (
+            inspect.ismodule(value) and value.__name__ == f"numpyro_scalegp.{name}"), name
     with pytest.raises(AttributeError, match="no_such_name"):
         numpyro_scalegp.no_such_name
 
