@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from pyro.nn import PyroSample
 
 from pyro_scalegp import parallel
-from pyro_scalegp.hgp import HGPMarginal
+from pyro_scalegp.hgp import HGPMarginal, JitterWarning
 from scalegp import Experts, partition
 from tests import reference
 
@@ -190,6 +190,19 @@ def test_pool_is_reused_across_steps(data):
         _assert_rel(torch.tensor(svi.step(2)), torch.tensor(expected))
         assert not torch.equal(kernel.lengthscale.detach(), before)
     assert parallel.get_pool(d) is pools[0] and pools[0].pids == [p.pid for p in pools[0]._procs]
+
+
+def test_worker_warnings_reach_the_caller_with_their_class(data):
+    """A worker's jitter escalation (duplicated inputs, a negligible noise) is warned here as the
+    same JitterWarning the in-process evaluation gives, naming the worker."""
+    X, y, experts = data
+    Xd = X.clone()
+    Xd[experts.index[0][1]] = Xd[experts.index[0][0]]  # a duplicated input in the first expert
+    with pytest.warns(JitterWarning, match=r"\[HGP worker \d\] HGPMarginal: K \+ noise I of experts \[0\]"):
+        value = HGPMarginal(_rbf(), Xd, 1e-300, experts=experts, workers=2).log_prob(y)
+    with pytest.warns(JitterWarning, match=r"^HGPMarginal: K \+ noise I of experts \[0\]"):
+        expected = HGPMarginal(_rbf(), Xd, 1e-300, experts=experts).log_prob(y)
+    _assert_rel(value.detach(), expected.detach())
 
 
 class FailingRBF(gp.kernels.RBF):
