@@ -321,11 +321,9 @@ def test_inputs_take_the_gp_dtype_and_a_mismatched_encoder_is_named():
     GP's dtype (Z's; the exact GP-VAE: the encoder's outputs'), as float32 inputs would give; an encoder
     of another dtype than Z is a ValueError naming it, not a torch dtype error."""
     X, Y = make_data(binary=True)
-    k32 = lambda: gp.kernels.RBF(D, variance=torch.tensor(1.3, dtype=torch.float32),
-                                 lengthscale=torch.tensor([0.9, 1.4], dtype=torch.float32))
     enc, dec = Encoder().float(), torch.nn.Linear(L, K).float()
-    vaes = [SVGPVAE(enc, dec, k32(), X[:6].float(), num_data=N, latent_dim=L),
-            ExactGPVAE(enc, dec, k32(), latent_dim=L)]
+    vaes = [SVGPVAE(enc, dec, make_kernel().float(), X[:6].float(), num_data=N, latent_dim=L),
+            ExactGPVAE(enc, dec, make_kernel().float(), latent_dim=L)]
     for vae in vaes:
         values = []
         for Xb in (X, X.float()):
