@@ -126,12 +126,22 @@ class GpuLattice:
                 np.int64(self.capacity - 1), owner_vid, np.int32(self.order), self.nbr)
 
     def _cols(self, v, coef, bary):
-        cp = _cupy()
-        v2 = cp.ascontiguousarray(v.reshape(self.n, -1))
+        v2 = _cupy().ascontiguousarray(v.reshape(self.n, -1))
         if v2.dtype != self.dtype:
             raise ValueError(f"v: dtype {v2.dtype} differs from the lattice's {self.dtype}")
+        return (v2,) + self._stencil_weights(coef, bary)
+
+    def _stencil_weights(self, coef, bary):
+        """``(coef, bary)`` as device arrays of the lattice's dtype (``bary`` default: the lattice's own)."""
+        cp = _cupy()
         bary = self.bary if bary is None else cp.ascontiguousarray(bary, dtype=self.dtype)
-        return v2, cp.asarray(coef, dtype=self.dtype), bary
+        return cp.asarray(coef, dtype=self.dtype), bary
+
+    def _slice(self, vals, out, bary):
+        """``out`` (``N x c``) = ``W^T vals`` for vertex values ``vals`` (``m x c``) at the weights ``bary``."""
+        _launch(f"sgp_slice_{self.suffix}", self.n, vals, out, np.int64(self.n), np.int32(vals.shape[1]),
+                np.int32(self.d), self.vid, bary)
+        return out
 
     def splat_blur(self, v, coef, bary=None):
         """Vertex values ``C^T C W v`` (``m x c``)."""
@@ -161,24 +171,17 @@ class GpuLattice:
         cp = _cupy()
         if u.dtype != self.dtype or u.ndim != 2 or u.shape[0] != self.m:
             raise ValueError(f"u: expected a ({self.m}, c) {self.dtype} array, got {u.dtype} {u.shape}")
-        bary = self.bary if bary is None else cp.ascontiguousarray(bary, dtype=self.dtype)
+        coef, bary = self._stencil_weights(coef, bary)
         nc = u.shape[1]
-        vals = self._blur(u.copy(order="C"), cp.empty((self.m, nc), self.dtype), cp.asarray(coef, self.dtype),
-                          self.d + 1)
-        out = cp.empty((self.n, nc), self.dtype)
-        _launch(f"sgp_slice_{self.suffix}", self.n, vals, out, np.int64(self.n), np.int32(nc), np.int32(self.d),
-                self.vid, bary)
-        return out
+        vals = self._blur(u.copy(order="C"), cp.empty((self.m, nc), self.dtype), coef, self.d + 1)
+        return self._slice(vals, cp.empty((self.n, nc), self.dtype), bary)
 
     def filter(self, v, coef, bary=None, out=None):
         """``W^T C^T C W v``, same shape as ``v``; written into ``out`` where given (as the CPU twin)."""
         cp = _cupy()
         v2, coef_, bary_ = self._cols(v, coef, bary)
         vals = self.splat_blur(v2, coef_, bary_)
-        out = _output(out, v.shape, self.dtype, cp)
-        _launch(f"sgp_slice_{self.suffix}", self.n, vals, out, np.int64(self.n), np.int32(v2.shape[1]),
-                np.int32(self.d), self.vid, bary_)
-        return out
+        return self._slice(vals, _output(out, v.shape, self.dtype, cp), bary_)
 
     def calibrate(self, coef, *, probes: int = CALIBRATION_PROBES, exact=None) -> Calibration:
         """The diagonal calibration, exact or from ``probes`` Rademacher columns (see the CPU twin)."""
