@@ -48,6 +48,11 @@ SGP_HD inline bool sgp_keys_equal(const int32_t* a, const int32_t* b, int d) {
     return true;
 }
 
+// Home slot of `key` in a table of mask + 1 slots.
+SGP_HD inline int64_t sgp_home_slot(const int32_t* key, int d, int64_t mask) {
+    return (int64_t)(sgp_hash(key, d) & (uint64_t)mask);
+}
+
 // Embed point i: elevate z_i onto the hyperplane sum = 0 of R^{d+1}, find its enclosing simplex
 // (Adams et al. 2010), write barycentric weights, ranks, the remainder-0 point, and the d+1 vertex keys.
 template <typename T>
@@ -120,7 +125,7 @@ SGP_HD inline void sgp_embed_point(int64_t i, const T* z, int d, const T* scale,
 // owns each distinct key. Returns the owner's index (j itself if it inserted the key).
 SGP_HD inline int32_t sgp_insert(int32_t j, const int32_t* pv_keys, int d, int32_t* table, int64_t mask) {
     const int32_t* key = pv_keys + (int64_t)j * d;
-    int64_t s = (int64_t)(sgp_hash(key, d) & (uint64_t)mask);
+    int64_t s = sgp_home_slot(key, d, mask);
     for (int64_t probe = 0; probe <= mask; ++probe) {
         int32_t cur = sgp_atomic_load(table + s);
         if (cur == -1) {
@@ -133,17 +138,24 @@ SGP_HD inline int32_t sgp_insert(int32_t j, const int32_t* pv_keys, int d, int32
     return -1;  // unreachable at load factor <= 1/2; reported as an error by the caller
 }
 
-// Owner index of `key`, or -1 if it is not in the table.
-SGP_HD inline int32_t sgp_lookup(const int32_t* key, const int32_t* pv_keys, int d, const int32_t* table,
-                                 int64_t mask) {
-    int64_t s = (int64_t)(sgp_hash(key, d) & (uint64_t)mask);
+// Owner index of `key`, or -1 if it is not in the table, probing from slot s whose entry `cur` is already read
+// (the CPU build reads the home slots of a batch of keys ahead, so that their cache misses overlap).
+SGP_HD inline int32_t sgp_probe_from(const int32_t* key, int64_t s, int32_t cur, const int32_t* pv_keys, int d,
+                                     const int32_t* table, int64_t mask) {
     for (int64_t probe = 0; probe <= mask; ++probe) {
-        int32_t cur = table[s];
         if (cur == -1) return -1;
         if (sgp_keys_equal(pv_keys + (int64_t)cur * d, key, d)) return cur;
         s = (s + 1) & mask;
+        cur = table[s];
     }
     return -1;
+}
+
+// Owner index of `key`, or -1 if it is not in the table.
+SGP_HD inline int32_t sgp_lookup(const int32_t* key, const int32_t* pv_keys, int d, const int32_t* table,
+                                 int64_t mask) {
+    const int64_t s = sgp_home_slot(key, d, mask);
+    return sgp_probe_from(key, s, table[s], pv_keys, d, table, mask);
 }
 
 // Owners take the next id from an atomic counter (the CUDA build; ids then depend on scheduling). The CPU
@@ -163,22 +175,27 @@ SGP_HD inline void sgp_resolve_vid(int32_t j, const int32_t* rep, const int32_t*
     vid[j] = owner_vid[rep[j]];
 }
 
-// Neighbours of vertex a along lattice direction `axis` at steps +-1..+-r: key - t u_axis with
-// u_axis = (d+1) e_axis - 1 (only the first d coordinates are stored).
+// Key of neighbour k of the vertex with key `base` along lattice direction `axis`, k = 0..2r-1 for the steps
+// +1..+r then -1..-r: base - step u_axis with u_axis = (d+1) e_axis - 1 (only the first d coordinates are stored).
+SGP_HD inline void sgp_neighbour_key(const int32_t* base, int axis, int k, int r, int d, int32_t* key) {
+    const int32_t step = k < r ? k + 1 : r - 1 - k;
+    for (int j = 0; j < d; ++j) key[j] = base[j] + step;
+    if (axis < d) key[axis] = base[axis] - step * d;
+}
+
+// Neighbours of vertex a along lattice direction `axis` at steps +-1..+-r (nbr: -1 where absent): a GPU thread's
+// element. The CPU build runs the same pieces (sgp_neighbour_key, sgp_home_slot, sgp_probe_from) over batches of
+// vertices, so that the cache misses of their lookups overlap (sgp_build_neighbours).
 SGP_HD inline void sgp_neighbours(int32_t a, int axis, const int32_t* vertex_owner, const int32_t* pv_keys, int d,
                                   const int32_t* table, int64_t mask, const int32_t* owner_vid, int r,
                                   int32_t* nbr) {
     int32_t key[SGP_MAX_D];
     const int32_t* base = pv_keys + (int64_t)vertex_owner[a] * d;
     int32_t* out = nbr + ((int64_t)a * (d + 1) + axis) * 2 * r;
-    for (int side = 0; side < 2; ++side) {
-        for (int t = 1; t <= r; ++t) {
-            int32_t step = side == 0 ? t : -t;
-            for (int j = 0; j < d; ++j) key[j] = base[j] + step;
-            if (axis < d) key[axis] = base[axis] - step * d;
-            int32_t owner = sgp_lookup(key, pv_keys, d, table, mask);
-            out[side * r + t - 1] = owner < 0 ? -1 : owner_vid[owner];
-        }
+    for (int k = 0; k < 2 * r; ++k) {
+        sgp_neighbour_key(base, axis, k, r, d, key);
+        const int32_t owner = sgp_lookup(key, pv_keys, d, table, mask);
+        out[k] = owner < 0 ? -1 : owner_vid[owner];
     }
 }
 
