@@ -348,8 +348,8 @@ int32_t sgp_build_table(const int32_t* pv_keys, int64_t n_pv, int d, int32_t* ta
 // nbr (m x (d+1) x 2r): every vertex's neighbours (sgp_neighbours), the lookups of a batch of vertices interleaved:
 // all their keys hashed and home slots prefetched, then each first occupant read and its key prefetched, then the
 // probes finished. One lookup after another each waited on two or three cache misses: on the 274k vertices of 100k
-// flights points at GPyTorch's default lengthscale 220-310 ms against 100 ms batched (2 threads); no change where
-// the table and keys stay in cache.
+// flights points at GPyTorch's default lengthscale 220-350 ms against 100-140 ms batched (2 threads, alternating
+// runs); no change where the table and keys stay in cache.
 void sgp_build_neighbours(int32_t m, int d, const int32_t* vertex_owner, const int32_t* pv_keys,
                           const int32_t* table, int64_t mask, const int32_t* owner_vid, int r, int32_t* nbr) {
     const int per = (d + 1) * 2 * r;  // lookups per vertex
